@@ -1,0 +1,24 @@
+"""crowdkernels: fast, tested kernels, losses and models for density-map crowd counting.
+
+    >>> import torch, crowdkernels as ck
+    >>> pts = torch.tensor([[10.5, 20.2], [30.0, 12.7]])
+    >>> d = ck.density_map(pts, (64, 64))        # geometry-adaptive Gaussian density map, sums to 2
+"""
+from ._ext import backends
+
+# ---- density maps (issue 2)
+
+
+# ---- region rescaling, L2SM (issue 3)
+
+
+# ---- hierarchical gating, HMoDE eq. 1 (issue 4)
+
+
+# ---- local counts and losses, HMoDE eq. 2 (issue 5)
+
+
+# ---- models (issue 6)
+
+
+__version__ = "0.1.0"

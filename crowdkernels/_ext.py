@@ -1,0 +1,135 @@
+"""Loads the compiled extension `crowdkernels._C` and reports which backends exist.
+
+The backend of every op is chosen by its tensors' device: the CUDA kernel (or Triton) on a GPU, the C++
+kernel on the CPU, and the plain-PyTorch reference only where no compiled kernel exists.
+`crowdkernels.backends()` says which of these this installation has.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (loading it registers the ops with torch.library)
+
+    _LOAD_ERROR: Exception | None = None
+except ImportError as exc:  # an unbuilt source checkout: the reference path still works
+    _C = None
+    _LOAD_ERROR = exc
+
+
+def compiled() -> bool:
+    """True when `crowdkernels._C` was built and loaded."""
+    return _C is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _build_info() -> dict:
+    if _C is None:
+        return {}
+    pairs = (kv.split("=", 1) for kv in torch.ops.crowdkernels._build_info().split(";"))
+    return dict(pairs)
+
+
+def cuda_compiled() -> bool:
+    """True when the CUDA kernels were compiled into `_C`."""
+    return _build_info().get("cuda") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when Triton imports and can run: on a CUDA GPU, or on the CPU under TRITON_INTERPRET=1."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:  # a broken Triton install must not break the library
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def require_compiled(op: str) -> None:
+    if _C is None:
+        raise RuntimeError(
+            f"crowdkernels.{op} needs the compiled extension crowdkernels._C, which failed to load "
+            f"({_LOAD_ERROR}); build it with `pip install --no-build-isolation .`"
+        )
+
+
+def kernel_for(device: torch.device) -> str:
+    """The backend that runs an op on `device`: 'cuda', 'cpu' or 'reference'."""
+    if device.type == "cuda" and cuda_compiled():
+        return "cuda"
+    if device.type == "cpu" and compiled():
+        return "cpu"
+    return "reference"
+
+
+def backends() -> dict:
+    """What this installation can run.
+
+    Returns a dict: ``cpu`` (the C++ kernels were built), ``openmp`` (the OpenMP version they were built
+    with, 0 if none), ``cuda`` (CUDA kernels built), ``cuda_archs`` (the architectures they were built
+    for), ``cuda_device`` (a GPU is visible now), ``triton`` (Triton's version, or None), ``torch``,
+    ``threads`` (torch's intra-op thread count, which the C++ kernels use), and ``load_error`` when `_C`
+    did not load.
+    """
+    info = _build_info()
+    triton_version = None
+    if importlib.util.find_spec("triton") is not None:
+        try:
+            import triton
+
+            triton_version = triton.__version__
+        except Exception as exc:  # pragma: no cover - depends on the install
+            warnings.warn(f"triton is installed but does not import: {exc}")
+    out = {
+        "cpu": compiled(),
+        "openmp": int(info.get("openmp", 0) or 0),
+        "cuda": cuda_compiled(),
+        "cuda_archs": [a for a in info.get("cuda_archs", "").split(",") if a],
+        "cuda_device": torch.cuda.is_available(),
+        "triton": triton_version,
+        "triton_runs": triton_available(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    if _LOAD_ERROR is not None:
+        out["load_error"] = str(_LOAD_ERROR)
+    return out
+
+
+_POISON = False
+
+
+class poisoned_outputs:
+    """Context manager for tests: outputs that the kernels (C++, CUDA, Triton wrappers) allocate start
+    filled with NaN (integers: the lowest value), so that an element a kernel never writes is caught."""
+
+    def __enter__(self):
+        global _POISON
+        self._old = _POISON
+        _POISON = True
+        if _C is not None:
+            torch.ops.crowdkernels._set_poison(True)
+        return self
+
+    def __exit__(self, *exc):
+        global _POISON
+        _POISON = self._old
+        if _C is not None:
+            torch.ops.crowdkernels._set_poison(self._old)
+        return False
+
+
+def new_output(shape, *, dtype, device) -> torch.Tensor:
+    """`torch.empty`, or a poisoned tensor inside `poisoned_outputs()`: for Python-side allocations of
+    outputs that Triton kernels fill."""
+    if not _POISON:
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
+    return torch.full(shape, fill, dtype=dtype, device=device)

@@ -1,0 +1,74 @@
+// Every op schema of the library, in one place (pytorch/extension-cpp style).
+// Kernels register themselves per backend with TORCH_LIBRARY_IMPL(crowdkernels, CPU|CUDA, m) in
+// csrc/<op>/; autograd formulas and fake (meta) kernels are registered from Python, crowdkernels/ops/<op>.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <string>
+
+#include "common/common.h"
+
+extern "C" {
+// `import crowdkernels._C` loads this shared object, whose static initializers register the ops.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(crowdkernels, m) {
+  // ---------------------------------------------------------------- density (csrc/density)
+  // points: [T, 2] float64 (x, y) of every image, concatenated; offsets: [B + 1] int64 (image b owns
+  // points[offsets[b]:offsets[b+1]]). Returns [T] float64: beta * mean distance to the k nearest
+  // others of the same image (fewer when the image has <= k points), `lone` where it has no other point.
+  m.def("knn_sigma(Tensor points, Tensor offsets, int k, float beta, float lone) -> Tensor");
+  // Splats one Gaussian per point. style: 0 exact (renormalized in-image window), 1 csrnet (scipy
+  // gaussian_filter, mode='constant'), 2 matlab (fspecial kernel_size window). Returns [B, ceil(H/s),
+  // ceil(W/s)] in points' dtype.
+  m.def(
+      "density_splat(Tensor points, Tensor offsets, Tensor sigma, int height, int width, int style, "
+      "float truncate, int kernel_size, int stride, bool deterministic) -> Tensor");
+
+  // ---------------------------------------------------------------- regions (csrc/regions)
+
+
+  // ---------------------------------------------------------------- gating (csrc/gating)
+
+
+  // ---------------------------------------------------------------- local_count (csrc/local_count)
+
+
+  // ---------------------------------------------------------------- end of schemas
+}
+
+#ifndef CK_CUDA_ARCHS
+#define CK_CUDA_ARCHS ""
+#endif
+
+// What this binary was compiled with, for crowdkernels.backends() and `crowdkernels info`.
+static std::string build_info() {
+  std::string info = "cpu=1;openmp=";
+#ifdef _OPENMP
+  info += std::to_string(_OPENMP);
+#else
+  info += "0";
+#endif
+#ifdef CK_WITH_CUDA
+  info += ";cuda=1;cuda_archs=" CK_CUDA_ARCHS;
+#else
+  info += ";cuda=0;cuda_archs=";
+#endif
+  return info;
+}
+
+TORCH_LIBRARY_FRAGMENT(crowdkernels, m) { m.def("_build_info() -> str", &build_info); }
+
+namespace ck {
+static std::atomic<bool> g_poison{false};
+bool poison_outputs() { return g_poison.load(); }
+}  // namespace ck
+
+static void set_poison(bool enabled) { ck::g_poison.store(enabled); }
+
+TORCH_LIBRARY_FRAGMENT(crowdkernels, m) { m.def("_set_poison(bool enabled) -> ()", &set_poison); }
