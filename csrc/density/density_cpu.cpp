@@ -73,7 +73,7 @@ at::Tensor knn_sigma_cpu(const at::Tensor& points_in, const at::Tensor& offsets_
   }
 
   // 3. one exact query per point
-  at::parallel_for(0, T, 64, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, T, 512, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = image_of(off, B, i);
       const int64_t K = std::min<int64_t>(k, off[b + 1] - off[b] - 1);
@@ -92,7 +92,7 @@ void splat_cpu_impl(const double* pts, const int64_t* off, const double* sigma, 
 
   // 1. each point's window and its two 1-D weight vectors (scale folded into the row weights)
   std::vector<Window> win(T);
-  at::parallel_for(0, T, 64, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, T, 512, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i)
       win[i] = make_window(style, pts[2 * i], pts[2 * i + 1], sigma[i], H, W, truncate, kernel_size);
   });
@@ -103,7 +103,7 @@ void splat_cpu_impl(const double* pts, const int64_t* off, const double* sigma, 
   }
   std::vector<double> wy(wy_off[T]), wx(wx_off[T]);
   std::vector<char> thresholded(T, 0);
-  at::parallel_for(0, T, 64, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, T, 512, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const Window& w = win[i];
       double gy_min = INFINITY, gx_min = INFINITY;
@@ -152,7 +152,7 @@ void splat_cpu_impl(const double* pts, const int64_t* off, const double* sigma, 
   }
 
   // 3. every band accumulated in float64 by one task, then written out whole (every element written)
-  at::parallel_for(0, B * bands, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, B * bands, 8, [&](int64_t t0, int64_t t1) {
     std::vector<double> acc(kBandRows * Ws);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / bands, band = t % bands;
