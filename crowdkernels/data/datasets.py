@@ -334,7 +334,7 @@ def list_samples(root, format: str, *, missing: str = "raise") -> list[Sample]:
         raise _layout_error(fmt, root, "it is not a folder")
     absent = [d + "/" for d in fmt.required_dirs if not (root / d).is_dir()]
     if absent:
-        raise _layout_error(fmt, root, f"no {' or '.join(absent)} inside")
+        raise _layout_error(fmt, root, f"missing {' and '.join(absent)}")
     image_dir = root / fmt.image_dir if fmt.image_dir else root
     images = sorted(
         (
