@@ -89,10 +89,9 @@ def _as_points(path: Path, array) -> np.ndarray:
         raise AnnotationError(path, f"points are not numeric ({exc})") from None
     if pts.size == 0:
         return np.zeros((0, 2), dtype=np.float64)
-    if pts.ndim != 2 or pts.shape[1] < 2:
+    if pts.ndim != 2 or pts.shape[1] != 2:
         raise AnnotationError(path, f"expected points of shape [N, 2] (x, y), got shape {pts.shape}")
-    # some tools store a third column (e.g. a label); the first two are always (x, y)
-    pts = np.ascontiguousarray(pts[:, :2])
+    pts = np.ascontiguousarray(pts)
     bad = ~np.isfinite(pts).all(axis=1)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
