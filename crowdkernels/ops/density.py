@@ -258,7 +258,7 @@ def density_maps(
         if B
         else torch.zeros(0, 2, dtype=out_dtype, device=device)
     )
-    batch = torch.repeat_interleave(torch.arange(B, device=device), torch.tensor(counts, device=device))
+    batch = torch.repeat_interleave(torch.arange(B, device=device), torch.tensor(counts, dtype=torch.long, device=device))
     if style in ("exact", "csrnet"):
         # dropped, not clipped: a head outside the image is not in it
         keep = (pts[:, 0] >= 0) & (pts[:, 0] < W) & (pts[:, 1] >= 0) & (pts[:, 1] < H)

@@ -30,7 +30,7 @@ def knn_sigma_reference(points: torch.Tensor, k: int = 3, beta: float = 0.3, lon
     kk = min(k, n - 1)
     if kk < 1:
         return out
-    d = torch.cdist(pts, pts)
+    d = torch.cdist(pts, pts, compute_mode="donot_use_mm_for_euclid_dist")  # exact, not via x^2 + y^2 - 2xy
     d.fill_diagonal_(float("inf"))  # a point is not its own neighbour; duplicates (d = 0) are
     nearest = torch.sort(d, dim=1).values[:, :kk]
     return beta * nearest.mean(dim=1)

@@ -1,0 +1,280 @@
+// Per-point maths of the density op, written once and called by both the CPU loops (density_cpu.cpp)
+// and the CUDA kernels (density_cuda.cu), so the CPU tests exercise the arithmetic the GPU runs.
+//
+// L2SM sec. 3.2 / HMoDE sec. III-D: D(p) = sum_i delta(p - p_i) * G_sigma_i, with the geometry-adaptive
+// sigma_i = beta * mean distance to the k nearest neighbours. See DESIGN.md "Density maps" for the styles.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/common.h"
+
+namespace ck {
+namespace density {
+
+enum Style : int64_t { kExact = 0, kCsrnet = 1, kMatlab = 2 };
+
+constexpr int kMaxK = 64;  // the Python layer rejects k > 64 with a ValueError naming k
+
+// ------------------------------------------------------------------------------------------ kNN grid
+// Each image gets its own uniform grid over the bounding box of its points, about two points per cell,
+// so a kNN query inspects O(k) cells on annotation-like layouts; memory is O(N). The grids of all images
+// share one cell array: image b owns cells [2*offsets[b] + 4*b, 2*offsets[b+1] + 4*(b+1)), a capacity
+// known from the shapes alone, so the GPU needs no host synchronization to allocate it.
+
+// Packed per-image grid parameters, one row of kGridFields doubles (ints stored exactly below 2^53).
+constexpr int kGridFields = 6;
+struct Grid {
+  double ox, oy;  // origin: the bounding box's lower corner
+  double cell;    // cell side in pixels
+  int64_t gx, gy; // cells per axis
+  int64_t base;   // first cell of this image in the shared cell array
+};
+
+CK_HOST_DEVICE int64_t grid_capacity(int64_t n) { return 2 * n + 4; }
+
+CK_HOST_DEVICE Grid make_grid(double xmin, double ymin, double xmax, double ymax, int64_t n, int64_t base) {
+  Grid g;
+  g.ox = xmin;
+  g.oy = ymin;
+  g.base = base;
+  const double w = xmax - xmin, h = ymax - ymin;
+  const double cells_wanted = n > 2 ? 0.5 * (double)n : 1.0;
+  double cell;
+  if (w * h > 0) {
+    cell = sqrt(w * h / cells_wanted);
+  } else {
+    cell = fmax(w, h) / cells_wanted;  // all points on one line
+  }
+  if (!(cell > 0)) cell = 1.0;  // all points coincide (or n <= 1)
+  const int64_t cap = grid_capacity(n);
+  // An elongated box can ask for more cells than the capacity: grow the cells until the grid fits.
+  while ((int64_t)floor(w / cell + 1.0) * (int64_t)floor(h / cell + 1.0) > cap) cell *= 1.25;
+  g.cell = cell;
+  g.gx = (int64_t)floor(w / cell + 1.0);
+  g.gy = (int64_t)floor(h / cell + 1.0);
+  return g;
+}
+
+CK_HOST_DEVICE void store_grid(const Grid& g, double* row) {
+  row[0] = g.ox;
+  row[1] = g.oy;
+  row[2] = g.cell;
+  row[3] = (double)g.gx;
+  row[4] = (double)g.gy;
+  row[5] = (double)g.base;
+}
+
+CK_HOST_DEVICE Grid load_grid(const double* row) {
+  Grid g;
+  g.ox = row[0];
+  g.oy = row[1];
+  g.cell = row[2];
+  g.gx = (int64_t)row[3];
+  g.gy = (int64_t)row[4];
+  g.base = (int64_t)row[5];
+  return g;
+}
+
+CK_HOST_DEVICE int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+CK_HOST_DEVICE int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
+CK_HOST_DEVICE int64_t clamp_i64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+CK_HOST_DEVICE int64_t cell_x(const Grid& g, double x) { return clamp_i64((int64_t)floor((x - g.ox) / g.cell), 0, g.gx - 1); }
+CK_HOST_DEVICE int64_t cell_y(const Grid& g, double y) { return clamp_i64((int64_t)floor((y - g.oy) / g.cell), 0, g.gy - 1); }
+
+// Global index of the cell holding (x, y).
+CK_HOST_DEVICE int64_t cell_of(const Grid& g, double x, double y) { return g.base + cell_y(g, y) * g.gx + cell_x(g, x); }
+
+// The image owning point i: offsets is [B + 1], ascending.
+CK_HOST_DEVICE int64_t image_of(const int64_t* offsets, int64_t B, int64_t i) {
+  int64_t lo = 0, hi = B;  // invariant: offsets[lo] <= i < offsets[hi]
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (offsets[mid] <= i) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
+// Keeps best[0..cnt) as the ascending K smallest squared distances seen so far.
+CK_HOST_DEVICE void push_candidate(double* best, int& cnt, int K, double d2) {
+  if (cnt == K && d2 >= best[K - 1]) return;
+  int pos = cnt < K ? cnt++ : K - 1;
+  while (pos > 0 && best[pos - 1] > d2) {
+    best[pos] = best[pos - 1];
+    --pos;
+  }
+  best[pos] = d2;
+}
+
+CK_HOST_DEVICE void scan_cell(int64_t c, int64_t self, double px, double py, const double* pts,
+                               const int64_t* cell_start, const int64_t* order, double* best, int& cnt, int K) {
+  for (int64_t s = cell_start[c]; s < cell_start[c + 1]; ++s) {
+    const int64_t j = order[s];
+    if (j == self) continue;  // not its own neighbour; a duplicate of it is, at distance 0
+    const double dx = pts[2 * j] - px, dy = pts[2 * j + 1] - py;
+    push_candidate(best, cnt, K, dx * dx + dy * dy);
+  }
+}
+
+// Exact geometry-adaptive sigma of point `self` (L2SM sec. 3.2): beta * mean distance to its K nearest
+// others, where K = min(k, n - 1). Rings of cells are scanned outwards from the point's cell until the
+// K-th best distance is no larger than the distance to anything not yet scanned. The K distances are
+// summed in ascending order, so the result does not depend on the order of points inside a cell.
+CK_HOST_DEVICE double knn_sigma_one(int64_t self, const double* pts, const Grid& g, const int64_t* cell_start,
+                                    const int64_t* order, int K, double beta) {
+  double best[kMaxK];
+  int cnt = 0;
+  const double px = pts[2 * self], py = pts[2 * self + 1];
+  const int64_t cx = cell_x(g, px), cy = cell_y(g, py);
+  for (int64_t r = 0;; ++r) {
+    const int64_t xlo = cx - r, xhi = cx + r, ylo = cy - r, yhi = cy + r;
+    const int64_t xa = max_i64(xlo, 0), xb = min_i64(xhi, g.gx - 1);
+    for (int64_t y = max_i64(ylo, 0); y <= min_i64(yhi, g.gy - 1); ++y) {
+      const int64_t row = g.base + y * g.gx;
+      if (y == ylo || y == yhi) {  // the ring's top and bottom rows: every cell
+        for (int64_t x = xa; x <= xb; ++x) scan_cell(row + x, self, px, py, pts, cell_start, order, best, cnt, K);
+      } else {  // rows in between: the ring's two side cells
+        if (xlo >= 0) scan_cell(row + xlo, self, px, py, pts, cell_start, order, best, cnt, K);
+        if (xhi < g.gx) scan_cell(row + xhi, self, px, py, pts, cell_start, order, best, cnt, K);
+      }
+    }
+    if (xlo <= 0 && ylo <= 0 && xhi >= g.gx - 1 && yhi >= g.gy - 1) break;  // the whole grid is scanned
+    if (cnt == K) {
+      // Distance from the point to the nearest cell not yet scanned; a side at the grid's edge has none.
+      const double inf = INFINITY;
+      const double b0 = xlo > 0 ? px - (g.ox + (double)xlo * g.cell) : inf;
+      const double b1 = xhi < g.gx - 1 ? (g.ox + (double)(xhi + 1) * g.cell) - px : inf;
+      const double b2 = ylo > 0 ? py - (g.oy + (double)ylo * g.cell) : inf;
+      const double b3 = yhi < g.gy - 1 ? (g.oy + (double)(yhi + 1) * g.cell) - py : inf;
+      // shrink by a hair: cell assignment rounds, and a neighbour exactly at the bound must not be missed
+      const double bound = fmin(fmin(b0, b1), fmin(b2, b3)) * (1.0 - 1e-12) - 1e-9 * g.cell;
+      if (bound > 0 && best[K - 1] <= bound * bound) break;
+    }
+  }
+  double sum = 0.0;
+  for (int i = 0; i < K; ++i) sum += sqrt(best[i]);
+  return beta * sum / (double)K;
+}
+
+// ------------------------------------------------------------------------------------------ splatting
+// One point's Gaussian: weight(i, j) = scale * g(i - cy) * g(j - cx) on rows [y0, y1] x cols [x0, x1]
+// (inclusive, inside the image), g(d) = exp(-a d^2), a = 1 / (2 sigma^2). In the matlab style weights
+// below `thresh` (before scaling) are zeroed, as fspecial does (h(h < eps * max(h)) = 0).
+constexpr int kWindowFields = 9;
+struct Window {
+  int64_t y0, y1, x0, x1;  // empty when y0 > y1 or x0 > x1
+  double cy, cx;           // kernel centre in pixel units (half-integers for an even matlab window)
+  double a;                // 1 / (2 sigma^2); +inf for sigma == 0: a unit impulse
+  double scale;            // normalization
+  double thresh;           // matlab: zero a weight below this (before scaling); < 0: never
+};
+
+CK_HOST_DEVICE double gauss(double d, double a) { return d == 0.0 ? 1.0 : exp(-a * d * d); }
+
+CK_HOST_DEVICE Window make_window(int64_t style, double x, double y, double sigma, int64_t H, int64_t W,
+                                  double truncate, int64_t kernel_size) {
+  Window w;
+  w.a = sigma > 0 ? 0.5 / (sigma * sigma) : INFINITY;
+  w.thresh = -1.0;
+  if (style == kMatlab) {
+    // MCNN get_density_map_gaussian.m / SASNet prepare_dataset.py: 1-based pixel
+    // clip(|floor(v)|, 1, size), a kernel_size window clipped to the image, and at a border a new
+    // fspecial kernel of the clipped size, centred on the clipped window and renormalized over it.
+    const double fy = fmin(fmax(fabs(floor(y)), 1.0), (double)H), fx = fmin(fmax(fabs(floor(x)), 1.0), (double)W);
+    const int64_t py = (int64_t)fy - 1, px = (int64_t)fx - 1, h = kernel_size / 2;
+    w.y0 = max_i64(py - h, 0);
+    w.y1 = min_i64(py + h, H - 1);
+    w.x0 = max_i64(px - h, 0);
+    w.x1 = min_i64(px + h, W - 1);
+    w.cy = 0.5 * (double)(w.y0 + w.y1);
+    w.cx = 0.5 * (double)(w.x0 + w.x1);
+    // fspecial's largest value sits at the window's centre (offset 0 or 1/2 on each axis)
+    const double gmax = gauss(w.cy - floor(w.cy), w.a) * gauss(w.cx - floor(w.cx), w.a);
+    w.thresh = 2.220446049250313e-16 * gmax;  // eps(double) * max(h)
+    double norm = 0.0;
+    for (int64_t i = w.y0; i <= w.y1; ++i) {
+      const double gy = gauss((double)i - w.cy, w.a);
+      for (int64_t j = w.x0; j <= w.x1; ++j) {
+        const double v = gy * gauss((double)j - w.cx, w.a);
+        if (v >= w.thresh) norm += v;
+      }
+    }
+    w.scale = norm > 0 ? 1.0 / norm : 0.0;
+    return w;
+  }
+  // exact and csrnet: centred on the pixel holding the point, radius int(truncate * sigma + 0.5) as
+  // scipy.ndimage.gaussian_filter uses.
+  const int64_t py = (int64_t)floor(y), px = (int64_t)floor(x);
+  w.cy = (double)py;
+  w.cx = (double)px;
+  const double rr = floor(truncate * sigma + 0.5);
+  const int64_t r = (int64_t)fmin(rr, (double)(H + W));  // beyond the image the window is clipped anyway
+  if (py < 0 || py >= H || px < 0 || px >= W) {  // not in the image: contributes nothing
+    w.y0 = 0;
+    w.y1 = -1;
+    w.x0 = 0;
+    w.x1 = -1;
+    w.scale = 0.0;
+    return w;
+  }
+  w.y0 = max_i64(py - r, 0);
+  w.y1 = min_i64(py + r, H - 1);
+  w.x0 = max_i64(px - r, 0);
+  w.x1 = min_i64(px + r, W - 1);
+  if (style == kExact) {
+    // renormalized over the in-image part: every in-image point contributes exactly 1
+    double ny = 0.0, nx = 0.0;
+    for (int64_t i = w.y0; i <= w.y1; ++i) ny += gauss((double)i - w.cy, w.a);
+    for (int64_t j = w.x0; j <= w.x1; ++j) nx += gauss((double)j - w.cx, w.a);
+    w.scale = 1.0 / (ny * nx);
+  } else {
+    // scipy: 1-D weights normalized over the full window [-R, R] (R unclipped), so with mode='constant'
+    // the mass past the border is lost
+    const int64_t R = (int64_t)rr;
+    double n = 1.0;
+    for (int64_t d = 1; d <= R; ++d) {
+      const double v = gauss((double)d, w.a);
+      if (v == 0.0) break;  // underflowed: the rest adds nothing
+      n += 2.0 * v;
+    }
+    w.scale = 1.0 / (n * n);
+  }
+  return w;
+}
+
+CK_HOST_DEVICE void store_window(const Window& w, double* row) {
+  row[0] = (double)w.y0;
+  row[1] = (double)w.y1;
+  row[2] = (double)w.x0;
+  row[3] = (double)w.x1;
+  row[4] = w.cy;
+  row[5] = w.cx;
+  row[6] = w.a;
+  row[7] = w.scale;
+  row[8] = w.thresh;
+}
+
+CK_HOST_DEVICE Window load_window(const double* row) {
+  Window w;
+  w.y0 = (int64_t)row[0];
+  w.y1 = (int64_t)row[1];
+  w.x0 = (int64_t)row[2];
+  w.x1 = (int64_t)row[3];
+  w.cy = row[4];
+  w.cx = row[5];
+  w.a = row[6];
+  w.scale = row[7];
+  w.thresh = row[8];
+  return w;
+}
+
+// The weight of pixel (i, j) of a window, given the two 1-D factors.
+CK_HOST_DEVICE double pixel_weight(const Window& w, double gy, double gx) {
+  const double v = gy * gx;
+  return (v < w.thresh) ? 0.0 : w.scale * v;
+}
+
+}  // namespace density
+}  // namespace ck

@@ -1,0 +1,225 @@
+// CPU kernels of the density op: kNN sigmas on per-image grids, and Gaussian splatting.
+// Parallel with at::parallel_for (OpenMP underneath) and deterministic: every output element is owned by
+// one task and summed in point order, so the bits do not depend on the thread count.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "density/density.h"
+
+namespace ck {
+namespace density {
+namespace {
+
+void check_common(const at::Tensor& points, const at::Tensor& offsets) {
+  CK_CHECK_DIM(points, 2);
+  TORCH_CHECK(points.size(1) == 2, "points must be [T, 2], got [", points.size(0), ", ", points.size(1), "]");
+  CK_CHECK_DIM(offsets, 1);
+  CK_CHECK_DTYPE(offsets, at::kLong);
+  TORCH_CHECK(offsets.numel() >= 1, "offsets must have B + 1 >= 1 entries");
+  CK_CHECK_DEVICE(offsets, points);
+}
+
+void check_offsets(const int64_t* off, int64_t B, int64_t T) {
+  TORCH_CHECK(off[0] == 0 && off[B] == T, "offsets must run from 0 to the number of points (", T, ")");
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(off[b] <= off[b + 1], "offsets must be non-decreasing");
+}
+
+}  // namespace
+
+at::Tensor knn_sigma_cpu(const at::Tensor& points_in, const at::Tensor& offsets_in, int64_t k, double beta,
+                         double lone) {
+  check_common(points_in, offsets_in);
+  TORCH_CHECK(k >= 1 && k <= kMaxK, "k must be in [1, ", kMaxK, "], got ", k);
+  const at::Tensor points = points_in.to(at::kDouble).contiguous();
+  const at::Tensor offsets = offsets_in.contiguous();
+  const int64_t T = points.size(0), B = offsets.numel() - 1;
+  const double* pts = points.data_ptr<double>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  check_offsets(off, B, T);
+
+  at::Tensor out = ck::new_output({T}, points.options());
+  double* sig = out.data_ptr<double>();
+
+  // 1. one grid per image over its bounding box
+  std::vector<Grid> grids(B);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      double xmin = INFINITY, ymin = INFINITY, xmax = -INFINITY, ymax = -INFINITY;
+      for (int64_t i = off[b]; i < off[b + 1]; ++i) {
+        xmin = std::min(xmin, pts[2 * i]);
+        xmax = std::max(xmax, pts[2 * i]);
+        ymin = std::min(ymin, pts[2 * i + 1]);
+        ymax = std::max(ymax, pts[2 * i + 1]);
+      }
+      if (off[b + 1] == off[b]) xmin = ymin = xmax = ymax = 0.0;
+      grids[b] = make_grid(xmin, ymin, xmax, ymax, off[b + 1] - off[b], 2 * off[b] + 4 * b);
+    }
+  });
+
+  // 2. counting sort of the points by cell (sequential fill: the order inside a cell is the point order)
+  const int64_t total_cells = 2 * T + 4 * B;
+  std::vector<int64_t> cell(T), cell_start(total_cells + 1, 0), order(T);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t i = off[b]; i < off[b + 1]; ++i) cell[i] = cell_of(grids[b], pts[2 * i], pts[2 * i + 1]);
+  });
+  for (int64_t i = 0; i < T; ++i) ++cell_start[cell[i] + 1];
+  for (int64_t c = 0; c < total_cells; ++c) cell_start[c + 1] += cell_start[c];
+  {
+    std::vector<int64_t> cursor(cell_start.begin(), cell_start.end() - 1);
+    for (int64_t i = 0; i < T; ++i) order[cursor[cell[i]]++] = i;
+  }
+
+  // 3. one exact query per point
+  at::parallel_for(0, T, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = image_of(off, B, i);
+      const int64_t K = std::min<int64_t>(k, off[b + 1] - off[b] - 1);
+      sig[i] = K < 1 ? lone : knn_sigma_one(i, pts, grids[b], cell_start.data(), order.data(), (int)K, beta);
+    }
+  });
+  return out;
+}
+
+namespace {
+
+template <typename scalar_t>
+void splat_cpu_impl(const double* pts, const int64_t* off, const double* sigma, int64_t B, int64_t T, int64_t H,
+                    int64_t W, int64_t style, double truncate, int64_t kernel_size, int64_t stride, scalar_t* out) {
+  const int64_t Hs = (H + stride - 1) / stride, Ws = (W + stride - 1) / stride;
+
+  // 1. each point's window and its two 1-D weight vectors (scale folded into the row weights)
+  std::vector<Window> win(T);
+  at::parallel_for(0, T, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      win[i] = make_window(style, pts[2 * i], pts[2 * i + 1], sigma[i], H, W, truncate, kernel_size);
+  });
+  std::vector<int64_t> wy_off(T + 1, 0), wx_off(T + 1, 0);
+  for (int64_t i = 0; i < T; ++i) {
+    wy_off[i + 1] = wy_off[i] + std::max<int64_t>(win[i].y1 - win[i].y0 + 1, 0);
+    wx_off[i + 1] = wx_off[i] + std::max<int64_t>(win[i].x1 - win[i].x0 + 1, 0);
+  }
+  std::vector<double> wy(wy_off[T]), wx(wx_off[T]);
+  std::vector<char> thresholded(T, 0);
+  at::parallel_for(0, T, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const Window& w = win[i];
+      double gy_min = INFINITY, gx_min = INFINITY;
+      for (int64_t r = w.y0; r <= w.y1; ++r) {
+        const double g = gauss((double)r - w.cy, w.a);
+        wy[wy_off[i] + r - w.y0] = g;
+        gy_min = std::min(gy_min, g);
+      }
+      for (int64_t c = w.x0; c <= w.x1; ++c) {
+        const double g = gauss((double)c - w.cx, w.a);
+        wx[wx_off[i] + c - w.x0] = g;
+        gx_min = std::min(gx_min, g);
+      }
+      // Only matlab-style windows can hold weights under fspecial's threshold; the rest take the fast loop.
+      thresholded[i] = (w.thresh > 0 && gy_min * gx_min < w.thresh) ? 1 : 0;
+    }
+  });
+
+  // 2. bands of output rows, each listing (in point order) the points whose window reaches it
+  constexpr int64_t kBandRows = 8;
+  const int64_t bands = (Hs + kBandRows - 1) / kBandRows;
+  std::vector<int64_t> band_start(B * bands + 1, 0);
+  auto band_range = [&](int64_t i, int64_t& first, int64_t& last) {
+    first = (win[i].y0 / stride) / kBandRows;
+    last = (win[i].y1 / stride) / kBandRows;
+  };
+  std::vector<int64_t> img(T);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = off[b]; i < off[b + 1]; ++i) img[i] = b;
+  for (int64_t i = 0; i < T; ++i) {
+    if (win[i].y0 > win[i].y1 || win[i].x0 > win[i].x1) continue;
+    int64_t f, l;
+    band_range(i, f, l);
+    for (int64_t band = f; band <= l; ++band) ++band_start[img[i] * bands + band + 1];
+  }
+  for (int64_t j = 0; j < B * bands; ++j) band_start[j + 1] += band_start[j];
+  std::vector<int64_t> band_points(band_start[B * bands]);
+  {
+    std::vector<int64_t> cursor(band_start.begin(), band_start.end() - 1);
+    for (int64_t i = 0; i < T; ++i) {
+      if (win[i].y0 > win[i].y1 || win[i].x0 > win[i].x1) continue;
+      int64_t f, l;
+      band_range(i, f, l);
+      for (int64_t band = f; band <= l; ++band) band_points[cursor[img[i] * bands + band]++] = i;
+    }
+  }
+
+  // 3. every band accumulated in float64 by one task, then written out whole (every element written)
+  at::parallel_for(0, B * bands, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<double> acc(kBandRows * Ws);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / bands, band = t % bands;
+      const int64_t orow0 = band * kBandRows, orow1 = std::min(orow0 + kBandRows, Hs);  // output rows
+      const int64_t row0 = orow0 * stride, row1 = std::min(orow1 * stride, H);            // full-res rows
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t s = band_start[t]; s < band_start[t + 1]; ++s) {
+        const int64_t i = band_points[s];
+        const Window& w = win[i];
+        const double* gy = wy.data() + wy_off[i] - w.y0;
+        const double* gx = wx.data() + wx_off[i] - w.x0;
+        const int64_t ra = std::max(w.y0, row0), rb = std::min(w.y1, row1 - 1);
+        for (int64_t r = ra; r <= rb; ++r) {
+          double* dst = acc.data() + (r / stride - orow0) * Ws;
+          if (thresholded[i]) {
+            for (int64_t c = w.x0; c <= w.x1; ++c) dst[c / stride] += pixel_weight(w, gy[r], gx[c]);
+          } else if (stride == 1) {
+            const double f = w.scale * gy[r];
+            for (int64_t c = w.x0; c <= w.x1; ++c) dst[c] += f * gx[c];  // the hot loop: vectorizes
+          } else {
+            const double f = w.scale * gy[r];
+            for (int64_t c = w.x0; c <= w.x1; ++c) dst[c / stride] += f * gx[c];
+          }
+        }
+      }
+      scalar_t* o = out + (b * Hs + orow0) * Ws;
+      for (int64_t j = 0; j < (orow1 - orow0) * Ws; ++j) o[j] = static_cast<scalar_t>(acc[j]);
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor density_splat_cpu(const at::Tensor& points_in, const at::Tensor& offsets_in, const at::Tensor& sigma_in,
+                             int64_t height, int64_t width, int64_t style, double truncate, int64_t kernel_size,
+                             int64_t stride, bool deterministic) {
+  check_common(points_in, offsets_in);
+  CK_CHECK_FLOATING(points_in);
+  CK_CHECK_DIM(sigma_in, 1);
+  TORCH_CHECK(sigma_in.size(0) == points_in.size(0), "sigma must have one value per point (", points_in.size(0),
+              "), got ", sigma_in.size(0));
+  CK_CHECK_DEVICE(sigma_in, points_in);
+  TORCH_CHECK(height >= 1 && width >= 1, "height and width must be >= 1, got ", height, " x ", width);
+  TORCH_CHECK(style >= kExact && style <= kMatlab, "style must be 0, 1 or 2, got ", style);
+  TORCH_CHECK(stride >= 1, "stride must be >= 1, got ", stride);
+  TORCH_CHECK(kernel_size >= 1, "kernel_size must be >= 1, got ", kernel_size);
+  TORCH_CHECK(truncate > 0, "truncate must be > 0, got ", truncate);
+  (void)deterministic;  // the CPU kernel is always deterministic
+
+  const at::Tensor points = points_in.to(at::kDouble).contiguous();
+  const at::Tensor offsets = offsets_in.contiguous();
+  const at::Tensor sigma = sigma_in.to(at::kDouble).contiguous();
+  const int64_t T = points.size(0), B = offsets.numel() - 1;
+  check_offsets(offsets.data_ptr<int64_t>(), B, T);
+  const int64_t Hs = (height + stride - 1) / stride, Ws = (width + stride - 1) / stride;
+  at::Tensor out = ck::new_output({B, Hs, Ws}, points_in.options());
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "density_splat_cpu", [&] {
+    splat_cpu_impl<scalar_t>(points.data_ptr<double>(), offsets.data_ptr<int64_t>(), sigma.data_ptr<double>(), B, T,
+                             height, width, style, truncate, kernel_size, stride, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+}  // namespace density
+}  // namespace ck
+
+TORCH_LIBRARY_IMPL(crowdkernels, CPU, m) {
+  m.impl("knn_sigma", &ck::density::knn_sigma_cpu);
+  m.impl("density_splat", &ck::density::density_splat_cpu);
+}

@@ -1,0 +1,462 @@
+"""The density op (DESIGN.md "Density maps"; L2SM sec. 3.2) against references written from each recipe's
+definition: the classic CSRNet KD-tree + gaussian_filter script, the MATLAB/SASNet fixed-kernel script,
+and the windowed "exact" construction; on random points and on the real samples in ../shared/data."""
+from __future__ import annotations
+
+import glob
+import math
+import os
+
+import numpy as np
+import pytest
+import scipy.io
+import scipy.ndimage
+import scipy.spatial
+import torch
+from PIL import Image
+
+import crowdkernels as ck
+from crowdkernels import _ext
+from crowdkernels.ops import reference as R
+from conftest import DEVICES, require_data
+
+STYLES = ("exact", "csrnet", "matlab")
+
+
+# ------------------------------------------------------------------------------ recipes, from their definitions
+def classic_csrnet_recipe(points: np.ndarray, shape) -> np.ndarray:
+    """The classic recipe as CSRNet's make_dataset notebook (and many repositories) write it: rasterize the
+    heads, a KD-tree for the 3 nearest, one full-image gaussian_filter per head. Points outside the image
+    are dropped beforehand (DESIGN.md), which the real ShanghaiTech annotations never need."""
+    H, W = shape
+    gt = np.zeros((H, W))
+    for x, y in points:
+        if 0 <= x < W and 0 <= y < H:
+            gt[int(y), int(x)] = 1
+    density = np.zeros(gt.shape, dtype=np.float32)
+    gt_count = np.count_nonzero(gt)
+    if gt_count == 0:
+        return density
+    pts = np.array(list(zip(np.nonzero(gt)[1], np.nonzero(gt)[0])))
+    tree = scipy.spatial.KDTree(pts.copy(), leafsize=2048)
+    distances, _ = tree.query(pts, k=4)
+    for i, pt in enumerate(pts):
+        pt2d = np.zeros(gt.shape, dtype=np.float32)
+        pt2d[pt[1], pt[0]] = 1.0
+        if gt_count > 1:
+            sigma = (distances[i][1] + distances[i][2] + distances[i][3]) * 0.1
+        else:
+            sigma = np.average(np.array(gt.shape)) / 2.0 / 2.0
+        density += scipy.ndimage.gaussian_filter(pt2d, sigma, mode="constant")
+    return density
+
+
+def _fspecial(shape, sigma):
+    m, n = [(ss - 1.0) / 2.0 for ss in shape]
+    y, x = np.ogrid[-m:m + 1, -n:n + 1]
+    h = np.exp(-(x * x + y * y) / (2.0 * sigma * sigma))
+    h[h < np.finfo(h.dtype).eps * h.max()] = 0
+    return h / h.sum()
+
+
+def matlab_recipe(points: np.ndarray, shape, f_sz=15, sigma=4.0) -> np.ndarray:
+    """MCNN's get_density_map_gaussian.m as SASNet's prepare_dataset.py ports it (1-based MATLAB indices)."""
+    h, w = shape
+    im = np.zeros((h, w))
+    for px, py in points:
+        H = _fspecial((f_sz, f_sz), sigma)
+        x = min(w, max(1, abs(int(np.floor(px)))))
+        y = min(h, max(1, abs(int(np.floor(py)))))
+        x1, y1 = x - f_sz // 2, y - f_sz // 2
+        x2, y2 = x + f_sz // 2, y + f_sz // 2
+        dx1 = dy1 = dx2 = dy2 = 0
+        change = False
+        if x1 < 1:
+            dx1, x1, change = abs(x1) + 1, 1, True
+        if y1 < 1:
+            dy1, y1, change = abs(y1) + 1, 1, True
+        if x2 > w:
+            dx2, x2, change = x2 - w, w, True
+        if y2 > h:
+            dy2, y2, change = y2 - h, h, True
+        if change:
+            H = _fspecial((f_sz - dy2 - (1 + dy1) + 1, f_sz - dx2 - (1 + dx1) + 1), sigma)
+        im[y1 - 1:y2, x1 - 1:x2] += H
+    return im
+
+
+# ------------------------------------------------------------------------------ data
+def _shanghaitech(part: str, name: str):
+    root = require_data("ShanghaiTech", f"part_{part}", "train_data")
+    pts = scipy.io.loadmat(root / "ground-truth" / f"GT_{name}.mat")["image_info"][0, 0][0, 0]["location"]
+    W, H = Image.open(root / "images" / f"{name}.jpg").size
+    return np.asarray(pts, dtype=np.float64), (H, W)
+
+
+def _all_real_samples():
+    """(name, points, (H, W)) of every real sample: ShanghaiTech A and B, UCF_CC_50 1-10."""
+    out = []
+    for part in ("A", "B"):
+        root = require_data("ShanghaiTech", f"part_{part}", "train_data")
+        for mat in sorted(glob.glob(str(root / "ground-truth" / "*.mat"))):
+            name = os.path.basename(mat)[3:-4]
+            pts, size = _shanghaitech(part, name)
+            out.append((f"SH{part}/{name}", pts, size))
+    ucf = require_data("UCF_CC_50")
+    for mat in sorted(glob.glob(str(ucf / "*_ann.mat"))):
+        stem = os.path.basename(mat)[:-8]
+        W, H = Image.open(ucf / f"{stem}.jpg").size
+        out.append((f"UCF/{stem}", np.asarray(scipy.io.loadmat(mat)["annPoints"], dtype=np.float64), (H, W)))
+    return out
+
+
+def _random_points(n, size, seed, dtype=torch.float64, outside=0):
+    g = torch.Generator().manual_seed(seed)
+    H, W = size
+    pts = torch.rand(n, 2, generator=g, dtype=torch.float64) * torch.tensor([W, H], dtype=torch.float64)
+    if outside:
+        far = torch.rand(outside, 2, generator=g, dtype=torch.float64) * torch.tensor([3 * W, 3 * H]) - torch.tensor([W, H])
+        pts = torch.cat([pts, far])
+    return pts.to(dtype)
+
+
+def _clustered_points(n, size, seed):
+    """Dense clusters plus sparse background, duplicates included: what crowds look like."""
+    g = np.random.default_rng(seed)
+    H, W = size
+    centres = g.uniform([0, 0], [W, H], size=(4, 2))
+    pts = np.concatenate([c + g.normal(0, 2.0, size=(n // 5, 2)) for c in centres] + [g.uniform([0, 0], [W, H], size=(n - 4 * (n // 5), 2))])
+    pts = np.clip(pts, 0, [W - 1e-6, H - 1e-6])
+    pts[:3] = pts[3]  # coincident heads
+    return torch.from_numpy(pts)
+
+
+# ------------------------------------------------------------------------------ knn_sigma
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 7, 300])
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_knn_sigma_matches_brute_force(device, n, k):
+    pts = _random_points(n, (40, 70), seed=n * 10 + k)
+    got = ck.knn_sigma(pts.to(device), k=k, beta=0.3)
+    want = R.knn_sigma_reference(pts, k=k, beta=0.3)
+    assert got.dtype == torch.float64 and got.shape == (n,) and got.device.type == device.type
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=1e-12, equal_nan=True)
+    if n == 1:
+        assert torch.isnan(got).all(), "a lone point has no neighbour: sigma undefined (NaN) unless `lone` is given"
+
+
+@pytest.mark.parametrize("layout", ["clustered", "collinear", "coincident", "integer_grid"])
+def test_knn_sigma_degenerate_layouts(device, layout):
+    if layout == "clustered":
+        pts = _clustered_points(500, (120, 160), seed=3)
+    elif layout == "collinear":
+        pts = torch.stack([torch.linspace(0, 99, 80, dtype=torch.float64), torch.full((80,), 5.0, dtype=torch.float64)], 1)
+    elif layout == "coincident":
+        pts = torch.full((20, 2), 7.5, dtype=torch.float64)
+    else:  # ties: every point has 4 neighbours at exactly distance 1
+        yy, xx = torch.meshgrid(torch.arange(12.0), torch.arange(9.0), indexing="ij")
+        pts = torch.stack([xx.flatten(), yy.flatten()], 1).double()
+    got = ck.knn_sigma(pts.to(device), k=3)
+    torch.testing.assert_close(got.cpu(), R.knn_sigma_reference(pts, 3), rtol=1e-12, atol=1e-12)
+
+
+def test_knn_sigma_real_annotations_against_kdtree():
+    """An independent oracle on real layouts: scipy's cKDTree, on every real sample."""
+    for name, pts, _ in _all_real_samples():
+        d, _ = scipy.spatial.cKDTree(pts).query(pts, k=4)
+        want = 0.3 * d[:, 1:].mean(axis=1)
+        got = ck.knn_sigma(torch.from_numpy(pts)).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10, err_msg=name)
+
+
+def test_knn_sigma_dtypes_and_lone():
+    pts = torch.tensor([[1, 2], [4, 6], [10, 2]], dtype=torch.int64)
+    s = ck.knn_sigma(pts, k=1, beta=1.0)
+    assert s.dtype == torch.float32
+    torch.testing.assert_close(s, torch.tensor([5.0, 5.0, math.sqrt(52.0)]))  # (10,2) is nearest to (4,6)
+    assert ck.knn_sigma(pts.float()[:1], lone=2.5).item() == 2.5
+
+
+# ------------------------------------------------------------------------------ styles against references
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("stride", [1, 2, 3, 8])
+def test_density_matches_reference_random(device, style, stride):
+    size = (37, 53)
+    pts = _random_points(120, size, seed=stride + 7 * STYLES.index(style), outside=10)
+    pts[:4] = pts[4]  # duplicates
+    pts[5] = torch.tensor([0.0, 0.0])  # corners and edges
+    pts[6] = torch.tensor([52.999, 36.999])
+    got = ck.density_map(pts.to(device), size, style=style, stride=stride)
+    want = R.density_map_reference(pts, size, style=style, stride=stride)
+    assert got.dtype == torch.float64 and got.shape == want.shape == (math.ceil(37 / stride), math.ceil(53 / stride))
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_density_fixed_and_per_point_sigma(device, style):
+    size = (50, 41)
+    pts = _random_points(60, size, seed=11)
+    sig = torch.rand(60, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 6 + 0.2
+    for sigma in (2.5, sig):
+        got = ck.density_map(pts.to(device), size, style=style, sigma=sigma if isinstance(sigma, float) else sigma.to(device))
+        want = R.density_map_reference(pts, size, style=style, sigma=sigma)
+        torch.testing.assert_close(got.cpu(), want, rtol=0, atol=1e-12)
+
+
+def test_exact_style_every_point_sums_to_one():
+    """The "exact" promise: each in-image point contributes 1, wherever it is, whatever its sigma."""
+    size = (33, 47)
+    pts = _random_points(200, size, seed=2, outside=25)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        for sigma in ("adaptive", 0.3, 9.0, 40.0):
+            d = ck.density_map(pts.to(dtype), size, sigma=sigma)
+            inside = int(((pts[:, 0] >= 0) & (pts[:, 0] < 47) & (pts[:, 1] >= 0) & (pts[:, 1] < 33)).sum())
+            assert abs(d.double().sum().item() - inside) <= tol * inside, (dtype, sigma)
+            assert bool((d >= 0).all())
+    # one point at a time: each one sums to 1 on its own
+    for p in pts[:30]:
+        if 0 <= p[0] < 47 and 0 <= p[1] < 33:
+            assert abs(ck.density_map(p[None], size, sigma=3.0).sum().item() - 1) < 1e-12
+
+
+def test_exact_style_on_real_samples():
+    for name, pts, size in _all_real_samples():
+        t = torch.from_numpy(pts)
+        d = ck.density_map(t, size)
+        inside = int(((t[:, 0] >= 0) & (t[:, 0] < size[1]) & (t[:, 1] >= 0) & (t[:, 1] < size[0])).sum())
+        assert d.dtype == torch.float64
+        assert abs(d.sum().item() - inside) <= 1e-5 * inside, name
+        if name.startswith("UCF/1") and name == "UCF/1":
+            assert inside == len(pts) - 2  # two heads at x = 984.26 in a 984-wide image
+        if name == "UCF/6":
+            assert inside == len(pts) - 1  # one head at x = -358.7
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_density_on_real_samples_matches_windowed_reference(style):
+    # a third of the samples (the windowed reference is a Python loop over heads), always including the
+    # densest image of each set and the two UCF_CC_50 images with out-of-image points
+    samples = _all_real_samples()
+    keep = {"SHA/IMG_299", "SHB/IMG_300", "UCF/1", "UCF/6"}
+    for i, (name, pts, size) in enumerate(samples):
+        if i % 3 and name not in keep:
+            continue
+        got = ck.density_map(torch.from_numpy(pts), size, style=style)
+        want = R.density_map_reference(torch.from_numpy(pts), size, style=style)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("part,name", [("B", "IMG_158"), ("B", "IMG_93"), ("A", "IMG_275")])
+def test_csrnet_style_equals_classic_recipe_on_real_annotations(part, name):
+    """The promise of style="csrnet": the classic script's output, to 1e-6 max abs per pixel, including
+    its pixel placement, duplicate collapse and border loss (float32 maps, like the script's)."""
+    pts, size = _shanghaitech(part, name)
+    want = classic_csrnet_recipe(pts, size)
+    got = ck.density_map(torch.from_numpy(pts).float(), size, style="csrnet")
+    assert got.dtype == torch.float32
+    assert np.abs(got.numpy() - want).max() <= 1e-6
+    assert got.sum().item() < len(pts)  # mass past the border is lost, as in the script
+
+
+def test_csrnet_style_equals_classic_recipe_random_with_duplicates_and_lone_point():
+    size = (45, 60)
+    pts = _random_points(80, size, seed=4).numpy()
+    pts[10:14] = pts[9] + 0.3  # the same pixel: collapses into one head
+    for sub in (pts, pts[:1], pts[:4]):
+        want = classic_csrnet_recipe(sub, size)
+        got = ck.density_map(torch.from_numpy(sub).float(), size, style="csrnet")
+        assert np.abs(got.numpy() - want).max() <= 1e-6
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_csrnet_two_or_three_points_finite_where_classic_recipe_crashes(n):
+    size = (30, 40)
+    pts = np.array([[5.5, 5.5], [20.2, 9.1], [33.0, 25.0]])[:n]
+    with pytest.raises(Exception):  # KDTree pads with inf distances: sigma = inf
+        classic_csrnet_recipe(pts, size)
+    got = ck.density_map(torch.from_numpy(pts), size, style="csrnet")
+    assert torch.isfinite(got).all() and 0 < got.sum().item() <= n
+    want = R.density_map_reference(torch.from_numpy(pts), size, style="csrnet")  # beta * mean of the neighbours there are
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_matlab_style_equals_recipe():
+    """Random points including borders, negatives and points past the image (|floor|, clip rule)."""
+    size = (40, 31)
+    pts = _random_points(150, size, seed=9, outside=30).numpy()
+    pts[:5] = [[0.2, 0.7], [30.9, 39.99], [-3.5, 12.0], [15.0, -0.4], [1.0, 1.0]]
+    for f_sz, sigma in ((15, 4.0), (7, 1.5), (31, 2.0), (9, 20.0)):
+        want = matlab_recipe(pts, size, f_sz=f_sz, sigma=sigma)
+        got = ck.density_map(torch.from_numpy(pts), size, style="matlab", kernel_size=f_sz,
+                             sigma=sigma if (f_sz, sigma) != (15, 4.0) else "adaptive")
+        np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-12)
+        assert abs(got.sum().item() - len(pts)) < 1e-9  # no point is dropped, each sums to 1
+
+
+def test_matlab_style_real_samples_keep_every_point():
+    name, pts, size = next(s for s in _all_real_samples() if s[0] == "UCF/6")
+    want = matlab_recipe(pts, size)
+    got = ck.density_map(torch.from_numpy(pts).float(), size, style="matlab")
+    assert np.abs(got.numpy() - want).max() <= 1e-6
+    assert abs(got.double().sum().item() - len(pts)) < 1e-2
+
+
+# ------------------------------------------------------------------------------ batching, stride, dtypes, threads
+@pytest.mark.parametrize("style", STYLES)
+def test_batched_equals_single(device, style):
+    size = (29, 44)
+    plist = [_random_points(n, size, seed=n, outside=3).to(device) for n in (17, 0, 1, 60, 2)]
+    sig_list = [torch.rand(p.shape[0], dtype=torch.float64, device=device) * 3 + 0.5 for p in plist]
+    for sigma, per_image in (("adaptive", ["adaptive"] * 5), (sig_list, sig_list)):
+        batch = ck.density_maps(plist, size, style=style, stride=2, sigma=sigma)
+        assert batch.shape == (5, 1, 15, 22)
+        for i, p in enumerate(plist):
+            one = ck.density_map(p, size, style=style, stride=2, sigma=per_image[i])
+            assert torch.equal(batch[i, 0], one)
+
+
+def test_stride_keeps_the_count_and_equals_sum_pooling():
+    size = (50, 77)
+    pts = _random_points(90, size, seed=21)
+    full = ck.density_map(pts, size)
+    for s in (2, 4, 8, 16):
+        d = ck.density_map(pts, size, stride=s)
+        assert d.shape == (math.ceil(50 / s), math.ceil(77 / s))
+        torch.testing.assert_close(d, R.sum_pool_reference(full, s), rtol=0, atol=1e-12)
+        assert abs(d.sum().item() - 90) < 1e-9
+
+
+def test_dtypes_devices_and_empty():
+    size = (20, 25)
+    for dt, out in ((torch.float32, torch.float32), (torch.float64, torch.float64), (torch.int64, torch.float32), (torch.int32, torch.float32)):
+        d = ck.density_map(torch.tensor([[3, 4], [10, 12]], dtype=dt), size)
+        assert d.dtype == out and d.device.type == "cpu"
+    assert torch.equal(ck.density_map(torch.zeros(0, 2), size), torch.zeros(size))
+    assert torch.equal(ck.density_map(torch.empty(0), size, style="csrnet"), torch.zeros(size))
+    assert torch.equal(ck.density_map(torch.tensor([[-1.0, 3.0], [25.0, 3.0], [3.0, 20.0]]), size), torch.zeros(size))
+    assert ck.density_maps([], size).shape == (0, 1, 20, 25)
+    assert ck.density_maps([torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.float64)], size).dtype == torch.float64
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_cpu_output_is_thread_count_invariant(style):
+    size = (300, 257)
+    pts = _clustered_points(2000, size, seed=1)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ck.density_maps([pts, pts[:500]], size, style=style)
+        torch.set_num_threads(max(2, old))
+        many = ck.density_maps([pts, pts[:500]], size, style=style)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, many)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_poisoned_outputs_are_fully_written(device, style):
+    size = (31, 40)
+    pts = _random_points(50, size, seed=8)
+    with _ext.poisoned_outputs():
+        got = ck.density_maps([pts.to(device), pts[:0].to(device)], size, style=style, stride=3, deterministic=True)
+        sig = ck.knn_sigma(pts.to(device))
+    assert torch.isfinite(got).all() and torch.isfinite(sig).all()
+    torch.testing.assert_close(got[0, 0].cpu(), R.density_map_reference(pts, size, style=style, stride=3), rtol=0, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("style", STYLES)
+def test_cuda_matches_cpu_and_deterministic_mode_is_bit_reproducible(style):
+    size = (400, 523)
+    plist = [_clustered_points(n, size, seed=n) for n in (3000, 1, 0, 250)]
+    cpu = ck.density_maps(plist, size, style=style)
+    gpu = ck.density_maps([p.cuda() for p in plist], size, style=style)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-5)
+    a = ck.density_maps([p.float().cuda() for p in plist], size, style=style, deterministic=True)
+    b = ck.density_maps([p.float().cuda() for p in plist], size, style=style, deterministic=True)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a.cpu(), cpu.float(), rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ registration
+@pytest.mark.skipif(not _ext.compiled(), reason="crowdkernels._C is not built")
+def test_opcheck(device):
+    pts = _random_points(40, (20, 30), seed=1).to(device)
+    offsets = torch.tensor([0, 25, 25, 40], device=device)
+    torch.library.opcheck(torch.ops.crowdkernels.knn_sigma.default, (pts, offsets, 3, 0.3, 1.5))
+    sig = torch.rand(40, dtype=torch.float64, device=device) + 0.5
+    for style in (0, 1, 2):
+        torch.library.opcheck(
+            torch.ops.crowdkernels.density_splat.default, (pts, offsets, sig, 20, 30, style, 4.0, 15, 2, True)
+        )
+
+
+@pytest.mark.skipif(not _ext.compiled(), reason="crowdkernels._C is not built")
+def test_torch_compile():
+    def f(pts, offsets, sig):
+        return torch.ops.crowdkernels.density_splat(pts, offsets, sig, 24, 32, 0, 4.0, 15, 1, False) * 2
+
+    pts = _random_points(30, (24, 32), seed=3)
+    offsets = torch.tensor([0, 30])
+    sig = torch.full((30,), 2.0, dtype=torch.float64)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(pts, offsets, sig), f(pts, offsets, sig))
+
+
+# ------------------------------------------------------------------------------ bad input
+def _pts():
+    return torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(points=torch.tensor([[float("nan"), 1.0]])), ValueError, "points"),
+        (dict(points=torch.tensor([[1.0, float("inf")]])), ValueError, "points"),
+        (dict(points=torch.zeros(3, 3)), ValueError, "points"),
+        (dict(points=torch.zeros(3)), ValueError, "points"),
+        (dict(points=torch.zeros(2, 2, dtype=torch.bool)), TypeError, "points"),
+        (dict(points="nope"), TypeError, "points"),
+        (dict(size=(0, 10)), ValueError, "size"),
+        (dict(size=(10, -3)), ValueError, "size"),
+        (dict(size=(10.5, 3)), TypeError, "size"),
+        (dict(size=10), TypeError, "size"),
+        (dict(sigma=0.0), ValueError, "sigma"),
+        (dict(sigma=-1.0), ValueError, "sigma"),
+        (dict(sigma=float("nan")), ValueError, "sigma"),
+        (dict(sigma="wide"), ValueError, "sigma"),
+        (dict(sigma=torch.tensor([1.0])), ValueError, "sigma"),
+        (dict(sigma=torch.tensor([1.0, 0.0])), ValueError, "sigma"),
+        (dict(sigma=torch.tensor([1.0, -2.0])), ValueError, "sigma"),
+        (dict(sigma=None), TypeError, "sigma"),
+        (dict(k=0), ValueError, "k"),
+        (dict(k=65), ValueError, "k"),
+        (dict(k=2.0), TypeError, "k"),
+        (dict(beta=0), ValueError, "beta"),
+        (dict(truncate=-1.0), ValueError, "truncate"),
+        (dict(style="gaussian"), ValueError, "style"),
+        (dict(stride=0), ValueError, "stride"),
+        (dict(stride=1.5), TypeError, "stride"),
+        (dict(style="matlab", kernel_size=14), ValueError, "kernel_size"),
+        (dict(kernel_size=0), ValueError, "kernel_size"),
+        (dict(deterministic="yes"), TypeError, "deterministic"),
+    ],
+)
+def test_bad_input_raises_naming_the_argument(kwargs, exc, match):
+    args = dict(points=_pts(), size=(10, 12))
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        ck.density_map(args.pop("points"), args.pop("size"), **args)
+
+
+def test_bad_input_batched_and_knn():
+    with pytest.raises(TypeError, match="points_list"):
+        ck.density_maps(_pts(), (10, 10))
+    with pytest.raises(ValueError, match=r"points_list\[1\]"):
+        ck.density_maps([_pts(), torch.zeros(2, 3)], (10, 10))
+    with pytest.raises(ValueError, match=r"sigma\[0\]"):
+        ck.density_maps([_pts(), _pts()], (10, 10), sigma=[torch.ones(3), torch.ones(2)])
+    with pytest.raises(ValueError, match="k"):
+        ck.knn_sigma(_pts(), k=0)
+    with pytest.raises(ValueError, match="points"):
+        ck.knn_sigma(torch.tensor([[float("nan"), 0.0]]))
+    with pytest.raises(ValueError, match="beta"):
+        ck.knn_sigma(_pts(), beta=-0.3)
