@@ -285,7 +285,6 @@ def _density_command(p: argparse.ArgumentParser):
 
 
 def _run_density(args) -> int:
-    import numpy as np
     import torch
     from tqdm import tqdm
 
@@ -301,6 +300,8 @@ def _run_density(args) -> int:
         device = torch.device(args.device)
     except RuntimeError as exc:
         raise _CliError(f"--device: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise _CliError(f"--device {args.device}: no CUDA GPU is visible to torch {torch.__version__}")
 
     root = args.root
     samples = list_samples(root, args.format, missing="keep")  # LayoutError -> exit 2, said by main()

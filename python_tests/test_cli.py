@@ -97,6 +97,9 @@ def test_usage_errors(capsys):
     assert cli.main(["density", "x", "--format", "mall", "--out", "y"]) == 2
     assert cli.main(["density", "x", "--format", "jhu", "--out", "y", "--sigma", "-1"]) == 2
     assert "expected 'adaptive' or a positive number" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(["density", "x", "--format", "jhu", "--out", "y", "--device", "cuda"]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
     assert cli.main(["demo", "--size", "8"]) == 2
     assert "--size must be >= 16" in capsys.readouterr().err
     assert cli.main(["--help"]) == 0
