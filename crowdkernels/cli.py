@@ -369,7 +369,10 @@ def _run_density(args) -> int:
                     reused += 1
                 images[sample.name] = _entry(sample, root, size, points, arr, settings)
             except Exception as exc:  # one bad file must not stop the run; it is reported and counted
-                failures[sample.name] = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+                # the readers' errors (AnnotationError, ImageError) already name their file; others get the image's
+                failures[sample.name] = (
+                    str(exc) if isinstance(exc, ValueError) else f"{sample.image}: {type(exc).__name__}: {exc}"
+                )
                 tqdm.write(f"crowdkernels density: error: {failures[sample.name]}", file=sys.stderr)
                 if args.strict:
                     stopped = True
