@@ -1,0 +1,254 @@
+"""Annotation readers and split layouts: the real samples in ../shared/data (ShanghaiTech A and B,
+UCF_CC_50) and small fixtures written here from the documented formats (UCF-QNRF, JHU-CROWD++,
+NWPU-Crowd)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.io
+from PIL import Image, ImageFile
+
+from conftest import require_data
+from crowdkernels.data import datasets as ds
+from crowdkernels.data import (
+    AnnotationError,
+    ImageError,
+    LayoutError,
+    image_size,
+    list_samples,
+    read_jhu_txt,
+    read_nwpu_json,
+    read_points,
+    read_shanghaitech_mat,
+    read_ucf_mat,
+)
+
+
+def _write_image(path, height, width, mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    shape = (height, width, 3) if mode == "RGB" else (height, width)
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(path)
+
+
+# ----------------------------------------------------------------------------------------- real samples
+@pytest.mark.parametrize("part", ["part_A", "part_B"])
+def test_shanghaitech_reader_on_real_samples(part):
+    root = require_data("ShanghaiTech", part, "train_data")
+    samples = list_samples(root, "shanghaitech")
+    assert len(samples) == 24
+    assert [s.name for s in samples] == sorted((s.name for s in samples), key=ds.natural_key)
+    for s in samples:
+        assert s.annotation == root / "ground-truth" / f"GT_{s.name}.mat"
+        pts = s.points()
+        assert pts.dtype == np.float64 and pts.ndim == 2 and pts.shape[1] == 2 and pts.flags.c_contiguous
+        # the file's own count, read independently of the reader
+        number = int(scipy.io.loadmat(s.annotation)["image_info"][0, 0][0, 0]["number"].squeeze())
+        assert pts.shape[0] == number
+        h, w = s.size()
+        assert (pts[:, 0] > 0).all() and (pts[:, 0] < w).all()
+        assert (pts[:, 1] > 0).all() and (pts[:, 1] < h).all()
+    counts = [s.points().shape[0] for s in samples]
+    if part == "part_A":
+        assert min(counts) >= 33 and max(counts) <= 3138
+    else:
+        assert all(s.size() == (768, 1024) for s in samples)
+        assert min(counts) >= 12 and max(counts) <= 576
+
+
+def test_ucf_cc_50_reader_on_real_samples():
+    root = require_data("UCF_CC_50")
+    samples = list_samples(root, "ucf_cc_50")
+    assert [s.name for s in samples] == [str(i) for i in range(1, 11)]  # natural order: folds by number
+    outside = {}
+    for s in samples:
+        pts = s.points()
+        assert pts.dtype == np.float64 and pts.shape[1] == 2 and pts.shape[0] > 0
+        h, w = s.size()
+        out = ~((pts[:, 0] >= 0) & (pts[:, 0] < w) & (pts[:, 1] >= 0) & (pts[:, 1] < h))
+        if out.any():
+            outside[s.name] = pts[out]
+        assert ds.count_inside(pts, (h, w)) == pts.shape[0] - int(out.sum())
+    # the readers keep out-of-image points as annotated (the density op drops them)
+    assert sorted(outside) == ["1", "6"]
+    assert outside["1"].shape[0] == 2 and np.allclose(outside["1"][:, 0], 984.2566, atol=1e-3)
+    assert samples[0].size() == (648, 984)
+    assert outside["6"].shape[0] == 1 and np.isclose(outside["6"][0, 0], -358.667, atol=1e-3)
+    assert read_points(samples[0].annotation, "ucf_cc_50").shape == (4633, 2)
+
+
+def test_image_size_reads_the_header_only(monkeypatch):
+    root = require_data("ShanghaiTech", "part_A", "train_data")
+    img = root / "images" / "IMG_215.jpg"
+    with Image.open(img) as im:
+        decoded = np.asarray(im.convert("RGB"))
+
+    def no_decoding(self, *a, **k):
+        raise AssertionError("image_size decoded the pixels")
+
+    monkeypatch.setattr(Image.Image, "load", no_decoding)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    assert image_size(img) == decoded.shape[:2] == (298, 446)
+
+
+def test_image_size_grayscale_and_errors(tmp_path):
+    _write_image(tmp_path / "g.png", 21, 34, mode="L")
+    assert image_size(tmp_path / "g.png") == (21, 34)
+    (tmp_path / "bad.jpg").write_bytes(b"not an image at all")
+    with pytest.raises(ImageError, match="bad.jpg"):
+        image_size(tmp_path / "bad.jpg")
+    with pytest.raises(ImageError, match="nothere.jpg.*not found"):
+        image_size(tmp_path / "nothere.jpg")
+
+
+# ----------------------------------------------------------------------------------------- .mat errors
+def test_mat_readers_name_the_bad_file(tmp_path):
+    garbage = tmp_path / "GT_IMG_1.mat"
+    garbage.write_bytes(b"\x00garbage" * 20)
+    with pytest.raises(AnnotationError, match="GT_IMG_1.mat.*MATLAB"):
+        read_shanghaitech_mat(garbage)
+    with pytest.raises(AnnotationError, match="GT_IMG_1.mat"):
+        read_ucf_mat(garbage)
+    other = tmp_path / "other.mat"
+    scipy.io.savemat(other, {"something": np.zeros((3, 2))})
+    with pytest.raises(AnnotationError, match="other.mat.*no 'annPoints'.*something"):
+        read_ucf_mat(other)
+    with pytest.raises(AnnotationError, match="other.mat.*no 'image_info'"):
+        read_shanghaitech_mat(other)
+    nan = tmp_path / "nan_ann.mat"
+    scipy.io.savemat(nan, {"annPoints": np.array([[1.0, 2.0], [np.nan, 3.0]])})
+    with pytest.raises(AnnotationError, match="nan_ann.mat.*not finite.*row 1"):
+        read_ucf_mat(nan)
+    shape = tmp_path / "shape_ann.mat"
+    scipy.io.savemat(shape, {"annPoints": np.arange(5.0)})
+    with pytest.raises(AnnotationError, match=r"shape_ann.mat.*\[N, 2\]"):
+        read_ucf_mat(shape)
+    with pytest.raises(AnnotationError, match="missing.mat.*not found"):
+        read_ucf_mat(tmp_path / "missing.mat")
+
+
+def test_shanghaitech_mat_roundtrip(tmp_path):
+    """A file written in ShanghaiTech's nested struct layout reads back as written."""
+    pts = np.array([[10.25, 3.5], [0.4, 7.75]])
+    info = np.empty((1, 1), dtype=object)
+    inner = np.empty((1, 1), dtype=[("location", "O"), ("number", "O")])
+    inner[0, 0] = (pts, np.array([[2.0]]))
+    info[0, 0] = inner
+    scipy.io.savemat(tmp_path / "GT_IMG_9.mat", {"image_info": info})
+    np.testing.assert_array_equal(read_shanghaitech_mat(tmp_path / "GT_IMG_9.mat"), pts)
+
+
+# ----------------------------------------------------------------------------------------- UCF-QNRF
+def _qnrf(tmp_path):
+    root = tmp_path / "Train"
+    _write_image(root / "img_0001.jpg", 40, 60)
+    _write_image(root / "img_0002.jpg", 30, 20)
+    scipy.io.savemat(root / "img_0001_ann.mat", {"annPoints": np.array([[5.5, 6.5], [59.9, 39.9], [61.0, 2.0]])})
+    scipy.io.savemat(root / "img_0002_ann.mat", {"annPoints": np.zeros((0, 2))})
+    return root
+
+
+def test_ucf_qnrf_layout_and_reader(tmp_path):
+    root = _qnrf(tmp_path)
+    samples = list_samples(root, "ucf_qnrf")
+    assert [(s.name, s.annotation.name) for s in samples] == [
+        ("img_0001", "img_0001_ann.mat"),
+        ("img_0002", "img_0002_ann.mat"),
+    ]
+    np.testing.assert_array_equal(samples[0].points(), [[5.5, 6.5], [59.9, 39.9], [61.0, 2.0]])
+    assert samples[0].size() == (40, 60) and ds.count_inside(samples[0].points(), (40, 60)) == 2
+    assert samples[1].points().shape == (0, 2)
+
+
+def test_missing_annotation_is_named(tmp_path):
+    root = _qnrf(tmp_path)
+    _write_image(root / "img_0003.jpg", 16, 16)
+    with pytest.raises(AnnotationError, match=r"img_0003_ann.mat.*not found \(1 missing"):
+        list_samples(root, "ucf_qnrf")
+    samples = list_samples(root, "ucf_qnrf", missing="keep")
+    assert samples[-1].name == "img_0003"
+    with pytest.raises(AnnotationError, match="img_0003_ann.mat.*not found"):
+        samples[-1].points()
+    with pytest.raises(ValueError, match="missing"):
+        list_samples(root, "ucf_qnrf", missing="ignore")
+
+
+# ----------------------------------------------------------------------------------------- JHU-CROWD++
+def test_jhu_layout_and_reader(tmp_path):
+    root = tmp_path / "train"
+    _write_image(root / "images" / "0002.jpg", 50, 70)
+    _write_image(root / "images" / "0010.jpg", 20, 20)
+    (root / "gt").mkdir()
+    # x y w h occlusion blur
+    (root / "gt" / "0002.txt").write_text("12 30 8 9 1 0\n40.5 7.25 5 5 2 1\n\n66 44 10 12 1 0\n")
+    (root / "gt" / "0010.txt").write_text("")  # an image without heads
+    samples = list_samples(root, "jhu")
+    assert [s.name for s in samples] == ["0002", "0010"]
+    np.testing.assert_array_equal(samples[0].points(), [[12, 30], [40.5, 7.25], [66, 44]])
+    assert samples[1].points().shape == (0, 2)
+    (root / "gt" / "0010.txt").write_text("1 2 3 4 0 0\nfoo bar 1 1 0 0\n")
+    with pytest.raises(AnnotationError, match="0010.txt.*line 2"):
+        read_jhu_txt(root / "gt" / "0010.txt")
+    (root / "gt" / "0010.txt").write_text("7\n")
+    with pytest.raises(AnnotationError, match="0010.txt.*line 1"):
+        read_jhu_txt(root / "gt" / "0010.txt")
+    (root / "gt" / "0010.txt").write_text("nan 3 1 1 0 0\n")
+    with pytest.raises(AnnotationError, match="0010.txt.*not finite"):
+        read_jhu_txt(root / "gt" / "0010.txt")
+
+
+# ----------------------------------------------------------------------------------------- NWPU-Crowd
+def test_nwpu_layout_and_reader(tmp_path):
+    root = tmp_path / "NWPU-Crowd"
+    _write_image(root / "images" / "0001.jpg", 32, 48)
+    (root / "jsons").mkdir()
+    doc = {"img_id": "0001.jpg", "human_num": 2, "points": [[3.5, 4.5], [47.0, 31.0]],
+           "boxes": [[1, 2, 6, 7], [44, 28, 48, 32]]}
+    (root / "jsons" / "0001.json").write_text(json.dumps(doc))
+    (s,) = list_samples(root, "nwpu")
+    np.testing.assert_array_equal(s.points(), [[3.5, 4.5], [47.0, 31.0]])
+    bad = root / "jsons" / "bad.json"
+    bad.write_text("{truncated")
+    with pytest.raises(AnnotationError, match="bad.json.*JSON"):
+        read_nwpu_json(bad)
+    bad.write_text(json.dumps({"img_id": "x", "human_num": 0}))
+    with pytest.raises(AnnotationError, match="bad.json.*no 'points'.*human_num"):
+        read_nwpu_json(bad)
+    bad.write_text(json.dumps({"points": [[1, 2], [3, float("nan")]]}))
+    with pytest.raises(AnnotationError, match="bad.json.*not finite"):
+        read_nwpu_json(bad)
+    bad.write_text(json.dumps([[1, 2], [3, 4]]))  # a bare list of points
+    assert read_nwpu_json(bad).shape == (2, 2)
+    bad.write_text(json.dumps({"points": []}))
+    assert read_nwpu_json(bad).shape == (0, 2)
+
+
+# ----------------------------------------------------------------------------------------- layouts
+def test_wrong_layout_says_what_was_expected(tmp_path):
+    with pytest.raises(LayoutError, match="not a folder.*Expected ROOT/images/IMG_N.jpg"):
+        list_samples(tmp_path / "nowhere", "shanghaitech")
+    (tmp_path / "images").mkdir()
+    with pytest.raises(LayoutError, match="missing ground-truth/.*Expected ROOT/images/IMG_N.jpg with ROOT/ground-truth"):
+        list_samples(tmp_path, "shanghaitech")
+    (tmp_path / "ground-truth").mkdir()
+    with pytest.raises(LayoutError, match="no matching images"):
+        list_samples(tmp_path, "shanghaitech")
+    part = tmp_path / "part_B"
+    (part / "train_data").mkdir(parents=True)
+    with pytest.raises(LayoutError, match="holds train_data/: pass one split folder"):
+        list_samples(part, "shanghaitech")
+    with pytest.raises(LayoutError, match="ucf_cc_50 layout.*N_ann.mat"):
+        list_samples(tmp_path, "ucf_cc_50")
+    with pytest.raises(LayoutError, match="jhu layout.*missing gt/"):
+        list_samples(tmp_path, "jhu")
+    with pytest.raises(ValueError, match="format must be one of"):
+        list_samples(tmp_path, "mall")
+    with pytest.raises(ValueError, match="format must be one of"):
+        read_points(tmp_path / "x.mat", "ucf")
+
+
+def test_natural_order():
+    names = ["IMG_10.jpg", "IMG_2.jpg", "IMG_1.jpg", "img_100.jpg"]
+    assert sorted(names, key=ds.natural_key) == ["IMG_1.jpg", "IMG_2.jpg", "IMG_10.jpg", "img_100.jpg"]
