@@ -16,6 +16,8 @@ from ._ext import backends
 
 
 # ---- local counts and losses, HMoDE eq. 2 (issue 5)
+from .ops.local_count import local_counts
+from . import losses
 
 
 # ---- models (issue 6)
