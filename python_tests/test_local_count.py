@@ -125,7 +125,32 @@ def test_opcheck_cpp_ops(keep):
     torch.library.opcheck(torch.ops.crowdkernels.local_counts.default, (p, t, 4, 5, keep))
     R = (4 * 4 if keep else 3 * 3)
     grads = [torch.randn(2, R, dtype=torch.float64) for _ in range(3)]
-    torch.library.opcheck(torch.ops.crowdkernels.local_counts_backward.default, (*grads, p.detach(), t, 4, 5, keep))
+    bwd = torch.ops.crowdkernels.local_counts_backward.default
+    torch.library.opcheck(bwd, (*grads, p.detach(), t, 4, 5, keep, [True, True]))
+    torch.library.opcheck(bwd, (grads[0], None, None, p.detach(), t, 4, 5, keep, [True, False]))
+
+
+@needs_compiled
+@pytest.mark.parametrize("keep", [True, False])
+def test_backward_op_absent_gradients_and_output_mask(keep):
+    pred, target = maps(2, 13, 17, seed=31)
+    p, t = pred[:, 0], target[:, 0]
+    R = 16 if keep else 9
+    g = torch.randn(3, 2, R, dtype=torch.float64)
+    bwd = torch.ops.crowdkernels.local_counts_backward
+    with _ext.poisoned_outputs():
+        full = bwd(g[0], g[1], g[2], p, t, 4, 5, keep, [True, True])
+        for present in [(0,), (1,), (2,), (0, 1), (0, 2), ()]:
+            args = [g[i] if i in present else None for i in range(3)]
+            zeros = [g[i] if i in present else torch.zeros_like(g[i]) for i in range(3)]
+            want = bwd(*zeros, p, t, 4, 5, keep, [True, True])
+            got = bwd(*args, p, t, 4, 5, keep, [True, True])
+            for a, b in zip(got, want):
+                assert torch.equal(a, b)
+        only_pred = bwd(g[0], g[1], g[2], p, t, 4, 5, keep, [True, False])
+        only_target = bwd(g[0], g[1], g[2], p, t, 4, 5, keep, [False, True])
+    assert torch.equal(only_pred[0], full[0]) and only_pred[1].shape == (0, 13, 17)
+    assert torch.equal(only_target[1], full[1]) and only_target[0].shape == (0, 13, 17)
 
 
 @needs_compiled
@@ -209,6 +234,29 @@ def test_triton_matches_reference(B, H, W, rh, rw, keep):
 
 
 @needs_triton_interp
+def test_triton_backward_absent_gradients_and_output_mask():
+    from crowdkernels.ops.triton.local_count import local_counts_triton_backward
+
+    pred, target = maps(2, 13, 17, seed=37)
+    p, t = pred[:, 0], target[:, 0]
+    g = torch.randn(3, 2, 9, dtype=torch.float64)
+    with _ext.poisoned_outputs():
+        for present, mask in [((0, 1, 2), [True, True]), ((0,), [True, False]), ((1, 2), [False, True]),
+                              ((), [True, True])]:
+            args = [g[i] if i in present else None for i in range(3)]
+            zeros = [g[i] if i in present else torch.zeros_like(g[i]) for i in range(3)]
+            got = local_counts_triton_backward(*args, p, t, 4, 5, False, mask)
+            p_, t_ = p.clone().requires_grad_(), t.clone().requires_grad_()
+            out = reference.local_counts(p_, t_, 4, 5, False)
+            want = torch.autograd.grad(sum((o * z).sum() for o, z in zip(out, zeros)), (p_, t_))
+            for m, a, b in zip(mask, got, want):
+                if m:
+                    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+                else:
+                    assert a.shape == (0, 13, 17)
+
+
+@needs_triton_interp
 def test_triton_float32_and_half():
     from crowdkernels.ops.triton.local_count import local_counts_triton
 
@@ -242,7 +290,10 @@ def test_triton_opcheck():
     checks = ("test_schema", "test_autograd_registration")
     torch.library.opcheck(local_counts_triton, (p, t, 3, 4, False), test_utils=checks)
     grads = [torch.randn(1, 4, dtype=torch.float64) for _ in range(3)]
-    torch.library.opcheck(local_counts_triton_backward, (*grads, p.detach(), t, 3, 4, False), test_utils=checks)
+    torch.library.opcheck(local_counts_triton_backward, (*grads, p.detach(), t, 3, 4, False, [True, True]),
+                          test_utils=checks)
+    torch.library.opcheck(local_counts_triton_backward, (grads[0], None, None, p.detach(), t, 3, 4, False,
+                                                         [True, False]), test_utils=checks)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not _ext.triton_available(), reason="needs a CUDA GPU")
@@ -253,4 +304,6 @@ def test_triton_opcheck_on_gpu():
     p, t = pred[:, 0].requires_grad_(), target[:, 0]
     torch.library.opcheck(local_counts_triton, (p, t, 8, 10, True))
     grads = [torch.randn(2, 64, dtype=torch.float64, device="cuda") for _ in range(3)]
-    torch.library.opcheck(local_counts_triton_backward, (*grads, p.detach(), t, 8, 10, True))
+    torch.library.opcheck(local_counts_triton_backward, (*grads, p.detach(), t, 8, 10, True, [True, True]))
+    torch.library.opcheck(local_counts_triton_backward, (grads[0], None, None, p.detach(), t, 8, 10, True,
+                                                         [True, False]))

@@ -133,8 +133,9 @@ def _fake_local_counts(pred, target, window_h, window_w, keep_partial):
     return tuple(pred.new_empty(B, R) for _ in range(3))
 
 
-def _fake_local_counts_backward(gpc, gtc, gse, pred, target, window_h, window_w, keep_partial):
-    return torch.empty_like(pred), torch.empty_like(target)
+def _fake_local_counts_backward(gpc, gtc, gse, pred, target, window_h, window_w, keep_partial, output_mask):
+    B, H, W = pred.shape
+    return pred.new_empty(B if output_mask[0] else 0, H, W), target.new_empty(B if output_mask[1] else 0, H, W)
 
 
 def _setup_context(ctx, inputs, output):
@@ -143,22 +144,17 @@ def _setup_context(ctx, inputs, output):
     ctx.window = (window_h, window_w, keep_partial)
 
 
-def _grads_or_zeros(ctx, grads):
-    """Autograd passes None for outputs that did not reach the loss; the kernel wants tensors."""
-    pred = ctx.saved_tensors[0]
-    B = pred.shape[0]
-    R = _num_windows(pred.shape[1], ctx.window[0], ctx.window[2]) * _num_windows(
-        pred.shape[2], ctx.window[1], ctx.window[2]
-    )
-    return [g if g is not None else pred.new_zeros(B, R) for g in grads]
-
-
 def make_backward(backward_op):
+    """Autograd formula calling `backward_op` (the C++ or the Triton backward op). Gradients of outputs
+    that did not reach the loss arrive as None and are passed on as None, so the kernel skips them (REL,
+    for one, never differentiates sq_error, so pred and target are not even read)."""
+
     def backward(ctx, grad_pred_counts, grad_target_counts, grad_sq_error):
         pred, target = ctx.saved_tensors
-        g = _grads_or_zeros(ctx, (grad_pred_counts, grad_target_counts, grad_sq_error))
-        grad_pred, grad_target = backward_op(*g, pred, target, *ctx.window)
-        return grad_pred, grad_target, None, None, None
+        mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
+        grad_pred, grad_target = backward_op(grad_pred_counts, grad_target_counts, grad_sq_error, pred, target,
+                                             *ctx.window, mask)
+        return (grad_pred if mask[0] else None), (grad_target if mask[1] else None), None, None, None
 
     return backward
 

@@ -8,6 +8,8 @@ Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (how the tests
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -59,6 +61,8 @@ def _local_counts_fwd(
 def _local_counts_bwd(
     gpc_ptr, gtc_ptr, gse_ptr, pred_ptr, target_ptr, gp_ptr, gt_ptr,
     H, W, R, nh, nw, window_h, window_w,
+    HAS_GPC: tl.constexpr, HAS_GTC: tl.constexpr, HAS_GSE: tl.constexpr,
+    WANT_GP: tl.constexpr, WANT_GT: tl.constexpr,
     BLOCK_W: tl.constexpr, ACC_FP64: tl.constexpr,
 ):
     row = tl.program_id(0)  # b * H + y
@@ -72,15 +76,25 @@ def _local_counts_bwd(
     # Pixels in no counted window (edge="drop") get zero gradient.
     counted = in_image & (wc < nw) & ((wr + tl.zeros_like(x)) < nh)
     g_off = b.to(tl.int64) * R + wr * nw + wc
-    g_pc = tl.load(gpc_ptr + g_off, mask=counted, other=0.0).to(acc_dtype)
-    g_tc = tl.load(gtc_ptr + g_off, mask=counted, other=0.0).to(acc_dtype)
-    g_se = tl.load(gse_ptr + g_off, mask=counted, other=0.0).to(acc_dtype)
+    zero = tl.zeros((BLOCK_W,), dtype=acc_dtype)
+    g_pc = zero
+    g_tc = zero
+    e = zero
+    if HAS_GPC:
+        g_pc = tl.load(gpc_ptr + g_off, mask=counted, other=0.0).to(acc_dtype)
+    if HAS_GTC:
+        g_tc = tl.load(gtc_ptr + g_off, mask=counted, other=0.0).to(acc_dtype)
     offs = row.to(tl.int64) * W + x
-    p = tl.load(pred_ptr + offs, mask=counted, other=0.0).to(acc_dtype)
-    t = tl.load(target_ptr + offs, mask=counted, other=0.0).to(acc_dtype)
-    e = 2.0 * (p - t) * g_se
-    tl.store(gp_ptr + offs, (g_pc + e).to(gp_ptr.dtype.element_ty), mask=in_image)
-    tl.store(gt_ptr + offs, (g_tc - e).to(gt_ptr.dtype.element_ty), mask=in_image)
+    if HAS_GSE:
+        # pred and target are read only when the squared error has a gradient.
+        g_se = tl.load(gse_ptr + g_off, mask=counted, other=0.0).to(acc_dtype)
+        p = tl.load(pred_ptr + offs, mask=counted, other=0.0).to(acc_dtype)
+        t = tl.load(target_ptr + offs, mask=counted, other=0.0).to(acc_dtype)
+        e = 2.0 * (p - t) * g_se
+    if WANT_GP:
+        tl.store(gp_ptr + offs, (g_pc + e).to(gp_ptr.dtype.element_ty), mask=in_image)
+    if WANT_GT:
+        tl.store(gt_ptr + offs, (g_tc - e).to(gt_ptr.dtype.element_ty), mask=in_image)
 
 
 def _num_windows(extent: int, window: int, keep: bool) -> int:
@@ -114,21 +128,32 @@ def local_counts_triton(
 
 @triton_op("crowdkernels::local_counts_triton_backward", mutates_args=())
 def local_counts_triton_backward(
-    grad_pred_counts: torch.Tensor, grad_target_counts: torch.Tensor, grad_sq_error: torch.Tensor,
-    pred: torch.Tensor, target: torch.Tensor, window_h: int, window_w: int, keep_partial: bool,
+    grad_pred_counts: Optional[torch.Tensor], grad_target_counts: Optional[torch.Tensor],
+    grad_sq_error: Optional[torch.Tensor], pred: torch.Tensor, target: torch.Tensor,
+    window_h: int, window_w: int, keep_partial: bool, output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as crowdkernels::local_counts_backward: -> (grad_pred, grad_target), each [B, H, W]."""
-    pred = pred.contiguous()
-    target = target.contiguous()
+    """Same contract as crowdkernels::local_counts_backward: -> (grad_pred, grad_target), each [B, H, W]
+    ([0, H, W] where output_mask is False); a None gradient counts as zeros and is not read."""
     B, H, W = pred.shape
     nh = _num_windows(H, window_h, keep_partial)
     nw = _num_windows(W, window_w, keep_partial)
-    grad_pred = _ext.new_output((B, H, W), dtype=pred.dtype, device=pred.device)
-    grad_target = _ext.new_output((B, H, W), dtype=pred.dtype, device=pred.device)
+    want_gp, want_gt = bool(output_mask[0]), bool(output_mask[1])
+    grad_pred = _ext.new_output((B if want_gp else 0, H, W), dtype=pred.dtype, device=pred.device)
+    grad_target = _ext.new_output((B if want_gt else 0, H, W), dtype=pred.dtype, device=pred.device)
+    if not (want_gp or want_gt):
+        return grad_pred, grad_target
+    pred = pred.contiguous()
+    target = target.contiguous()
+    # Absent tensors are replaced by pred as a placeholder pointer; the constexpr flags keep it unread.
+    gpc, gtc, gse = (g.contiguous() if g is not None else pred
+                     for g in (grad_pred_counts, grad_target_counts, grad_sq_error))
     block_w = _block(W, 1024)
     wrap_triton(_local_counts_bwd)[(B * H, triton.cdiv(W, block_w))](
-        grad_pred_counts.contiguous(), grad_target_counts.contiguous(), grad_sq_error.contiguous(),
-        pred, target, grad_pred, grad_target, H, W, nh * nw, nh, nw, window_h, window_w,
+        gpc, gtc, gse, pred, target,
+        grad_pred if want_gp else pred, grad_target if want_gt else pred,
+        H, W, nh * nw, nh, nw, window_h, window_w,
+        HAS_GPC=grad_pred_counts is not None, HAS_GTC=grad_target_counts is not None,
+        HAS_GSE=grad_sq_error is not None, WANT_GP=want_gp, WANT_GT=want_gt,
         BLOCK_W=block_w, ACC_FP64=pred.dtype == torch.float64,
     )
     return grad_pred, grad_target
@@ -142,12 +167,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_pred_counts, grad_target_counts, grad_sq_error):
     pred, target = ctx.saved_tensors
-    window_h, window_w, keep = ctx.window
-    R = _num_windows(pred.shape[1], window_h, keep) * _num_windows(pred.shape[2], window_w, keep)
-    grads = [g if g is not None else pred.new_zeros(pred.shape[0], R)
-             for g in (grad_pred_counts, grad_target_counts, grad_sq_error)]
-    grad_pred, grad_target = local_counts_triton_backward(*grads, pred, target, window_h, window_w, keep)
-    return grad_pred, grad_target, None, None, None
+    mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
+    grad_pred, grad_target = local_counts_triton_backward(
+        grad_pred_counts, grad_target_counts, grad_sq_error, pred, target, *ctx.window, mask)
+    return (grad_pred if mask[0] else None), (grad_target if mask[1] else None), None, None, None
 
 
 local_counts_triton.register_autograd(_backward, setup_context=_setup_context)
