@@ -142,6 +142,8 @@ def _setup_context(ctx, inputs, output):
     pred, target, window_h, window_w, keep_partial = inputs
     ctx.save_for_backward(pred, target)
     ctx.window = (window_h, window_w, keep_partial)
+    # Unused outputs' gradients stay None (not zero tensors) so the backward kernel can skip them.
+    ctx.set_materialize_grads(False)
 
 
 def make_backward(backward_op):

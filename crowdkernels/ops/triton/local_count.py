@@ -163,6 +163,8 @@ def _setup_context(ctx, inputs, output):
     pred, target, window_h, window_w, keep_partial = inputs
     ctx.save_for_backward(pred, target)
     ctx.window = (window_h, window_w, keep_partial)
+    # Unused outputs' gradients stay None (not zero tensors) so the backward kernel can skip them.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_pred_counts, grad_target_counts, grad_sq_error):
