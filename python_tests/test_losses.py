@@ -113,6 +113,25 @@ def test_rel_ties_in_target_counts_keep_window_order(device):
     # Ties in the error itself: the lower window index is the harder one.
     se = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
     assert losses.hard_region_ranking(tc, se, 2).tolist() == [[1, 0]]
+    tc = torch.zeros(1, 5)
+    se = torch.tensor([[3.0, 1.0, 3.0, 1.0, 3.0]])
+    assert losses.hard_region_ranking(tc, se, 2).tolist() == [[0, 2]]
+    assert losses.hard_region_ranking(tc, se, 4).tolist() == [[0, 1, 2, 4]]
+
+
+@pytest.mark.parametrize("pairs", ["adjacent", "all"])
+def test_rel_many_ties_match_reference(device, pairs):
+    # Quantized maps: many windows share their error and their target count.
+    g = torch.Generator().manual_seed(21)
+    pred = (torch.randint(0, 3, (4, 1, 24, 30), generator=g).double() / 2).to(device).requires_grad_()
+    target = (torch.randint(0, 2, (4, 1, 24, 30), generator=g).double()).to(device)
+    got = losses.relative_local_count_loss(pred, target, (2, 3), 25, 4, pairs, reduction="none")
+    (g_got,) = torch.autograd.grad(got.sum(), pred)
+    p = pred.detach().cpu().requires_grad_()
+    want = rel_reference(p, target.cpu(), (2, 3), 25, 4, pairs, "keep", "none")
+    (g_want,) = torch.autograd.grad(want.sum(), p)
+    torch.testing.assert_close(got.cpu(), want)
+    torch.testing.assert_close(g_got.cpu(), g_want)
 
 
 def test_rel_choice_carries_no_gradient():

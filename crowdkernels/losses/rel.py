@@ -15,9 +15,18 @@ def hard_region_ranking(target_counts: torch.Tensor, sq_error: torch.Tensor, num
     count, descending. Both orders break ties by the lower (row-major) window index, so the choice is the
     same on every device. No gradient flows through it."""
     with torch.no_grad():
-        S = min(num_hard, sq_error.shape[1])
-        hard = torch.sort(sq_error, dim=1, descending=True, stable=True).indices[:, :S]
-        hard = torch.sort(hard, dim=1).values  # window order, so that the next stable sort breaks ties by index
+        B, R = sq_error.shape
+        S = min(num_hard, R)
+        # The S largest errors, ties at the S-th value resolved towards lower window indices. topk alone
+        # breaks such ties arbitrarily and a full stable sort of R values is several times slower, so:
+        # everything above the S-th value, then the first of the windows equal to it.
+        kth = torch.topk(sq_error, S, dim=1).values[:, -1:]
+        above = sq_error > kth
+        at = sq_error == kth
+        chosen = above | (at & (at.cumsum(dim=1) <= S - above.sum(dim=1, keepdim=True)))
+        # Exactly S chosen per image; list them in window order (a key that decreases with the index).
+        key = chosen * torch.arange(R, 0, -1, device=sq_error.device)
+        hard = torch.topk(key, S, dim=1).indices
         by_count = torch.sort(target_counts.gather(1, hard), dim=1, descending=True, stable=True).indices
         return hard.gather(1, by_count)
 
@@ -53,7 +62,8 @@ def relative_local_count_loss(
         L_Rel = sum_{i=1..T} sum_{x_j in L_X^i} max(0, x_{j+T} - x_j)           (eq. 2, pairs="adjacent")
         L_Rel = sum_{i=1..T} sum_{x_j, x_k in L_X^i, j < k} max(0, x_k - x_j)  (pairs="all")
 
-    summed per image, then reduced over the batch.
+    summed per image, then reduced over the batch. At x_k == x_j the order is kept (x_j >= x_k, as the paper
+    asks), so the hinge passes no gradient there (``torch.relu``; the released code's ``clamp`` passes 1).
 
     The authors' released code (func.py) uses ``region=16, pairs="all", edge="drop", reduction="sum"``
     (16-pixel AvgPool2d windows, every pair inside each 3-element sub-list, summed over the batch). Its

@@ -72,6 +72,6 @@ def relative_local_count_loss(pred_counts: torch.Tensor, target_counts: torch.Te
                 partners = [j + 1] if pairs == "adjacent" else range(j + 1, len(sub))
                 for k in partners:
                     if k < len(sub):
-                        loss = loss + torch.clamp(sub[k] - sub[j], min=0)
+                        loss = loss + torch.relu(sub[k] - sub[j])  # no gradient at x_k == x_j: order kept
         losses.append(loss)
     return torch.stack(losses)
