@@ -22,7 +22,6 @@ def released_structure(pred, gt, patch=16, k=9):
     hard = torch.topk(err.detach(), k, dim=-1, largest=True, sorted=True).indices
     pc = pool(pred).flatten(1) * patch ** 2                                            # pass 2: pred counts
     tc = pool(gt).flatten(1) * patch ** 2                                              # pass 3: gt counts
-    ranked = torch.zeros(hard.shape, dtype=pred.dtype, device=pred.device)
     rows = []
     for b in range(pred.shape[0]):                                                      # per-image gather + sort
         x, t = pc[b, hard[b]], tc[b, hard[b]]

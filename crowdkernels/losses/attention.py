@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import check_reduction, reduce
+from ._common import check_reduction
 
 
 def attention_loss(attention: torch.Tensor, target_density: torch.Tensor, threshold: float = 1e-5,
