@@ -17,6 +17,8 @@ from .ops.density import density_map, density_maps, knn_sigma
 
 
 # ---- local counts and losses, HMoDE eq. 2 (issue 5)
+from .ops.local_count import local_counts
+from . import losses
 
 
 # ---- models (issue 6)
