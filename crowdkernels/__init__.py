@@ -10,6 +10,7 @@ from ._ext import backends
 
 
 # ---- region rescaling, L2SM (issue 3)
+from .ops.regions import grid_boxes, region_means, scale_regions, unscale_regions
 
 
 # ---- hierarchical gating, HMoDE eq. 1 (issue 4)
