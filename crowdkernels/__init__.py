@@ -7,6 +7,7 @@
 from ._ext import backends
 
 # ---- density maps (issue 2)
+from .ops.density import density_map, density_maps, knn_sigma
 
 
 # ---- region rescaling, L2SM (issue 3)

@@ -60,11 +60,23 @@ def require_compiled(op: str) -> None:
         )
 
 
-def kernel_for(device: torch.device) -> str:
-    """The backend that runs an op on `device`: 'cuda', 'cpu' or 'reference'."""
-    if device.type == "cuda" and cuda_compiled():
+def _has_kernel(op: str | None, key: str) -> bool:
+    if op is None:
+        return True
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"crowdkernels::{op}", key)
+    except RuntimeError:  # the schema is not registered at all (an older _C)
+        return False
+
+
+def kernel_for(device: torch.device, op: str | None = None) -> str:
+    """The backend that runs an op on `device`: 'cuda', 'cpu' or 'reference'.
+
+    With `op` (a schema name such as "knn_sigma"), also checks that this build of `_C` registered a
+    kernel for it, so a partial or stale build falls back to the reference instead of failing."""
+    if device.type == "cuda" and cuda_compiled() and _has_kernel(op, "CUDA"):
         return "cuda"
-    if device.type == "cpu" and compiled():
+    if device.type == "cpu" and compiled() and _has_kernel(op, "CPU"):
         return "cpu"
     return "reference"
 

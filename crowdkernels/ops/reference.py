@@ -12,7 +12,128 @@ import torch
 
 
 # ===================================================================================== density (issue 2)
-# (filled in below by the density section)
+# L2SM sec. 3.2: D(p) = sum_i delta(p - p_i) * G_sigma_i, with the geometry-adaptive spread
+# sigma_i = beta * mean_{j in kNN(i)} d_ij (MCNN/CSRNet; beta = 0.3, k = 3). HMoDE sec. III-D uses the
+# same construction ("convolving Gaussian kernels at head centers"). The three styles differ only in where
+# each Gaussian is centred, how far it reaches, and how it is normalized; see DESIGN.md "Density maps".
+
+DENSITY_STYLES = ("exact", "csrnet", "matlab")
+
+
+def knn_sigma_reference(points: torch.Tensor, k: int = 3, beta: float = 0.3, lone: float = float("nan")):
+    """Brute-force geometry-adaptive sigma: beta * mean Euclidean distance to the k nearest *other* points
+    (fewer when the image has <= k points; `lone` when it has none). points: [N, 2] (x, y) -> [N] float64.
+    O(N^2) memory: an oracle, not for large N."""
+    pts = points.detach().to(torch.float64).cpu()
+    n = pts.shape[0]
+    out = torch.full((n,), float(lone), dtype=torch.float64)
+    kk = min(k, n - 1)
+    if kk < 1:
+        return out
+    d = torch.cdist(pts, pts)
+    d.fill_diagonal_(float("inf"))  # a point is not its own neighbour; duplicates (d = 0) are
+    nearest = torch.sort(d, dim=1).values[:, :kk]
+    return beta * nearest.mean(dim=1)
+
+
+def _gauss(offsets: np.ndarray, sigma: float) -> np.ndarray:
+    """exp(-d^2 / (2 sigma^2)) at integer or half-integer offsets; sigma = 0 is a unit impulse."""
+    if sigma == 0:
+        return (offsets == 0).astype(np.float64)
+    return np.exp(-0.5 / (sigma * sigma) * offsets.astype(np.float64) ** 2)
+
+
+def _splat_reference(points: np.ndarray, sigmas: np.ndarray, size, style: str, truncate: float,
+                     kernel_size: int) -> np.ndarray:
+    """Windowed NumPy splatting of one image's points at full resolution (float64 [H, W])."""
+    H, W = size
+    out = np.zeros((H, W), dtype=np.float64)
+    for (x, y), s in zip(points.tolist(), sigmas.tolist()):
+        if style in ("exact", "csrnet"):
+            cy, cx = math.floor(y), math.floor(x)  # the pixel holding the point (csrnet: already integral)
+            r = int(truncate * s + 0.5)  # scipy.ndimage.gaussian_filter's radius
+            y0, y1 = max(cy - r, 0), min(cy + r, H - 1)
+            x0, x1 = max(cx - r, 0), min(cx + r, W - 1)
+            wy = _gauss(np.arange(y0, y1 + 1) - cy, s)
+            wx = _gauss(np.arange(x0, x1 + 1) - cx, s)
+            if style == "exact":
+                # renormalized over the in-image part of the window: each point contributes exactly 1
+                wy, wx = wy / wy.sum(), wx / wx.sum()
+            else:
+                # scipy: 1-D weights normalized over the full window, mode='constant': mass past the border is lost
+                full = _gauss(np.arange(-r, r + 1), s).sum()
+                wy, wx = wy / full, wx / full
+            out[y0:y1 + 1, x0:x1 + 1] += np.outer(wy, wx)
+        else:  # matlab: MCNN get_density_map_gaussian.m / SASNet prepare_dataset.py
+            cy = min(max(abs(math.floor(y)), 1), H) - 1
+            cx = min(max(abs(math.floor(x)), 1), W) - 1
+            h = kernel_size // 2
+            y0, y1 = max(cy - h, 0), min(cy + h, H - 1)
+            x0, x1 = max(cx - h, 0), min(cx + h, W - 1)
+            # fspecial('gaussian', [hh, ww], sigma): centred on the (possibly truncated) window itself
+            hh, ww = y1 - y0 + 1, x1 - x0 + 1
+            oy = np.arange(hh) - (hh - 1) / 2.0
+            ox = np.arange(ww) - (ww - 1) / 2.0
+            g = np.exp(-(oy[:, None] ** 2 + ox[None, :] ** 2) / (2.0 * s * s))
+            g[g < np.finfo(np.float64).eps * g.max()] = 0
+            out[y0:y1 + 1, x0:x1 + 1] += g / g.sum()
+    return out
+
+
+def sum_pool_reference(density: torch.Tensor, stride: int) -> torch.Tensor:
+    """[..., H, W] -> [..., ceil(H/s), ceil(W/s)]: sums of s x s blocks (partial at the edges), so the
+    count is kept exactly."""
+    if stride == 1:
+        return density
+    H, W = density.shape[-2:]
+    Hs, Ws = -(-H // stride), -(-W // stride)
+    padded = torch.nn.functional.pad(density, (0, Ws * stride - W, 0, Hs * stride - H))
+    return padded.reshape(*density.shape[:-2], Hs, stride, Ws, stride).sum(dim=(-3, -1))
+
+
+def density_map_reference(points, size, *, sigma="adaptive", k=3, beta=0.3, truncate=4.0, style="exact",
+                          kernel_size=15, stride=1) -> torch.Tensor:
+    """The density map of one image, from the definitions in DESIGN.md, as float64 [ceil(H/s), ceil(W/s)].
+
+    points: [N, 2] (x, y) pixel coordinates, pixel (i, j) covering [j, j+1) x [i, i+1); size: (H, W).
+    sigma: "adaptive" (knn_sigma_reference; a lone point gets mean(H, W) / 4, the classic rule;
+    matlab: 4.0), a float, or an [N] tensor.
+    """
+    H, W = size
+    pts = torch.as_tensor(points).detach().to(torch.float64).cpu().reshape(-1, 2)
+    if isinstance(sigma, torch.Tensor):
+        sig = sigma.detach().to(torch.float64).cpu().reshape(-1)
+    else:
+        sig = None
+    if style in ("exact", "csrnet"):
+        # points outside the image are dropped, not clipped
+        keep = (pts[:, 0] >= 0) & (pts[:, 0] < W) & (pts[:, 1] >= 0) & (pts[:, 1] < H)
+        pts = pts[keep]
+        sig = sig[keep] if sig is not None else None
+    if style == "csrnet":
+        # the classic recipe rasterizes heads to pixels (int(y), int(x)): coincident heads collapse
+        # into one; np.nonzero then lists them in row-major order
+        pix = torch.floor(pts)
+        key = pix[:, 1] * W + pix[:, 0]
+        first = {}
+        for i, kv in enumerate(key.tolist()):
+            if kv not in first:
+                first[kv] = i
+        order = sorted(first.items())
+        idx = torch.tensor([i for _, i in order], dtype=torch.long)
+        pts = pix[idx] if len(idx) else pix[:0]
+        sig = sig[idx] if sig is not None else None
+    if sig is None:
+        if sigma == "adaptive":
+            if style == "matlab":
+                sig = torch.full((pts.shape[0],), 4.0, dtype=torch.float64)
+            else:
+                sig = knn_sigma_reference(pts, k, beta, lone=(H + W) / 8.0)  # mean(H, W) / 4
+        else:
+            sig = torch.full((pts.shape[0],), float(sigma), dtype=torch.float64)
+    full = torch.from_numpy(_splat_reference(pts.numpy(), sig.numpy(), (H, W), style, truncate, kernel_size))
+    return sum_pool_reference(full, stride)
+
 
 
 # ===================================================================================== regions (issue 3)
