@@ -23,7 +23,7 @@ reproducible on a GPU), the plain-PyTorch reference in `ops/reference.py` where 
 from __future__ import annotations
 
 import math
-from numbers import Integral
+from numbers import Integral, Real
 
 import torch
 
@@ -153,8 +153,8 @@ def _check_no_overlap(boxes: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------- torch.library glue
 
 
-def _compiled(device: torch.device) -> bool:
-    return _ext.kernel_for(device) in ("cpu", "cuda")
+def _compiled(device: torch.device, op: str) -> bool:
+    return _ext.kernel_for(device, op) in ("cpu", "cuda")
 
 
 if _ext.compiled():
@@ -255,7 +255,7 @@ def scale_regions(features: torch.Tensor, boxes: torch.Tensor, scale, out_size) 
     nb, _, height, width = features.shape
     boxes = _check_boxes(boxes, (nb, height, width), features.device)
     scale = _check_scale(scale, boxes.shape[0], features.dtype, features.device)
-    if _compiled(features.device):
+    if _compiled(features.device, "scale_regions"):
         return torch.ops.crowdkernels.scale_regions(features, boxes, scale, sh, sw)
     return reference.scale_regions_reference(features, boxes, scale, (sh, sw))
 
@@ -299,7 +299,7 @@ def unscale_regions(pred: torch.Tensor, boxes: torch.Tensor, scale, base: torch.
                 "(floor(r*h) and floor(r*w) must be >= 1)"
             )
     _check_no_overlap(boxes)
-    if _compiled(pred.device):
+    if _compiled(pred.device, "unscale_regions"):
         return torch.ops.crowdkernels.unscale_regions(pred, boxes, scale, base)
     return reference.unscale_regions_reference(pred, boxes, scale, base)
 
@@ -325,3 +325,114 @@ def region_means(density: torch.Tensor, k: int) -> torch.Tensor:
     sums = sums.new_zeros(d.shape[0], k, k).index_add_(2, col, sums)
     area = (boxes[:, 2] * boxes[:, 3]).to(density.dtype)
     return sums.reshape(d.shape[0], k * k) / area
+
+
+# ----------------------------------------------------------------------------- ground truth (Fig. 4)
+
+
+def _per_point_sigma(sigma, counts: list[int], device) -> torch.Tensor:
+    """A float (fixed), one [sum P_b] tensor, or a list of B [P_b] tensors -> [sum P_b] float64."""
+    total = sum(counts)
+    if isinstance(sigma, Real) and not isinstance(sigma, bool):
+        flat = torch.full((total,), float(sigma), dtype=torch.float64, device=device)
+    elif isinstance(sigma, torch.Tensor):
+        if sigma.dim() != 1 or sigma.shape[0] != total:
+            raise ValueError(f"sigma must have shape [{total}] (one value per head of all images), got {tuple(sigma.shape)}")
+        flat = sigma
+    elif isinstance(sigma, (list, tuple)) and all(isinstance(s, torch.Tensor) for s in sigma):
+        if len(sigma) != len(counts):
+            raise ValueError(f"sigma must be a list of {len(counts)} tensors (one per image), got {len(sigma)}")
+        for b, (s, n) in enumerate(zip(sigma, counts)):
+            if s.dim() != 1 or s.shape[0] != n:
+                raise ValueError(f"sigma[{b}] must have shape [{n}] (one value per head), got {tuple(s.shape)}")
+        flat = torch.cat([s.to(device) for s in sigma]) if sigma else torch.zeros(0, device=device)
+    else:
+        raise TypeError(
+            f"sigma must be a float, a [sum P_b] tensor or a list of B [P_b] tensors, got {type(sigma).__name__}"
+        )
+    if flat.dtype == torch.bool or flat.is_complex():
+        raise TypeError(f"sigma must be a real tensor, got {flat.dtype}")
+    flat = flat.detach().to(device=device, dtype=torch.float64)
+    if total and not bool((torch.isfinite(flat) & (flat > 0)).all()):
+        i = int((~(torch.isfinite(flat) & (flat > 0))).nonzero()[0, 0])
+        raise ValueError(f"sigma must be finite and > 0 for every head, got {float(flat[i])} at head {i}")
+    return flat
+
+
+def region_points(points, boxes: torch.Tensor, scale, sigma):
+    """The heads of each box, in box-relative coordinates multiplied by r, with their own sigmas: the input
+    of the L2SM ground-truth transform (sec. 3.3, Fig. 4), for a whole batch without loops over heads.
+
+    Args:
+        points: list of B tensors [P_b, 2] of (x, y) head positions in pixels (pixel (i, j) covers
+            [j, j + 1) x [i, i + 1)); image b owns points[b].
+        boxes: [N, 5] int64 (b, y0, x0, h, w), b < B, h, w >= 1; boxes may overlap (a head is then in both).
+        scale: [N] factors r > 0 (no gradient flows: targets are constants).
+        sigma: each head's Gaussian spread in pixels (of the original image, e.g. `knn_sigma(points[b])`):
+            a float, one [sum P_b] tensor, or a list of B tensors [P_b].
+
+    Returns:
+        (points_list, sigma): N tensors [P_n, 2] and one [sum P_n] float64 tensor, as `density_maps` takes
+        them. Head (x, y) of image b belongs to box n when y0 <= y < y0 + h and x0 <= x < x0 + w, and maps to
+        ((x - x0) r, (y - y0) r); its sigma is kept ("enlarging the distance between blobs while keeping the
+        original peaks", Fig. 4). Coordinates are float64 if any points are, else float32.
+
+    Memory: one [N, sum P_b] boolean membership matrix.
+    """
+    if isinstance(points, torch.Tensor) or not isinstance(points, (list, tuple)):
+        raise TypeError(f"points must be a list of B [P_b, 2] tensors (one per image), got {type(points).__name__}")
+    for b, p in enumerate(points):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"points[{b}] must be a tensor [P, 2], got {type(p).__name__}")
+        if p.numel() and (p.dim() != 2 or p.shape[1] != 2):
+            raise ValueError(f"points[{b}] must have shape [P, 2] of (x, y), got {tuple(p.shape)}")
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise ValueError(f"points[{b}] must be finite")
+    device = points[0].device if points else torch.device("cpu")
+    out_dtype = torch.float64 if any(p.dtype == torch.float64 for p in points) else torch.float32
+    # No image size here: boxes are checked against the batch only (h, w >= 1, y0, x0 >= 0).
+    boxes = _check_boxes(boxes, (len(points), 2**62, 2**62), device)
+    n_boxes = boxes.shape[0]
+    scale = _check_scale(scale, n_boxes, torch.float64, device).detach()
+    counts = [p.reshape(-1, 2).shape[0] for p in points]
+    sig = _per_point_sigma(sigma, counts, device)
+
+    pts = torch.cat([p.reshape(-1, 2).to(device=device, dtype=torch.float64) for p in points] or [torch.zeros(0, 2)])
+    pts = pts.to(device=device, dtype=torch.float64)
+    image = torch.repeat_interleave(torch.arange(len(points), device=device), torch.tensor(counts, device=device))
+    b, y0, x0, h, w = (c[:, None] for c in boxes.unbind(1))
+    x, y = pts[None, :, 0], pts[None, :, 1]
+    inside = (image[None] == b) & (y0 <= y) & (y < y0 + h) & (x0 <= x) & (x < x0 + w)  # [N, T]
+    box_of, head = inside.nonzero().unbind(1)  # sorted by box, then by head
+    origin = torch.stack([boxes[:, 2], boxes[:, 1]], dim=1).to(torch.float64)  # (x0, y0)
+    moved = ((pts[head] - origin[box_of]) * scale[box_of, None]).to(out_dtype)
+    per_box = torch.bincount(box_of, minlength=n_boxes).tolist()
+    return list(moved.split(per_box)), sig[head]
+
+
+def transform_region_targets(points, boxes: torch.Tensor, scale, sigma, out_size) -> torch.Tensor:
+    """The L2SM ground truth of zoomed regions (sec. 3.3, Fig. 4): D'_i(p) = sum_m delta(p - r_i p_m) * G_sigma_m(p)
+    over the P_i heads of region i, on the `scale_regions` canvas.
+
+    Args:
+        points, boxes, scale, sigma: as `region_points` (heads of image b in points[b]; box membership
+            y0 <= y < y0 + h, x0 <= x < x0 + w; box-relative coordinates multiplied by r; sigma kept).
+        out_size: int or (Sh, Sw) >= 1, the canvas of `scale_regions`.
+
+    Returns:
+        [N, 1, Sh, Sw] heads per pixel, float64 if any points are float64, else float32: one
+        `density_maps(..., sigma=<per head>, style="exact")` call over all boxes, so every moved head that
+        lands on the canvas counts exactly 1 (its Gaussian is renormalized over the canvas) and a head moved
+        past the canvas (r h > Sh) is dropped. A head in the last fraction of a pixel of a box, at
+        floor(r w) <= (x - x0) r < r w, lands one pixel past the valid floor(r w) x floor(r h) part of the
+        zoomed features, where they are 0.
+    """
+    from .density import density_maps
+
+    sh, sw = _out_size(out_size)
+    moved, sig = region_points(points, boxes, scale, sigma)
+    if not moved:
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in points) else torch.float32
+        device = points[0].device if points else torch.device("cpu")
+        return torch.zeros(0, 1, sh, sw, dtype=dtype, device=device)
+    return density_maps(moved, (sh, sw), sigma=sig, style="exact")
