@@ -512,3 +512,17 @@ def test_transform_region_targets_edge_cases():
         ck.transform_region_targets(points, boxes, -scale, sigma, 8)
     with pytest.raises(ValueError, match="out_size"):
         ck.transform_region_targets(points, boxes, scale, sigma, 0)
+
+
+def test_reference_backend_when_no_kernel(monkeypatch):
+    """Where no compiled kernel exists the public functions run the reference, with the same values and
+    gradients (scale included)."""
+    features, boxes, scale, canvas = _scale_case("edges", "cpu")
+    pred, uboxes, uscale, base = _unscale_case("cpu")
+    ins = [t.clone().requires_grad_() for t in (features, scale, pred, uscale, base)]
+    (ck.scale_regions(ins[0], boxes, ins[1], canvas).square().sum() + ck.unscale_regions(ins[2], uboxes, ins[3], ins[4]).square().sum()).backward()
+    monkeypatch.setattr(_ext, "kernel_for", lambda device, op=None: "reference")
+    ref = [t.clone().requires_grad_() for t in (features, scale, pred, uscale, base)]
+    (ck.scale_regions(ref[0], boxes, ref[1], canvas).square().sum() + ck.unscale_regions(ref[2], uboxes, ref[3], ref[4]).square().sum()).backward()
+    for a, b in zip(ins, ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-10)

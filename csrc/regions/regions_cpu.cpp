@@ -91,9 +91,16 @@ Tables<T> downsample_tables(const std::vector<Box>& boxes, const T* scale, int64
   return t;
 }
 
-// Enough elements per task that the scheduling cost stays small next to the work.
+// Enough elements per chunk that waking the thread pool pays off: small calls (the one-channel density
+// maps of unscale_regions) then run on the calling thread.
 int64_t grain_for(int64_t elements_per_task) {
-  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, elements_per_task));
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elements_per_task));
+}
+
+int64_t mean_box_area(const std::vector<Box>& boxes) {
+  int64_t area = 0;
+  for (const Box& b : boxes) area += b.h * b.w;
+  return boxes.empty() ? 1 : std::max<int64_t>(1, area / static_cast<int64_t>(boxes.size()));
 }
 
 void check_features(const at::Tensor& t, const char* name) {
@@ -264,7 +271,7 @@ at::Tensor unscale_regions_cpu(const at::Tensor& pred_in, const at::Tensor& boxe
     const Tables<T> tab = downsample_tables<T>(bx, sc, Sh, Sw);
     const T* p_all = pred.data_ptr<T>();
     T* o_all = out.data_ptr<T>();
-    at::parallel_for(0, N * C, grain_for(Sh * Sw), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * C, grain_for(mean_box_area(bx)), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / C, c = t % C;
         const Box& box = bx[n];
@@ -325,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unscale_regions_backward_cpu(cons
     T* gp_all = grad_pred.data_ptr<T>();
     T* gb_all = grad_base.data_ptr<T>();
     std::vector<double> partial(N * C, 0.0);
-    at::parallel_for(0, N * C, grain_for(Sh * Sw), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * C, grain_for(mean_box_area(bx) + Sh * Sw), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / C, c = t % C;
         const Box& box = bx[n];
