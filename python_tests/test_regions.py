@@ -526,3 +526,18 @@ def test_reference_backend_when_no_kernel(monkeypatch):
     (ck.scale_regions(ref[0], boxes, ref[1], canvas).square().sum() + ck.unscale_regions(ref[2], uboxes, ref[3], ref[4]).square().sum()).backward()
     for a, b in zip(ins, ref):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-10)
+
+
+@needs_compiled
+def test_opcheck_non_contiguous():
+    """channels_last features and a transposed gradient: the kernels and their fake kernels agree on strides."""
+    features, boxes, scale, canvas = _scale_case("many", "cpu")
+    features = features.to(memory_format=torch.channels_last)
+    torch.library.opcheck(OPS.scale_regions, (features.requires_grad_(), boxes, scale.requires_grad_(), *canvas))
+    grad = torch.randn(boxes.shape[0], features.shape[1], canvas[1], canvas[0], dtype=features.dtype).transpose(2, 3)
+    torch.library.opcheck(OPS.scale_regions_backward, (grad, features.detach(), boxes, scale.detach()))
+    pred, uboxes, uscale, base = _unscale_case("cpu")
+    torch.library.opcheck(
+        OPS.unscale_regions_backward,
+        (torch.randn_like(base).to(memory_format=torch.channels_last), pred.to(memory_format=torch.channels_last), uboxes, uscale),
+    )

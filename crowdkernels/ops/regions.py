@@ -163,17 +163,18 @@ if _ext.compiled():
     def _scale_regions_fake(features, boxes, scale, out_h, out_w):
         return features.new_empty(boxes.shape[0], features.shape[1], out_h, out_w)
 
+    # The kernels return contiguous tensors whatever the inputs' strides: new_empty(shape), not empty_like.
     @torch.library.register_fake("crowdkernels::scale_regions_backward")
     def _scale_regions_backward_fake(grad, features, boxes, scale):
-        return torch.empty_like(features), torch.empty_like(scale)
+        return features.new_empty(features.shape), scale.new_empty(scale.shape)
 
     @torch.library.register_fake("crowdkernels::unscale_regions")
     def _unscale_regions_fake(pred, boxes, scale, base):
-        return torch.empty_like(base)
+        return base.new_empty(base.shape)
 
     @torch.library.register_fake("crowdkernels::unscale_regions_backward")
     def _unscale_regions_backward_fake(grad, pred, boxes, scale):
-        return torch.empty_like(pred), torch.empty_like(scale), torch.empty_like(grad)
+        return pred.new_empty(pred.shape), scale.new_empty(scale.shape), grad.new_empty(grad.shape)
 
     def _scale_regions_setup(ctx, inputs, output):
         features, boxes, scale, _, _ = inputs
