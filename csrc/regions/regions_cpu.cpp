@@ -91,10 +91,11 @@ Tables<T> downsample_tables(const std::vector<Box>& boxes, const T* scale, int64
   return t;
 }
 
-// Enough elements per chunk that waking the thread pool pays off: small calls (the one-channel density
+// Enough elements per chunk (2^18) that waking the thread pool pays off, even on a busy machine where a
+// sleeping worker takes milliseconds to be scheduled: small calls (the one-channel density
 // maps of unscale_regions) then run on the calling thread.
 int64_t grain_for(int64_t elements_per_task) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elements_per_task));
+  return std::max<int64_t>(1, 262144 / std::max<int64_t>(1, elements_per_task));
 }
 
 int64_t mean_box_area(const std::vector<Box>& boxes) {
