@@ -60,6 +60,7 @@ def require_compiled(op: str) -> None:
         )
 
 
+@functools.lru_cache(maxsize=None)
 def _has_kernel(op: str | None, key: str) -> bool:
     if op is None:
         return True

@@ -72,14 +72,12 @@ def _points_arg(points, name: str) -> torch.Tensor:
         return points.reshape(0, 2)
     if points.dim() != 2 or points.shape[1] != 2:
         raise ValueError(f"{name} must have shape [N, 2] of (x, y) coordinates, got {tuple(points.shape)}")
-    if points.is_floating_point():
+    if points.is_floating_point() and not bool(torch.isfinite(points).all()):
         bad = ~torch.isfinite(points).all(dim=1)
-        if bool(bad.any()):
-            row = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"{name} must be finite, got {points[row].tolist()} at row {row} "
-                f"({int(bad.sum())} non-finite rows)"
-            )
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{name} must be finite, got {points[row].tolist()} at row {row} ({int(bad.sum())} non-finite rows)"
+        )
     return points
 
 
@@ -258,15 +256,24 @@ def density_maps(
         if B
         else torch.zeros(0, 2, dtype=out_dtype, device=device)
     )
-    batch = torch.repeat_interleave(torch.arange(B, device=device), torch.tensor(counts, dtype=torch.long, device=device))
-    if style in ("exact", "csrnet"):
+    # Image b owns pts[offsets[b]:offsets[b+1]]; known on the host from the list, no device work needed
+    # unless points are dropped or merged below.
+    bounds = [0]
+    for n in counts:
+        bounds.append(bounds[-1] + n)
+    batch = None
+    if style in ("exact", "csrnet") and pts.shape[0]:
         # dropped, not clipped: a head outside the image is not in it
         keep = (pts[:, 0] >= 0) & (pts[:, 0] < W) & (pts[:, 1] >= 0) & (pts[:, 1] < H)
-        pts, batch = pts[keep], batch[keep]
-        sig = sig[keep] if isinstance(sig, torch.Tensor) else sig
+        if not bool(keep.all()):
+            batch = torch.repeat_interleave(torch.arange(B, device=device), torch.tensor(counts, device=device))
+            pts, batch = pts[keep], batch[keep]
+            sig = sig[keep] if isinstance(sig, torch.Tensor) else sig
     if style == "csrnet" and pts.shape[0]:
         # The classic recipe rasterizes heads to pixels (int(y), int(x)): coincident heads collapse into
         # one (the first keeps its sigma), listed in np.nonzero's row-major order.
+        if batch is None:
+            batch = torch.repeat_interleave(torch.arange(B, device=device), torch.tensor(counts, device=device))
         pix = torch.floor(pts)
         key = (batch * H + pix[:, 1].long()) * W + pix[:, 0].long()
         uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)
@@ -274,8 +281,10 @@ def density_maps(
         first.scatter_reduce_(0, inverse, torch.arange(pts.shape[0], device=device), reduce="amin")
         pts, batch = pix[first], batch[first]
         sig = sig[first] if isinstance(sig, torch.Tensor) else sig
-    offsets = torch.zeros(B + 1, dtype=torch.int64, device=device)
-    if B:
+    if batch is None:
+        offsets = torch.tensor(bounds, dtype=torch.int64, device=device)
+    else:
+        offsets = torch.zeros(B + 1, dtype=torch.int64, device=device)
         offsets[1:] = torch.cumsum(torch.bincount(batch, minlength=B), 0)
     pts = pts.contiguous()
 
