@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
 from ... import _ext
@@ -184,6 +185,17 @@ def _gating_bwd_kernel(GF, GGM, GIMP, E, GEO, SCL, G1, G2, GROUPS, DE, DG1, DG2,
     _scatter(DG2 + g2_off, h2, w2, y[:, None], x[:, None], s2y, s2x, dl2, m2, BILINEAR, ACC)
 
 
+# Under TRITON_INTERPRET=1, torch's wrap_triton hands back the interpreted kernel itself instead of a
+# traceable wrapper, so a fake-tensor trace of these ops would run the interpreter on storage-less tensors.
+# Only then are launches on fake tensors skipped: shapes and dtypes (all a fake kernel gives) are unchanged.
+# With compiled Triton this is never true and wrap_triton records the launch in the graph as usual.
+_INTERPRETED = type(_axis).__name__ == "InterpretedFunction"
+
+
+def _can_launch(t: torch.Tensor) -> bool:
+    return not (_INTERPRETED and (is_fake(t) or t.device.type == "meta"))
+
+
 def _geometry(experts, expert_sizes, gate1, gate2, height, width, bilinear):
     """GEO [K+2, 3] int32 (h, w, offset) and SCL [K+2, 2] (row, column scale) for the K experts, gate1, gate2.
     Scales are in/out as ATen computes them: in float32 for nearest (whatever the dtype), in the op-maths
@@ -223,11 +235,12 @@ def gating_forward_triton(experts: torch.Tensor, expert_sizes: list[int], gate1:
     final = _ext.new_output((B, 1, H, W), dtype=experts.dtype, device=experts.device)
     group_maps = _ext.new_output((B, M, H, W), dtype=experts.dtype, device=experts.device)
     partial = _ext.new_output((B, nblk, MP, NP), dtype=acc, device=experts.device)
-    wrap_triton(_gating_fwd_kernel)[(nblk, B)](
-        experts, geo, scl, gate1, gate2, groups, final, group_maps, partial, S, H, W, nblk,
-        K=K, M=M, N=N, MP=MP, NP=NP, BILINEAR=bool(bilinear),
-        ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=_BLOCK,
-    )
+    if _can_launch(experts):
+        wrap_triton(_gating_fwd_kernel)[(nblk, B)](
+            experts, geo, scl, gate1, gate2, groups, final, group_maps, partial, S, H, W, nblk,
+            K=K, M=M, N=N, MP=MP, NP=NP, BILINEAR=bool(bilinear),
+            ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=_BLOCK,
+        )
     importance = partial.sum(dim=1)[:, :M, :N].to(experts.dtype).contiguous()
     return final, group_maps, importance
 
@@ -251,11 +264,12 @@ def gating_backward_triton(grad_final: torch.Tensor | None, grad_group_maps: tor
     gf = grad_final.contiguous() if grad_final is not None else experts
     ggm = grad_group_maps.contiguous() if grad_group_maps is not None else experts
     gimp = grad_importance.contiguous() if grad_importance is not None else experts
-    wrap_triton(_gating_bwd_kernel)[(triton.cdiv(H * W, _BLOCK), B)](
-        gf, ggm, gimp, experts, geo, scl, gate1, gate2, groups, d_e, d_1, d_2, S, H, W,
-        HAS_GF=grad_final is not None, HAS_GGM=grad_group_maps is not None,
-        HAS_GIMP=grad_importance is not None,
-        K=K, M=M, N=N, MP=_pad(M), NP=_pad(N), BILINEAR=bool(bilinear),
-        ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=_BLOCK,
-    )
+    if _can_launch(experts):
+        wrap_triton(_gating_bwd_kernel)[(triton.cdiv(H * W, _BLOCK), B)](
+            gf, ggm, gimp, experts, geo, scl, gate1, gate2, groups, d_e, d_1, d_2, S, H, W,
+            HAS_GF=grad_final is not None, HAS_GGM=grad_group_maps is not None,
+            HAS_GIMP=grad_importance is not None,
+            K=K, M=M, N=N, MP=_pad(M), NP=_pad(N), BILINEAR=bool(bilinear),
+            ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=_BLOCK,
+        )
     return d_e.to(experts.dtype), d_1.to(gate1.dtype), d_2.to(gate2.dtype)
