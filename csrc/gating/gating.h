@@ -74,69 +74,93 @@ CK_HOST_DEVICE void scatter_row(T* row, bool bilinear, const Taps<T>& tx, T g) {
   if (bilinear) row[tx.i1] += tx.w1 * g;
 }
 
-// In-place softmax of v[0..n) (max subtracted, so large logits do not overflow).
+// In-place softmax of v[0], v[s], ..., v[(n-1)*s] (max subtracted, so large logits do not overflow).
+// Channel strides let the CPU loop keep a pixel's channels in rows of a row buffer.
 template <typename T>
-CK_HOST_DEVICE void softmax(T* v, int64_t n) {
+CK_HOST_DEVICE void softmax(T* v, int64_t n, int64_t s = 1) {
   T mx = v[0];
-  for (int64_t i = 1; i < n; ++i) mx = v[i] > mx ? v[i] : mx;
+  for (int64_t i = 1; i < n; ++i) mx = v[i * s] > mx ? v[i * s] : mx;
   T sum = 0;
   for (int64_t i = 0; i < n; ++i) {
-    v[i] = exp(v[i] - mx);
-    sum += v[i];
+    v[i * s] = exp(v[i * s] - mx);
+    sum += v[i * s];
   }
   const T inv = static_cast<T>(1) / sum;
-  for (int64_t i = 0; i < n; ++i) v[i] *= inv;
+  for (int64_t i = 0; i < n; ++i) v[i * s] *= inv;
 }
 
-// The gates at one pixel: g1[M*N] and g2[M] hold the logits sampled there and become G1 (softmax over each
-// group's N channels) and G2 (softmax over the M groups) in place. Kept apart from fuse_forward because with
-// nearest upsampling many output pixels share one gate pixel, and the CPU loop reuses the softmaxes.
+// The gates at one pixel: g1[M*N] and g2[M] (channel stride s) hold the logits sampled there and become G1
+// (softmax over each group's N channels) and G2 (softmax over the M groups) in place.
 template <typename T>
-CK_HOST_DEVICE void softmax_gates(T* g1, T* g2, int64_t M, int64_t N) {
-  for (int64_t i = 0; i < M; ++i) softmax(g1 + i * N, N);
-  softmax(g2, M);
+CK_HOST_DEVICE void softmax_gates(T* g1, T* g2, int64_t M, int64_t N, int64_t s = 1) {
+  for (int64_t i = 0; i < M; ++i) softmax(g1 + i * N * s, N, s);
+  softmax(g2, M, s);
 }
 
-// Eq. 1 at one pixel. e[K]: the experts sampled there; g1[M*N], g2[M]: G1 and G2 (softmax_gates); gm[M]
-// receives the group maps. Returns the final density.
+// Eq. 1 at a run of n consecutive pixels (n = 1: one pixel). Every array holds channel c of pixel x at
+// [c * s + x]: e[K], the experts sampled there; g1[M*N], g2[M], G1 and G2 (softmax_gates). gm[M] (channel
+// stride gs) receives the group maps, final[n] the fused density. Channel-major loops over the run let the
+// CPU loop vectorize across pixels; the sums run in the same order (j, then i) for every n.
 template <typename T>
-CK_HOST_DEVICE T fuse_forward(const T* e, const T* g1, const T* g2, T* gm, const int64_t* groups, int64_t M,
-                              int64_t N) {
-  T out = 0;
+CK_HOST_DEVICE void fuse_forward(const T* __restrict__ e, const T* __restrict__ g1, const T* __restrict__ g2,
+                                 T* __restrict__ gm, T* __restrict__ final_, const int64_t* groups, int64_t M,
+                                 int64_t N, int64_t s, int64_t gs, int64_t n) {
+  for (int64_t x = 0; x < n; ++x) final_[x] = 0;
   for (int64_t i = 0; i < M; ++i) {
-    T acc = 0;
-    for (int64_t j = 0; j < N; ++j) acc += g1[i * N + j] * e[groups[i * N + j]];
-    gm[i] = acc;
-    out += g2[i] * acc;
+    T* gmi = gm + i * gs;
+    for (int64_t x = 0; x < n; ++x) gmi[x] = 0;
+    for (int64_t j = 0; j < N; ++j) {
+      const T* g = g1 + (i * N + j) * s;
+      const T* ek = e + groups[i * N + j] * s;
+      for (int64_t x = 0; x < n; ++x) gmi[x] += g[x] * ek[x];
+    }
+    const T* g2i = g2 + i * s;
+    for (int64_t x = 0; x < n; ++x) final_[x] += g2i[x] * gmi[x];
   }
-  return out;
 }
 
-// The backward of eq. 1 at one pixel, from G1, G2 and the group maps that fuse_forward produced there.
-// gf: d loss / d final; ggm[M] (may be null): d loss / d group maps; gimp[M*N] (may be null): d loss /
-// d importance (every pixel's G1_ij adds to importance[i, j], so each pixel receives it whole).
-// Writes de[K] (d loss / d sampled expert), dl1[M*N] and dl2[M] (d loss / d sampled logits).
+// The backward of eq. 1 at a run of n pixels, from G1, G2 and the group maps fuse_forward produced there
+// (channel stride s, like the outputs de[K], dl1[M*N], dl2[M]).
+// gf[n]: d loss / d final; ggm[M] (channel stride ggs; may be null): d loss / d group maps; gimp[M*N] (may
+// be null): d loss / d importance (every pixel's G1_ij adds to importance[i, j], so each pixel receives it
+// whole). de: d loss / d sampled experts; dl1, dl2: d loss / d sampled logits. tmp: 2 * n scratch.
 template <typename T>
-CK_HOST_DEVICE void fuse_backward(const T* e, const T* g1, const T* g2, const T* gm, const int64_t* groups,
-                                  int64_t K, int64_t M, int64_t N, T gf, const T* ggm, const T* gimp, T* de,
-                                  T* dl1, T* dl2) {
-  for (int64_t k = 0; k < K; ++k) de[k] = 0;
-  // softmax backward: dl = g * (dg - sum(g * dg)), here with dg2_i = gf * gm_i.
-  T dot2 = 0;
-  for (int64_t i = 0; i < M; ++i) dot2 += g2[i] * gm[i];
-  for (int64_t i = 0; i < M; ++i) dl2[i] = g2[i] * gf * (gm[i] - dot2);
+CK_HOST_DEVICE void fuse_backward(const T* __restrict__ e, const T* __restrict__ g1, const T* __restrict__ g2,
+                                  const T* __restrict__ gm, const int64_t* groups, int64_t K, int64_t M,
+                                  int64_t N, const T* __restrict__ gf, const T* __restrict__ ggm, int64_t ggs,
+                                  const T* gimp, T* __restrict__ de, T* __restrict__ dl1, T* __restrict__ dl2,
+                                  int64_t s, int64_t n, T* __restrict__ tmp) {
+  T* __restrict__ dot = tmp;
+  T* __restrict__ dgm = tmp + n;
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t x = 0; x < n; ++x) de[k * s + x] = 0;
+  // Softmax backward: dl = g * (dg - sum(g * dg)); at level 2, dG2_i = gf * gm_i.
+  for (int64_t x = 0; x < n; ++x) dot[x] = 0;
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t x = 0; x < n; ++x) dot[x] += g2[i * s + x] * gm[i * s + x];
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t x = 0; x < n; ++x) dl2[i * s + x] = g2[i * s + x] * gf[x] * (gm[i * s + x] - dot[x]);
   for (int64_t i = 0; i < M; ++i) {
-    const T dgm = gf * g2[i] + (ggm ? ggm[i] : static_cast<T>(0));
-    T dot1 = 0;
+    for (int64_t x = 0; x < n; ++x) dgm[x] = gf[x] * g2[i * s + x];
+    if (ggm)
+      for (int64_t x = 0; x < n; ++x) dgm[x] += ggm[i * ggs + x];
+    for (int64_t x = 0; x < n; ++x) dot[x] = 0;
     for (int64_t j = 0; j < N; ++j) {
       const int64_t c = i * N + j;
-      dl1[c] = dgm * e[groups[c]] + (gimp ? gimp[c] : static_cast<T>(0));  // dG1_ij for now
-      dot1 += g1[c] * dl1[c];
+      const T gi = gimp ? gimp[c] : static_cast<T>(0);
+      const T* ek = e + groups[c] * s;
+      for (int64_t x = 0; x < n; ++x) {
+        dl1[c * s + x] = dgm[x] * ek[x] + gi;  // dG1_ij for now
+        dot[x] += g1[c * s + x] * dl1[c * s + x];
+      }
     }
     for (int64_t j = 0; j < N; ++j) {
       const int64_t c = i * N + j;
-      de[groups[c]] += dgm * g1[c];
-      dl1[c] = g1[c] * (dl1[c] - dot1);
+      T* dek = de + groups[c] * s;
+      for (int64_t x = 0; x < n; ++x) {
+        dek[x] += dgm[x] * g1[c * s + x];
+        dl1[c * s + x] = g1[c * s + x] * (dl1[c * s + x] - dot[x]);
+      }
     }
   }
 }

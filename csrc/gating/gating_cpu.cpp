@@ -27,6 +27,9 @@ namespace {
 template <typename T>
 struct Geometry {
   int64_t B, K, M, N, H, W, S;
+  // Channel stride of the CPU row buffers: W padded so that it is an odd multiple of 16 elements; a
+  // power-of-two stride would put a pixel's ~30 channels in the same cache sets.
+  int64_t RS;
   bool bilinear;
   std::vector<int64_t> h, w;      // [K + 2]
   std::vector<int64_t> offset;    // [K]: expert k's first column in the packed [B, S] tensor
@@ -45,6 +48,8 @@ Geometry<T> make_geometry(const at::Tensor& experts, at::IntArrayRef sizes, cons
   g.N = groups.size(1);
   g.H = H;
   g.W = W;
+  g.RS = (W + 15) / 16 * 16;
+  if ((g.RS / 16) % 2 == 0) g.RS += 16;
   g.bilinear = bilinear;
   int64_t off = 0;
   for (int64_t k = 0; k < g.K; ++k) {
@@ -89,44 +94,88 @@ void check_inputs(const at::Tensor& experts, at::IntArrayRef sizes, const at::Te
               "groups must index experts 0..", K - 1);
 }
 
-// Samples every input at output pixel (y, x) of image b. Gate softmaxes are reused while, with nearest
-// upsampling, the gate pixel does not change along the row (`*_src` remember the last source column).
+// Samples every input along output row y of image b into rows of `buf` (channel stride RS): the K experts,
+// then G1 (M*N rows) and G2 (M rows), softmaxed. With nearest upsampling the gates are softmaxed once per
+// native gate pixel, on a cached native row (many output rows and columns share one gate pixel), and then
+// gathered; with bilinear the interpolated logits are softmaxed at every output pixel.
 template <typename T>
-struct PixelSampler {
+struct RowSampler {
   const Geometry<T>& g;
   const T* E;
   const T* G1;
   const T* G2;
-  std::vector<T> e, g1, g2;
-  int64_t g1_src = -1, g2_src = -1;
+  T* buf;
+  T* nat1;
+  T* nat2;
+  int64_t key1 = -1, key2 = -1;  // b * h + source row of the native gate rows held in nat1 / nat2
 
-  PixelSampler(const Geometry<T>& geo, const T* experts, const T* gate1, const T* gate2)
-      : g(geo), E(experts), G1(gate1), G2(gate2), e(geo.K), g1(geo.M * geo.N), g2(geo.M) {}
+  T* erow() const { return buf; }
+  T* g1row() const { return buf + g.K * g.RS; }
+  T* g2row() const { return buf + (g.K + g.M * g.N) * g.RS; }
+  static int64_t rows(const Geometry<T>& geo) { return geo.K + geo.M * geo.N + geo.M; }
 
-  void start_row() { g1_src = g2_src = -1; }
-
-  void load(int64_t b, int64_t y, int64_t x) {
-    const int64_t K = g.K, MN = g.M * g.N;
-    for (int64_t k = 0; k < K; ++k)
-      e[k] = sample(E + b * g.S + g.offset[k], g.w[k], g.bilinear, g.ty[k][y], g.tx[k][x]);
-    const bool fresh1 = g.bilinear || g.tx[K][x].i0 != g1_src;
-    const bool fresh2 = g.bilinear || g.tx[K + 1][x].i0 != g2_src;
-    if (fresh1) {
-      const int64_t plane = g.h[K] * g.w[K];
-      for (int64_t c = 0; c < MN; ++c)
-        g1[c] = sample(G1 + (b * MN + c) * plane, g.w[K], g.bilinear, g.ty[K][y], g.tx[K][x]);
-      for (int64_t i = 0; i < g.M; ++i) softmax(g1.data() + i * g.N, g.N);
-      g1_src = g.tx[K][x].i0;
+  void load(int64_t b, int64_t y) {
+    const int64_t W = g.W, RS = g.RS, K = g.K, M = g.M, N = g.N, MN = M * N;
+    for (int64_t k = 0; k < K; ++k) {
+      const T* plane = E + b * g.S + g.offset[k];
+      const Taps<T> ty = g.ty[k][y];
+      const Taps<T>* tx = g.tx[k].data();
+      T* dst = erow() + k * RS;
+      for (int64_t x = 0; x < W; ++x) dst[x] = sample(plane, g.w[k], g.bilinear, ty, tx[x]);
     }
-    if (fresh2) {
-      const int64_t plane = g.h[K + 1] * g.w[K + 1];
-      for (int64_t i = 0; i < g.M; ++i)
-        g2[i] = sample(G2 + (b * g.M + i) * plane, g.w[K + 1], g.bilinear, g.ty[K + 1][y], g.tx[K + 1][x]);
-      softmax(g2.data(), g.M);
-      g2_src = g.tx[K + 1][x].i0;
+    if (g.bilinear) {
+      for (int64_t c = 0; c < MN + M; ++c) {
+        const int64_t p = c < MN ? K : K + 1;
+        const int64_t hw = g.h[p] * g.w[p];
+        const T* plane = c < MN ? G1 + (b * MN + c) * hw : G2 + (b * M + (c - MN)) * hw;
+        const Taps<T> ty = g.ty[p][y];
+        const Taps<T>* tx = g.tx[p].data();
+        T* dst = g1row() + c * RS;
+        for (int64_t x = 0; x < W; ++x) dst[x] = sample(plane, g.w[p], true, ty, tx[x]);
+      }
+      for (int64_t x = 0; x < W; ++x) softmax_gates(g1row() + x, g2row() + x, M, N, RS);
+      return;
     }
+    native_softmax_row(G1, b, y, K, MN, N, nat1, key1, g1row());
+    native_softmax_row(G2, b, y, K + 1, M, M, nat2, key2, g2row());
+  }
+
+  // Nearest only: softmax (over runs of `n` channels) of the native gate row that output row y reads, then
+  // gathered along the row. `channels` rows of geometry p.
+  void native_softmax_row(const T* G, int64_t b, int64_t y, int64_t p, int64_t channels, int64_t n, T* nat,
+                          int64_t& key, T* dst) {
+    const int64_t h = g.h[p], w = g.w[p], sy = g.ty[p][y].i0, W = g.W, RS = g.RS;
+    if (key != b * h + sy) {
+      for (int64_t c = 0; c < channels; ++c) {
+        const T* src = G + ((b * channels + c) * h + sy) * w;
+        std::copy(src, src + w, nat + c * w);
+      }
+      for (int64_t xx = 0; xx < w; ++xx)
+        for (int64_t first = 0; first < channels; first += n) softmax(nat + first * w + xx, n, w);
+      key = b * h + sy;
+    }
+    const Taps<T>* tx = g.tx[p].data();
+    for (int64_t c = 0; c < channels; ++c)
+      for (int64_t x = 0; x < W; ++x) dst[c * RS + x] = nat[c * w + tx[x].i0];
   }
 };
+
+// Per-chunk scratch through the torch allocator (so memory profilers see it): `rows` rows of W, plus the
+// two native gate rows RowSampler caches.
+template <typename T>
+at::Tensor make_scratch(const Geometry<T>& g, int64_t rows, const at::TensorOptions& options) {
+  const int64_t K = g.K, MN = g.M * g.N;
+  return at::empty({rows * g.RS + MN * g.w[K] + g.M * g.w[K + 1]}, options);
+}
+
+template <typename T>
+RowSampler<T> make_sampler(const Geometry<T>& g, const at::Tensor& experts, const at::Tensor& gate1,
+                           const at::Tensor& gate2, at::Tensor& scratch, int64_t rows) {
+  T* base = scratch.data_ptr<T>();
+  T* nat1 = base + rows * g.RS;
+  return RowSampler<T>{g, experts.data_ptr<T>(), gate1.data_ptr<T>(), gate2.data_ptr<T>(), base, nat1,
+                       nat1 + g.M * g.N * g.w[g.K]};
+}
 
 int64_t row_grain(int64_t W) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(W, 1)); }
 
@@ -151,22 +200,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_forward_cpu(const at::Tens
     const auto geo = make_geometry<T>(experts, expert_sizes, gate1, gate2, groups, H, W, bilinear);
     const int64_t MN = M * N;
     const int64_t* grp = groups.data_ptr<int64_t>();
-    std::vector<T> imp_rows(B * H * MN);
+    // Scratch through the torch allocator, so that memory profilers see it like any tensor.
+    const auto imp_rows_t = at::empty({B * H, MN}, experts.options());
+    T* imp_rows = imp_rows_t.data_ptr<T>();
     T* out = final_.data_ptr<T>();
     T* gmo = group_maps.data_ptr<T>();
     at::parallel_for(0, B * H, row_grain(W), [&](int64_t begin, int64_t end) {
-      PixelSampler<T> px(geo, experts.data_ptr<T>(), gate1.data_ptr<T>(), gate2.data_ptr<T>());
-      std::vector<T> gm(M);
+      const int64_t rows = RowSampler<T>::rows(geo);
+      auto scratch = make_scratch(geo, rows, experts.options());
+      auto rs = make_sampler(geo, experts, gate1, gate2, scratch, rows);
+      const T* e = rs.erow();
+      const T* g1 = rs.g1row();
+      const T* g2 = rs.g2row();
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / H, y = row % H;
-        T* imp = imp_rows.data() + row * MN;
-        std::fill(imp, imp + MN, T(0));
-        px.start_row();
-        for (int64_t x = 0; x < W; ++x) {
-          px.load(b, y, x);
-          out[row * W + x] = fuse_forward(px.e.data(), px.g1.data(), px.g2.data(), gm.data(), grp, M, N);
-          for (int64_t i = 0; i < M; ++i) gmo[((b * M + i) * H + y) * W + x] = gm[i];
-          for (int64_t c = 0; c < MN; ++c) imp[c] += px.g1[c];
+        rs.load(b, y);
+        T* gm = gmo + (b * M * H + y) * W;
+        fuse_forward(e, g1, g2, gm, out + row * W, grp, M, N, geo.RS, H * W, W);
+        for (int64_t c = 0; c < MN; ++c) {
+          T acc = 0;
+          for (int64_t x = 0; x < W; ++x) acc += g1[c * geo.RS + x];
+          imp_rows[row * MN + c] = acc;
         }
       }
     });
@@ -242,27 +296,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_backward_cpu(
       return gG2 + (b * M + (p - K - MN)) * hw2;
     };
 
-    // Pass 1: fold every output row onto each input's native columns.
-    std::vector<T> fold(B * H * width_sum);
+    // Pass 1: fold every output row onto each input's native columns (torch allocator: profilers see it).
+    const auto fold_t = at::empty({B * H, width_sum}, experts.options());
+    T* fold = fold_t.data_ptr<T>();
     at::parallel_for(0, B * H, row_grain(W), [&](int64_t begin, int64_t end) {
-      PixelSampler<T> px(geo, experts.data_ptr<T>(), gate1.data_ptr<T>(), gate2.data_ptr<T>());
-      std::vector<T> gm(M), de(K), dl1(MN), dl2(M), ggm_px(M);
+      // Rows: the sampler's, then the group maps [M], de [K], dl1 [M*N], dl2 [M], and 3 more: zeros (for
+      // an absent grad_final) and fuse_backward's scratch.
+      const int64_t rows = RowSampler<T>::rows(geo) + M + K + MN + M + 3;
+      auto scratch = make_scratch(geo, rows, experts.options());
+      auto rs = make_sampler(geo, experts, gate1, gate2, scratch, rows);
+      const T* e = rs.erow();
+      const T* g1 = rs.g1row();
+      const T* g2 = rs.g2row();
+      const int64_t RS = geo.RS;
+      T* gm = rs.buf + RowSampler<T>::rows(geo) * RS;
+      T* de = gm + M * RS;
+      T* dl1 = de + K * RS;
+      T* dl2 = dl1 + MN * RS;
+      T* zeros = dl2 + M * RS;
+      T* tmp = zeros + RS;
+      std::fill(zeros, zeros + W, T(0));
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / H, y = row % H;
-        T* f = fold.data() + row * width_sum;
+        rs.load(b, y);
+        const T* ggm_row = ggm ? ggm + (b * M * H + y) * W : nullptr;
+        fuse_forward(e, g1, g2, gm, tmp, grp, M, N, RS, RS, W);  // final itself is not needed
+        fuse_backward(e, g1, g2, gm, grp, K, M, N, gf ? gf + row * W : zeros, ggm_row, H * W,
+                      gimp ? gimp + b * MN : nullptr, de, dl1, dl2, RS, W, tmp);
+        // Fold the row onto each input's native columns (adjoint of the column sampling).
+        T* f = fold + row * width_sum;
         std::fill(f, f + width_sum, T(0));
-        px.start_row();
-        for (int64_t x = 0; x < W; ++x) {
-          px.load(b, y, x);
-          fuse_forward(px.e.data(), px.g1.data(), px.g2.data(), gm.data(), grp, M, N);
-          if (ggm)
-            for (int64_t i = 0; i < M; ++i) ggm_px[i] = ggm[((b * M + i) * H + y) * W + x];
-          fuse_backward(px.e.data(), px.g1.data(), px.g2.data(), gm.data(), grp, K, M, N,
-                        gf ? gf[row * W + x] : T(0), ggm ? ggm_px.data() : nullptr,
-                        gimp ? gimp + b * MN : nullptr, de.data(), dl1.data(), dl2.data());
-          for (int64_t k = 0; k < K; ++k) scatter_row(f + col[k], bilinear, geo.tx[k][x], de[k]);
-          for (int64_t c = 0; c < MN; ++c) scatter_row(f + col[K + c], bilinear, geo.tx[K][x], dl1[c]);
-          for (int64_t i = 0; i < M; ++i) scatter_row(f + col[K + MN + i], bilinear, geo.tx[K + 1][x], dl2[i]);
+        for (int64_t p = 0; p < P; ++p) {
+          const Taps<T>* tx = geo.tx[geom[p]].data();
+          const T* d = de + p * RS;  // de, dl1 and dl2 are consecutive rows, in plane order
+          T* fp = f + col[p];
+          for (int64_t x = 0; x < W; ++x) scatter_row(fp, bilinear, tx[x], d[x]);
         }
       }
     });
@@ -293,7 +361,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_backward_cpu(
           T coef = 0;
           if (t.i0 == r) coef += t.w0;
           if (bilinear && t.i1 == r) coef += t.w1;
-          const T* src = fold.data() + (b * H + y) * width_sum + col[p];
+          const T* src = fold + (b * H + y) * width_sum + col[p];
           for (int64_t c = 0; c < w; ++c) dst[c] += coef * src[c];
         }
       }
