@@ -253,11 +253,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_backward_cpu(
     if (!t.has_value() || !t->defined()) return at::Tensor();
     TORCH_CHECK(t->sizes() == shape, name, " must have shape ", shape, ", got ", t->sizes());
     CK_CHECK_DTYPE(*t, experts.scalar_type());
-    return t->contiguous();
+    return *t;  // any strides: rows are gathered below (an expanded gradient stays unmaterialized)
   };
   const auto gf_t = opt(grad_final_, {B, 1, H, W}, "grad_final");
   const auto ggm_t = opt(grad_group_maps_, {B, M, H, W}, "grad_group_maps");
-  const auto gimp_t = opt(grad_importance_, {B, M, N}, "grad_importance");
+  auto gimp_t = opt(grad_importance_, {B, M, N}, "grad_importance");
+  if (gimp_t.defined()) gimp_t = gimp_t.contiguous();  // [B, M, N]: read per image as a flat array
 
   auto grad_experts = ck::new_output(experts.sizes(), experts.options());
   auto grad_gate1 = ck::new_output(gate1.sizes(), gate1.options());
@@ -300,9 +301,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_backward_cpu(
     const auto fold_t = at::empty({B * H, width_sum}, experts.options());
     T* fold = fold_t.data_ptr<T>();
     at::parallel_for(0, B * H, row_grain(W), [&](int64_t begin, int64_t end) {
-      // Rows: the sampler's, then the group maps [M], de [K], dl1 [M*N], dl2 [M], and 3 more: zeros (for
-      // an absent grad_final) and fuse_backward's scratch.
-      const int64_t rows = RowSampler<T>::rows(geo) + M + K + MN + M + 3;
+      // Rows: the sampler's, then the group maps [M], de [K], dl1 [M*N], dl2 [M], grad_final's row (zeros
+      // when absent), fuse_backward's scratch [2] and grad_group_maps' rows [M].
+      const int64_t rows = RowSampler<T>::rows(geo) + M + K + MN + M + 3 + M;
       auto scratch = make_scratch(geo, rows, experts.options());
       auto rs = make_sampler(geo, experts, gate1, gate2, scratch, rows);
       const T* e = rs.erow();
@@ -313,15 +314,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_backward_cpu(
       T* de = gm + M * RS;
       T* dl1 = de + K * RS;
       T* dl2 = dl1 + MN * RS;
-      T* zeros = dl2 + M * RS;
-      T* tmp = zeros + RS;
-      std::fill(zeros, zeros + W, T(0));
+      T* gf_row = dl2 + M * RS;
+      T* tmp = gf_row + RS;
+      T* ggm_rows = tmp + 2 * RS;
+      std::fill(gf_row, gf_row + W, T(0));
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / H, y = row % H;
         rs.load(b, y);
-        const T* ggm_row = ggm ? ggm + (b * M * H + y) * W : nullptr;
+        if (gf) {
+          const T* src = gf + b * gf_t.stride(0) + y * gf_t.stride(2);
+          const int64_t sx = gf_t.stride(3);
+          for (int64_t x = 0; x < W; ++x) gf_row[x] = src[x * sx];
+        }
+        if (ggm) {
+          const int64_t sx = ggm_t.stride(3);
+          for (int64_t i = 0; i < M; ++i) {
+            const T* src = ggm + b * ggm_t.stride(0) + i * ggm_t.stride(1) + y * ggm_t.stride(2);
+            for (int64_t x = 0; x < W; ++x) ggm_rows[i * RS + x] = src[x * sx];
+          }
+        }
         fuse_forward(e, g1, g2, gm, tmp, grp, M, N, RS, RS, W);  // final itself is not needed
-        fuse_backward(e, g1, g2, gm, grp, K, M, N, gf ? gf + row * W : zeros, ggm_row, H * W,
+        fuse_backward(e, g1, g2, gm, grp, K, M, N, gf_row, ggm ? ggm_rows : nullptr, RS,
                       gimp ? gimp + b * MN : nullptr, de, dl1, dl2, RS, W, tmp);
         // Fold the row onto each input's native columns (adjoint of the column sampling).
         T* f = fold + row * width_sum;
