@@ -273,11 +273,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_backward_cpu(
     const T* gimp = gimp_t.defined() ? gimp_t.data_ptr<T>() : nullptr;
 
     // Planes of the native-resolution gradients: K experts, then gate1's M*N channels, then gate2's M.
-    // geom: which Geometry entry maps the plane; col: its first column in a fold row; out/stride: where
-    // its gradient goes.
+    // geom: which Geometry entry maps the plane; col: its first column in a fold row; row_start: its first
+    // row among the image's native rows (pass 2 of the two-pass schedule).
     const int64_t P = K + MN + M;
     std::vector<int64_t> geom(P), col(P), row_start(P + 1, 0);
-    std::vector<T*> out(P);
     T* gE = grad_experts.data_ptr<T>();
     T* gG1 = grad_gate1.data_ptr<T>();
     T* gG2 = grad_gate2.data_ptr<T>();
@@ -297,55 +296,101 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_backward_cpu(
       return gG2 + (b * M + (p - K - MN)) * hw2;
     };
 
-    // Pass 1: fold every output row onto each input's native columns (torch allocator: profilers see it).
+    // Folds output row y of image b onto each input's native columns: fold row f ([width_sum]) receives,
+    // at col[p] + c, the sum over x (in order) of the gradient the row sends to column c of plane p.
+    const int64_t sampler_rows = RowSampler<T>::rows(geo);
+    // Rows: the sampler's, then the group maps [M], de [K], dl1 [M*N], dl2 [M], grad_final's row (zeros
+    // when absent), fuse_backward's scratch [2] and grad_group_maps' rows [M].
+    const int64_t rows = sampler_rows + M + K + MN + M + 3 + M;
+    struct RowFolder {
+      RowSampler<T> rs;
+      T *gm, *de, *dl1, *dl2, *gf_row, *tmp, *ggm_rows;
+    };
+    auto make_folder = [&](at::Tensor& scratch) {
+      auto rs = make_sampler(geo, experts, gate1, gate2, scratch, rows);
+      const int64_t RS = geo.RS;
+      RowFolder r{rs};
+      r.gm = rs.buf + sampler_rows * RS;
+      r.de = r.gm + M * RS;
+      r.dl1 = r.de + K * RS;
+      r.dl2 = r.dl1 + MN * RS;
+      r.gf_row = r.dl2 + M * RS;
+      r.tmp = r.gf_row + RS;
+      r.ggm_rows = r.tmp + 2 * RS;
+      std::fill(r.gf_row, r.gf_row + W, T(0));
+      return r;
+    };
+    auto fold_row = [&](RowFolder& r, int64_t b, int64_t y, T* f) {
+      const int64_t RS = geo.RS;
+      r.rs.load(b, y);
+      if (gf) {
+        const T* src = gf + b * gf_t.stride(0) + y * gf_t.stride(2);
+        const int64_t sx = gf_t.stride(3);
+        for (int64_t x = 0; x < W; ++x) r.gf_row[x] = src[x * sx];
+      }
+      if (ggm) {
+        const int64_t sx = ggm_t.stride(3);
+        for (int64_t i = 0; i < M; ++i) {
+          const T* src = ggm + b * ggm_t.stride(0) + i * ggm_t.stride(1) + y * ggm_t.stride(2);
+          for (int64_t x = 0; x < W; ++x) r.ggm_rows[i * RS + x] = src[x * sx];
+        }
+      }
+      const T* e = r.rs.erow();
+      const T* g1 = r.rs.g1row();
+      const T* g2 = r.rs.g2row();
+      fuse_forward(e, g1, g2, r.gm, r.tmp, grp, M, N, RS, RS, W);  // final itself is not needed
+      fuse_backward(e, g1, g2, r.gm, grp, K, M, N, r.gf_row, ggm ? r.ggm_rows : nullptr, RS,
+                    gimp ? gimp + b * MN : nullptr, r.de, r.dl1, r.dl2, RS, W, r.tmp);
+      std::fill(f, f + width_sum, T(0));
+      for (int64_t p = 0; p < P; ++p) {
+        const Taps<T>* tx = geo.tx[geom[p]].data();
+        const T* d = r.de + p * RS;  // de, dl1 and dl2 are consecutive rows, in plane order
+        T* fp = f + col[p];
+        for (int64_t x = 0; x < W; ++x) scatter_row(fp, bilinear, tx[x], d[x]);
+      }
+    };
+    // The vertical adjoint: native row r of plane p receives w0 * fold row y where tap 0 of y is r, then
+    // w1 * fold row y where tap 1 is (bilinear), for y in increasing order. Both schedules below add in
+    // exactly this order, so they give the same bits.
+    auto add_scaled = [](T* dst, T w, const T* src, int64_t n) {
+      for (int64_t c = 0; c < n; ++c) dst[c] += w * src[c];
+    };
+
+    if (B >= at::get_num_threads()) {
+      // Enough images for every thread: each image is owned by one thread, which streams its output rows
+      // and adds each fold row straight into the native rows it belongs to; no [B*H, width_sum] buffer.
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        auto scratch = make_scratch(geo, rows + 1, experts.options());  // + the fold row
+        auto r = make_folder(scratch);
+        std::vector<T> f(width_sum);
+        for (int64_t b = begin; b < end; ++b) {
+          for (int64_t p = 0; p < P; ++p) {
+            T* dst = plane_base(p, b);
+            std::fill(dst, dst + geo.h[geom[p]] * geo.w[geom[p]], T(0));
+          }
+          for (int64_t y = 0; y < H; ++y) {
+            fold_row(r, b, y, f.data());
+            for (int64_t p = 0; p < P; ++p) {
+              const auto& t = geo.ty[geom[p]][y];
+              const int64_t w = geo.w[geom[p]];
+              T* base = plane_base(p, b);
+              add_scaled(base + t.i0 * w, t.w0, f.data() + col[p], w);
+              if (bilinear) add_scaled(base + t.i1 * w, t.w1, f.data() + col[p], w);
+            }
+          }
+        }
+      });
+      return;
+    }
+
+    // Fewer images than threads: pass 1 folds all output rows in parallel into a [B*H, width_sum] buffer
+    // (torch allocator: profilers see it); pass 2 gives each native row of each input to one work item.
     const auto fold_t = at::empty({B * H, width_sum}, experts.options());
     T* fold = fold_t.data_ptr<T>();
     at::parallel_for(0, B * H, row_grain(W), [&](int64_t begin, int64_t end) {
-      // Rows: the sampler's, then the group maps [M], de [K], dl1 [M*N], dl2 [M], grad_final's row (zeros
-      // when absent), fuse_backward's scratch [2] and grad_group_maps' rows [M].
-      const int64_t rows = RowSampler<T>::rows(geo) + M + K + MN + M + 3 + M;
       auto scratch = make_scratch(geo, rows, experts.options());
-      auto rs = make_sampler(geo, experts, gate1, gate2, scratch, rows);
-      const T* e = rs.erow();
-      const T* g1 = rs.g1row();
-      const T* g2 = rs.g2row();
-      const int64_t RS = geo.RS;
-      T* gm = rs.buf + RowSampler<T>::rows(geo) * RS;
-      T* de = gm + M * RS;
-      T* dl1 = de + K * RS;
-      T* dl2 = dl1 + MN * RS;
-      T* gf_row = dl2 + M * RS;
-      T* tmp = gf_row + RS;
-      T* ggm_rows = tmp + 2 * RS;
-      std::fill(gf_row, gf_row + W, T(0));
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t b = row / H, y = row % H;
-        rs.load(b, y);
-        if (gf) {
-          const T* src = gf + b * gf_t.stride(0) + y * gf_t.stride(2);
-          const int64_t sx = gf_t.stride(3);
-          for (int64_t x = 0; x < W; ++x) gf_row[x] = src[x * sx];
-        }
-        if (ggm) {
-          const int64_t sx = ggm_t.stride(3);
-          for (int64_t i = 0; i < M; ++i) {
-            const T* src = ggm + b * ggm_t.stride(0) + i * ggm_t.stride(1) + y * ggm_t.stride(2);
-            for (int64_t x = 0; x < W; ++x) ggm_rows[i * RS + x] = src[x * sx];
-          }
-        }
-        fuse_forward(e, g1, g2, gm, tmp, grp, M, N, RS, RS, W);  // final itself is not needed
-        fuse_backward(e, g1, g2, gm, grp, K, M, N, gf_row, ggm ? ggm_rows : nullptr, RS,
-                      gimp ? gimp + b * MN : nullptr, de, dl1, dl2, RS, W, tmp);
-        // Fold the row onto each input's native columns (adjoint of the column sampling).
-        T* f = fold + row * width_sum;
-        std::fill(f, f + width_sum, T(0));
-        for (int64_t p = 0; p < P; ++p) {
-          const Taps<T>* tx = geo.tx[geom[p]].data();
-          const T* d = de + p * RS;  // de, dl1 and dl2 are consecutive rows, in plane order
-          T* fp = f + col[p];
-          for (int64_t x = 0; x < W; ++x) scatter_row(fp, bilinear, tx[x], d[x]);
-        }
-      }
+      auto r = make_folder(scratch);
+      for (int64_t row = begin; row < end; ++row) fold_row(r, row / H, row % H, fold + row * width_sum);
     });
 
     // Output rows [lo, hi) of each geometry's native row r (empty when downsampling skips r).
@@ -360,8 +405,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_backward_cpu(
         }
       }
     }
-
-    // Pass 2: each native row of each input is owned by one work item, which adds its output rows in order.
     at::parallel_for(0, B * rows_per_image, 4, [&](int64_t begin, int64_t end) {
       for (int64_t u = begin; u < end; ++u) {
         const int64_t b = u / rows_per_image, rem = u % rows_per_image;
@@ -371,11 +414,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_backward_cpu(
         std::fill(dst, dst + w, T(0));
         for (int64_t y = lo[g][r]; y < hi[g][r]; ++y) {
           const auto& t = geo.ty[g][y];
-          T coef = 0;
-          if (t.i0 == r) coef += t.w0;
-          if (bilinear && t.i1 == r) coef += t.w1;
           const T* src = fold + (b * H + y) * width_sum + col[p];
-          for (int64_t c = 0; c < w; ++c) dst[c] += coef * src[c];
+          if (t.i0 == r) add_scaled(dst, t.w0, src, w);
+          if (bilinear && t.i1 == r) add_scaled(dst, t.w1, src, w);
         }
       }
     });
