@@ -5,11 +5,12 @@
 // [B, M, hg2, wg2]. Everything is sampled at the [H, W] output pixel as F.interpolate would sample it.
 //
 // Determinism: the forward writes each output pixel from one thread, and the per-row importance partials are
-// summed over rows in a fixed order. The backward runs in two passes so that no two threads ever add to the
-// same gradient element: pass 1 (parallel over output rows) folds each output row onto the native columns of
-// every input into a private row of a [B*H, sum of widths] buffer; pass 2 (parallel over native rows of every
-// input) adds those rows, in increasing output-row order, into the native row that owns them. The bits are
-// therefore the same whatever torch.set_num_threads says.
+// summed over rows in a fixed order. In the backward, each output row is first folded onto the native columns
+// of every input (a sum over x in order), then native row r receives the folded rows that read it, in
+// increasing output-row order. With at least as many images as threads, each image belongs to one thread,
+// which does both steps as it streams its rows; otherwise pass 1 folds all rows in parallel into a buffer and
+// pass 2 hands each native row to one work item. Both schedules add the same terms in the same order, so no two
+// threads ever add to one element and the bits are the same whatever torch.set_num_threads says.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
