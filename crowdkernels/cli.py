@@ -12,11 +12,12 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
+
+from .engine.checkpoint import atomic_write as _atomic_write  # temp file, fsync, rename
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -39,25 +40,6 @@ class _CliError(Exception):
 
 
 # ----------------------------------------------------------------------------------------- file helpers
-def _atomic_write(path: Path, write: Callable, mode: str = "wb") -> None:
-    """Writes through `write(fileobj)` into a temp file in the same folder, then renames it over `path`:
-    a reader (or a rerun after a crash) sees the old file or the new one, never a half-written one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _save_npy(path: Path, array) -> None:
     import numpy as np
 
