@@ -45,6 +45,7 @@ __all__ = [
     "Trainer",
     "build_model",
     "build_datasets",
+    "model_from_checkpoint",
 ]
 
 MODEL_NAMES = ("hmode", "hmode-official", "l2sm", "spn", "csrnet")
@@ -118,6 +119,7 @@ class TrainConfig:
     strict: bool = False
     resume: bool = False
     tile: int | None = 2048  # validation: tile images larger than this (pixels)
+    max_seconds: float | None = None  # stop after the epoch that passes this wall time (a time budget)
     synthetic: dict = field(default_factory=lambda: {"train": 200, "val": 40, "size": 128})
     quiet: bool = False
 
@@ -291,6 +293,8 @@ class Trainer:
 
         train_loader, sampler, val_loader = self._loaders()
         status, epoch, step = "finished", start_epoch, start_step
+        run_start = time.perf_counter()
+        completed = start_epoch
         with self.stop:
             for epoch in range(start_epoch, cfg.epochs):
                 if hasattr(sampler, "set_epoch"):
@@ -355,13 +359,22 @@ class Trainer:
                 if main:
                     save_checkpoint(last, self._state(epoch + 1, 0, optimizer, scheduler, scaler, {}))
                     self._append_log(entry)
+                completed = epoch + 1
+                if cfg.max_seconds is not None and epoch + 1 < cfg.epochs:
+                    over = time.perf_counter() - run_start > cfg.max_seconds
+                    if dist_utils.is_distributed():
+                        over = bool(dist_utils.all_reduce_sum(torch.tensor([float(over)])).item() > 0)
+                    if over:
+                        self.log(f"time budget of {cfg.max_seconds:.0f} s spent after epoch {epoch + 1}")
+                        status = "time limit"
+                        break
                 if self.stop.requested and epoch + 1 < cfg.epochs:
                     self.log(f"stopped after epoch {epoch + 1}: saved {last}; continue with --resume")
                     status = "interrupted"
                     break
-        if status == "finished":
+        if status != "interrupted":
             dist_utils.barrier()
-        return {"status": status, "epoch": epoch + (1 if status == "finished" else 0), "best": dict(self.best),
+        return {"status": status, "epoch": completed, "best": dict(self.best),
                 "history": list(self.history), "skipped": dict(self.skipped)}
 
     def _stop_everywhere(self) -> bool:
@@ -468,3 +481,20 @@ def build_datasets(config: TrainConfig, *, split: str = "train", warn=None, leve
         warn(f"train: {len(train_samples)} images ({train_note}); val: {len(val_samples)} images ({note})")
     train = CrowdDataset(train_samples, build_transforms(config, True), strict=config.strict, warn=warn)
     return train, val
+
+
+def model_from_checkpoint(path, device="cpu", *, model: str | None = None, model_kwargs: dict | None = None):
+    """(model in eval mode on ``device``, checkpoint dict) from a checkpoint of :class:`Trainer`. With
+    ``model`` (and ``model_kwargs``) given, a checkpoint of another model or variant is refused with an
+    error naming both."""
+    ckpt = load_checkpoint(path)
+    if model is not None:
+        check_model(ckpt, path, model, model_kwargs)
+    cfg = ckpt.get("config") or {}
+    name = ckpt.get("model_name")
+    net = build_model(name, **(cfg.get("model_kwargs") or {}))
+    try:
+        net.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: its weights do not fit a {name!r} model ({exc})") from None
+    return net.to(device).eval(), ckpt
