@@ -137,9 +137,168 @@ def density_map_reference(points, size, *, sigma="adaptive", k=3, beta=0.3, trun
 
 
 # ===================================================================================== regions (issue 3)
+# L2SM sec. 3.3: dense regions are zoomed by r (bilinear), re-predicted, resized back and multiplied by
+# r^2 "to preserve the same counting result". The sampling is defined exactly in DESIGN.md ("Region
+# rescaling"): per axis, output index d samples the source at src = a * (d + 0.5) - 0.5 (a = 1/r to zoom
+# in, a = r to zoom back), clamped to the source as F.interpolate(align_corners=False) clamps.
+
+
+def _lerp_axis(a: torch.Tensor, n_out: int, n_src: int):
+    """The neighbours and weights of `n_out` samples along an axis of `n_src` source samples.
+
+    Differentiable in `a` (a 0-d tensor): torch.clamp passes no gradient where the coordinate is clamped.
+    """
+    d = torch.arange(n_out, dtype=a.dtype, device=a.device)
+    src = (a * (d + 0.5) - 0.5).clamp(0, n_src - 1)
+    i0 = src.detach().floor().long().clamp(max=n_src - 1)
+    i1 = (i0 + 1).clamp(max=n_src - 1)
+    return i0, i1, src - i0.to(src.dtype)
+
+
+def _bilinear(img: torch.Tensor, ys, xs) -> torch.Tensor:
+    """Bilinear samples of img[C, h, w] on the grid given by the row and column tables of `_lerp_axis`."""
+    (y0, y1, ly), (x0, x1, lx) = ys, xs
+    ly, lx = ly[:, None], lx[None, :]
+    top = img[:, y0][:, :, x0] * (1 - lx) + img[:, y0][:, :, x1] * lx
+    bottom = img[:, y1][:, :, x0] * (1 - lx) + img[:, y1][:, :, x1] * lx
+    return top * (1 - ly) + bottom * ly
+
+
+def scale_regions_reference(features, boxes, scale, out_size):
+    """features [B, C, H, W], boxes [N, 5] (b, y0, x0, h, w), scale [N], out_size (Sh, Sw) -> [N, C, Sh, Sw].
+
+    Box n zoomed by r = scale[n]: out[n, c, i, j] = features[b, c] sampled at (y0 + (i + 0.5)/r - 0.5,
+    x0 + (j + 0.5)/r - 0.5) for i < floor(r*h), j < floor(r*w) (cropped to the canvas); 0 elsewhere.
+    """
+    sh, sw = out_size
+    _, c, _, _ = features.shape
+    out = []
+    for n, (b, y0, x0, h, w) in enumerate(boxes.tolist()):
+        r = scale[n]
+        vh = min(math.floor(float(r.detach()) * h), sh)
+        vw = min(math.floor(float(r.detach()) * w), sw)
+        region = features[b, :, y0 : y0 + h, x0 : x0 + w]
+        zoomed = _bilinear(region, _lerp_axis(1 / r, vh, h), _lerp_axis(1 / r, vw, w))
+        out.append(torch.nn.functional.pad(zoomed, (0, sw - vw, 0, sh - vh)))
+    if not out:
+        return features.new_zeros(0, c, sh, sw)
+    return torch.stack(out)
+
+
+def unscale_regions_reference(pred, boxes, scale, base):
+    """pred [N, C, Sh, Sw], boxes [N, 5], scale [N], base [B, C, H, W] -> [B, C, H, W].
+
+    L2SM sec. 3.3: the re-prediction resized back to the box and multiplied by r^2. Inside box n,
+    out[b, c, y0 + i, x0 + j] = r^2 * pred[n, c] sampled at ((i + 0.5) r - 0.5, (j + 0.5) r - 0.5), clamped to
+    the valid min(floor(r*h), Sh) x min(floor(r*w), Sw) part; `base` elsewhere.
+    """
+    _, _, sh, sw = pred.shape
+    out = base.clone()
+    for n, (b, y0, x0, h, w) in enumerate(boxes.tolist()):
+        r = scale[n]
+        vh = min(math.floor(float(r.detach()) * h), sh)
+        vw = min(math.floor(float(r.detach()) * w), sw)
+        if vh == 0 or vw == 0:
+            out[b, :, y0 : y0 + h, x0 : x0 + w] = 0
+            continue
+        valid = pred[n, :, :vh, :vw]
+        out[b, :, y0 : y0 + h, x0 : x0 + w] = r**2 * _bilinear(valid, _lerp_axis(r, h, vh), _lerp_axis(r, w, vw))
+    return out
+
+
+def grid_boxes_reference(height: int, width: int, k: int) -> torch.Tensor:
+    """The K x K division of L2SM sec. 3.3 as [k*k, 4] (y0, x0, h, w), row-major; the last row and column
+    take the remainder."""
+    rows = [(i * (height // k), height // k if i < k - 1 else height - (k - 1) * (height // k)) for i in range(k)]
+    cols = [(j * (width // k), width // k if j < k - 1 else width - (k - 1) * (width // k)) for j in range(k)]
+    return torch.tensor([(y0, x0, h, w) for y0, h in rows for x0, w in cols], dtype=torch.int64)
+
+
+def region_means_reference(density: torch.Tensor, k: int) -> torch.Tensor:
+    """L2SM sec. 3.3: D_i = sum_{p in R_i} D(p) / |R_i| over the K x K regions. density [B, 1, H, W] -> [B, k*k]."""
+    _, _, height, width = density.shape
+    means = [density[:, 0, y0 : y0 + h, x0 : x0 + w].mean(dim=(1, 2)) for y0, x0, h, w in grid_boxes_reference(height, width, k).tolist()]
+    return torch.stack(means, dim=1)
+
+
+def transform_region_targets_reference(points, boxes, scale, sigma, out_size):
+    """L2SM sec. 3.3, Fig. 4: D'_i(p) = sum_m delta(p - r_i * p_m) * G_sigma_m(p) over the heads of box i.
+
+    points: list of B tensors [P_b, 2] (x, y); sigma: list of B tensors [P_b]. A head belongs to box
+    (b, y0, x0, h, w) when y0 <= y < y0 + h and x0 <= x < x0 + w; its box-relative coordinates are multiplied
+    by r and it keeps its sigma. Returns [N, 1, Sh, Sw], one head at a time through the density reference.
+    """
+    sh, sw = out_size
+    maps = []
+    for n, (b, y0, x0, h, w) in enumerate(boxes.tolist()):
+        r = float(scale[n])
+        heads, sigmas = [], []
+        for (x, y), s in zip(points[b].tolist(), sigma[b].tolist()):
+            if y0 <= y < y0 + h and x0 <= x < x0 + w:
+                heads.append(((x - x0) * r, (y - y0) * r))
+                sigmas.append(s)
+        pts = torch.tensor(heads, dtype=torch.float64).reshape(-1, 2)
+        maps.append(density_map_reference(pts, (sh, sw), sigma=torch.tensor(sigmas, dtype=torch.float64), style="exact"))
+    if not maps:
+        return torch.zeros(0, 1, sh, sw, dtype=torch.float64)
+    return torch.stack(maps)[:, None]
+
 
 
 # ===================================================================================== gating (issue 4)
 
 
 # ===================================================================================== local counts (issue 5)
+def local_counts(pred: torch.Tensor, target: torch.Tensor, window_h: int, window_w: int, keep_partial: bool = True):
+    """Window sums of pred, of target and of the pixel-wise squared error, for [B, H, W] maps.
+
+    HMoDE sec. III-C: X (local counting map) and Xg integrate the density over non-overlapping windows; the
+    local error map R integrates the pixel-wise squared error over the same windows. Windows are row-major;
+    `keep_partial` keeps the windows cut by the right/bottom edge, otherwise they are ignored (AvgPool2d).
+    Returns three [B, R] tensors in the input dtype (accumulated in float32 at least).
+    """
+    B, H, W = pred.shape
+    acc = torch.promote_types(pred.dtype, torch.float32)
+    p, t = pred.to(acc), target.to(acc)
+    nh = -(-H // window_h) if keep_partial else H // window_h
+    nw = -(-W // window_w) if keep_partial else W // window_w
+    out = []
+    for image in (p, t, (p - t) ** 2):
+        counts = image.new_zeros(B, nh, nw)
+        for wr in range(nh):
+            for wc in range(nw):
+                window = image[:, wr * window_h:(wr + 1) * window_h, wc * window_w:(wc + 1) * window_w]
+                counts[:, wr, wc] = window.sum(dim=(1, 2))
+        out.append(counts.reshape(B, nh * nw).to(pred.dtype))
+    return tuple(out)
+
+
+def relative_local_count_loss(pred_counts: torch.Tensor, target_counts: torch.Tensor, sq_error: torch.Tensor,
+                              num_hard: int, num_sublists: int, pairs: str) -> torch.Tensor:
+    """HMoDE eq. 2 per image, one image at a time, from [B, R] window counts. Returns [B].
+
+    The S = min(num_hard, R) windows with the largest squared error are taken (ties: lower window index
+    first), ranked by target count, descending (ties: lower window index first), giving the list
+    L_X = x_1..x_S of predicted counts. Sub-list i holds x_i, x_{i+T}, x_{i+2T}, ... (T = num_sublists).
+    pairs="adjacent": sum over each sub-list of max(0, x_{j+T} - x_j) (eq. 2);
+    pairs="all": sum over every pair j < k of a sub-list of max(0, x_k - x_j) (the released code).
+    """
+    B, R = pred_counts.shape
+    S, T = min(num_hard, R), num_sublists
+    losses = []
+    for b in range(B):
+        errors = sq_error[b].tolist()
+        hard = sorted(range(R), key=lambda r: (-errors[r], r))[:S]
+        targets = target_counts[b].tolist()
+        ranked = sorted(hard, key=lambda r: (-targets[r], r))
+        x = [pred_counts[b, r] for r in ranked]
+        loss = 0 * pred_counts[b].sum()  # stays in the graph when no pair exists (S <= T)
+        for i in range(T):
+            sub = x[i::T]
+            for j in range(len(sub)):
+                partners = [j + 1] if pairs == "adjacent" else range(j + 1, len(sub))
+                for k in partners:
+                    if k < len(sub):
+                        loss = loss + torch.relu(sub[k] - sub[j])  # no gradient at x_k == x_j: order kept
+        losses.append(loss)
+    return torch.stack(losses)
