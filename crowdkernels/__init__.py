@@ -14,6 +14,7 @@ from .ops.density import density_map, density_maps, knn_sigma
 
 
 # ---- hierarchical gating, HMoDE eq. 1 (issue 4)
+from .ops.gating import GatingOutput, hierarchical_gating
 
 
 # ---- local counts and losses, HMoDE eq. 2 (issue 5)
