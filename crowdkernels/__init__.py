@@ -11,6 +11,14 @@ from .ops.density import density_map, density_maps, knn_sigma
 
 
 # ---- region rescaling, L2SM (issue 3)
+from .ops.regions import (
+    grid_boxes,
+    region_means,
+    region_points,
+    scale_regions,
+    transform_region_targets,
+    unscale_regions,
+)
 
 
 # ---- hierarchical gating, HMoDE eq. 1 (issue 4)

@@ -31,6 +31,20 @@ TORCH_LIBRARY(crowdkernels, m) {
       "float truncate, int kernel_size, int stride, bool deterministic) -> Tensor");
 
   // ---------------------------------------------------------------- regions (csrc/regions)
+  // boxes: [N, 5] int64 rows (b, y0, x0, h, w); scale: [N] (r > 0) in features' dtype. Box n's features
+  // bilinearly upsampled by r (F.interpolate, align_corners=False) on an out_h x out_w canvas, zero past
+  // floor(r*h) x floor(r*w). Returns [N, C, out_h, out_w].
+  m.def("scale_regions(Tensor features, Tensor boxes, Tensor scale, int out_h, int out_w) -> Tensor");
+  // Returns (grad_features [B, C, H, W], grad_scale [N]).
+  m.def(
+      "scale_regions_backward(Tensor grad, Tensor features, Tensor boxes, Tensor scale) -> (Tensor, Tensor)");
+  // base with each (non-overlapping) box replaced by r^2 x the bilinear sample of pred[n] at
+  // ((i+0.5)r-0.5, (j+0.5)r-0.5), clamped to its valid min(floor(r*h), Sh) x min(floor(r*w), Sw) part.
+  m.def("unscale_regions(Tensor pred, Tensor boxes, Tensor scale, Tensor base) -> Tensor");
+  // Returns (grad_pred [N, C, Sh, Sw], grad_scale [N], grad_base [B, C, H, W]).
+  m.def(
+      "unscale_regions_backward(Tensor grad, Tensor pred, Tensor boxes, Tensor scale) -> (Tensor, Tensor, "
+      "Tensor)");
 
 
   // ---------------------------------------------------------------- gating (csrc/gating)

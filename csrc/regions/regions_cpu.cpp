@@ -1,0 +1,402 @@
+// CPU kernels of L2SM region rescaling (see regions.h for the sampling maths).
+//
+// Determinism: every kernel gives the same bits whatever the thread count. Work is split so that no two
+// tasks write the same element: the forward passes and unscale_regions_backward over (box, channel)
+// (boxes of one image do not overlap in unscale_regions; scale_regions writes separate canvases), and
+// scale_regions_backward over (image, channel), each task visiting the boxes of its image in index order,
+// since boxes may overlap there. Per-(box, channel) partial gradients of `scale` go to their own slots and
+// are summed over channels afterwards in a fixed order.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/common.h"
+#include "regions/regions.h"
+
+namespace ck {
+namespace regions {
+namespace {
+
+struct Box {
+  int64_t b, y0, x0, h, w;
+};
+
+std::vector<Box> read_boxes(const at::Tensor& boxes, int64_t B, int64_t H, int64_t W) {
+  const int64_t N = boxes.size(0);
+  const int64_t* p = boxes.data_ptr<int64_t>();
+  std::vector<Box> out(N);
+  for (int64_t n = 0; n < N; ++n) {
+    Box bx{p[5 * n], p[5 * n + 1], p[5 * n + 2], p[5 * n + 3], p[5 * n + 4]};
+    TORCH_CHECK(bx.b >= 0 && bx.b < B, "boxes[", n, "]: batch index ", bx.b, " out of range [0, ", B, ")");
+    TORCH_CHECK(bx.h >= 1 && bx.w >= 1, "boxes[", n, "]: empty box (h=", bx.h, ", w=", bx.w, ")");
+    TORCH_CHECK(bx.y0 >= 0 && bx.x0 >= 0 && bx.y0 + bx.h <= H && bx.x0 + bx.w <= W, "boxes[", n,
+                "] = (y0=", bx.y0, ", x0=", bx.x0, ", h=", bx.h, ", w=", bx.w, ") lies outside the ", H, "x", W,
+                " image");
+    out[n] = bx;
+  }
+  return out;
+}
+
+// Per-box sampling tables of both axes, flattened: box n owns [off[n], off[n+1]) of the row table and
+// likewise of the column table.
+template <typename T>
+struct Tables {
+  std::vector<AxisSample<T>> ys, xs;
+  std::vector<int64_t> yoff, xoff;
+  int64_t rows(int64_t n) const { return yoff[n + 1] - yoff[n]; }
+  int64_t cols(int64_t n) const { return xoff[n + 1] - xoff[n]; }
+};
+
+// scale_regions: output rows i < min(floor(r*h), Sh) sample the h rows of the box.
+template <typename T>
+Tables<T> upsample_tables(const std::vector<Box>& boxes, const T* scale, int64_t Sh, int64_t Sw) {
+  Tables<T> t;
+  t.yoff.push_back(0);
+  t.xoff.push_back(0);
+  for (size_t n = 0; n < boxes.size(); ++n) {
+    const double r = static_cast<double>(scale[n]);
+    TORCH_CHECK(r > 0 && std::isfinite(r), "scale[", n, "] must be finite and > 0, got ", r);
+    const T inv_r = static_cast<T>(1.0 / r);
+    const int64_t vh = std::min(valid_extent(r, boxes[n].h), Sh);
+    const int64_t vw = std::min(valid_extent(r, boxes[n].w), Sw);
+    for (int64_t i = 0; i < vh; ++i) t.ys.push_back(upsample_axis<T>(i, inv_r, boxes[n].h));
+    for (int64_t j = 0; j < vw; ++j) t.xs.push_back(upsample_axis<T>(j, inv_r, boxes[n].w));
+    t.yoff.push_back(static_cast<int64_t>(t.ys.size()));
+    t.xoff.push_back(static_cast<int64_t>(t.xs.size()));
+  }
+  return t;
+}
+
+// unscale_regions: box rows i < h sample the valid min(floor(r*h), Sh) rows of the prediction. An empty
+// valid part gives an empty table: the box is then 0 (the Python layer rejects such a scale).
+template <typename T>
+Tables<T> downsample_tables(const std::vector<Box>& boxes, const T* scale, int64_t Sh, int64_t Sw) {
+  Tables<T> t;
+  t.yoff.push_back(0);
+  t.xoff.push_back(0);
+  for (size_t n = 0; n < boxes.size(); ++n) {
+    const double r = static_cast<double>(scale[n]);
+    TORCH_CHECK(r > 0 && std::isfinite(r), "scale[", n, "] must be finite and > 0, got ", r);
+    const int64_t vh = std::min(valid_extent(r, boxes[n].h), Sh);
+    const int64_t vw = std::min(valid_extent(r, boxes[n].w), Sw);
+    if (vh > 0 && vw > 0) {
+      for (int64_t i = 0; i < boxes[n].h; ++i) t.ys.push_back(downsample_axis<T>(i, scale[n], vh));
+      for (int64_t j = 0; j < boxes[n].w; ++j) t.xs.push_back(downsample_axis<T>(j, scale[n], vw));
+    }
+    t.yoff.push_back(static_cast<int64_t>(t.ys.size()));
+    t.xoff.push_back(static_cast<int64_t>(t.xs.size()));
+  }
+  return t;
+}
+
+// Enough elements per chunk (2^18) that waking the thread pool pays off, even on a busy machine where a
+// sleeping worker takes milliseconds to be scheduled: small calls (the one-channel density
+// maps of unscale_regions) then run on the calling thread.
+int64_t grain_for(int64_t elements_per_task) {
+  return std::max<int64_t>(1, 262144 / std::max<int64_t>(1, elements_per_task));
+}
+
+int64_t mean_box_area(const std::vector<Box>& boxes) {
+  int64_t area = 0;
+  for (const Box& b : boxes) area += b.h * b.w;
+  return boxes.empty() ? 1 : std::max<int64_t>(1, area / static_cast<int64_t>(boxes.size()));
+}
+
+void check_features(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+              " must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 4, name, " must be 4-D, got ", t.dim(), "-D");
+}
+
+// --------------------------------------------------------------------------------------- scale_regions
+
+at::Tensor scale_regions_cpu(const at::Tensor& features_in, const at::Tensor& boxes_in, const at::Tensor& scale_in,
+                             int64_t Sh, int64_t Sw) {
+  check_features(features_in, "features");
+  check_boxes_and_scale(boxes_in, scale_in, features_in);
+  TORCH_CHECK(Sh >= 1 && Sw >= 1, "out_size must be >= 1, got (", Sh, ", ", Sw, ")");
+  const at::Tensor features = features_in.contiguous();
+  const at::Tensor boxes = boxes_in.contiguous();
+  const at::Tensor scale = scale_in.contiguous();
+  const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
+  const std::vector<Box> bx = read_boxes(boxes, B, H, W);
+  const int64_t N = static_cast<int64_t>(bx.size());
+  at::Tensor out = ck::new_output({N, C, Sh, Sw}, features.options());
+  if (out.numel() == 0) return out;
+
+  AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "scale_regions_cpu", [&] {
+    using T = scalar_t;
+    const Tables<T> tab = upsample_tables<T>(bx, scale.data_ptr<T>(), Sh, Sw);
+    const T* feat = features.data_ptr<T>();
+    T* o_all = out.data_ptr<T>();
+    at::parallel_for(0, N * C, grain_for(Sh * Sw), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / C, c = t % C;
+        const Box& b = bx[n];
+        const T* f = feat + ((b.b * C + c) * H + b.y0) * W + b.x0;
+        T* o = o_all + t * Sh * Sw;
+        const AxisSample<T>* ys = tab.ys.data() + tab.yoff[n];
+        const AxisSample<T>* xs = tab.xs.data() + tab.xoff[n];
+        const int64_t vh = tab.rows(n), vw = tab.cols(n);
+        for (int64_t i = 0; i < vh; ++i) {
+          const T* r0 = f + ys[i].i0 * W;
+          const T* r1 = f + ys[i].i1 * W;
+          const T ly = ys[i].l;
+          T* orow = o + i * Sw;
+          for (int64_t j = 0; j < vw; ++j) {
+            const AxisSample<T>& x = xs[j];
+            orow[j] = bilinear(r0[x.i0], r0[x.i1], r1[x.i0], r1[x.i1], ly, x.l);
+          }
+          std::fill(orow + vw, orow + Sw, T(0));
+        }
+        std::fill(o + vh * Sw, o + Sh * Sw, T(0));
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> scale_regions_backward_cpu(const at::Tensor& grad_in, const at::Tensor& features_in,
+                                                              const at::Tensor& boxes_in, const at::Tensor& scale_in) {
+  check_features(features_in, "features");
+  check_features(grad_in, "grad");
+  check_boxes_and_scale(boxes_in, scale_in, features_in);
+  CK_CHECK_DTYPE(grad_in, features_in.scalar_type());
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor features = features_in.contiguous();
+  const at::Tensor boxes = boxes_in.contiguous();
+  const at::Tensor scale = scale_in.contiguous();
+  const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
+  const std::vector<Box> bx = read_boxes(boxes, B, H, W);
+  const int64_t N = static_cast<int64_t>(bx.size());
+  TORCH_CHECK(grad.size(0) == N && grad.size(1) == C, "grad must be [", N, ", ", C, ", Sh, Sw], got ",
+              grad.sizes());
+  const int64_t Sh = grad.size(2), Sw = grad.size(3);
+  at::Tensor grad_features = ck::new_output({B, C, H, W}, features.options());
+  at::Tensor grad_scale = ck::new_output({N}, scale.options());
+
+  // The boxes of each image in index order (a stable counting sort): the fixed order in which the task of
+  // (image, channel) accumulates them.
+  std::vector<int64_t> start(B + 1, 0), order(N);
+  for (const Box& b : bx) ++start[b.b + 1];
+  for (int64_t b = 0; b < B; ++b) start[b + 1] += start[b];
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t n = 0; n < N; ++n) order[fill[bx[n].b]++] = n;
+  }
+
+  AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "scale_regions_backward_cpu", [&] {
+    using T = scalar_t;
+    const Tables<T> tab = upsample_tables<T>(bx, scale.data_ptr<T>(), Sh, Sw);
+    const T* feat = features.data_ptr<T>();
+    const T* g_all = grad.data_ptr<T>();
+    T* gf_all = grad_features.data_ptr<T>();
+    std::vector<double> partial(N * C, 0.0);  // d loss / d r of (box, channel)
+    at::parallel_for(0, B * C, grain_for(H * W), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t b = t / C, c = t % C;
+        T* gimg = gf_all + t * H * W;
+        std::fill(gimg, gimg + H * W, T(0));
+        for (int64_t k = start[b]; k < start[b + 1]; ++k) {
+          const int64_t n = order[k];
+          const Box& box = bx[n];
+          const T* f = feat + t * H * W + box.y0 * W + box.x0;
+          T* gf = gimg + box.y0 * W + box.x0;
+          const T* g = g_all + (n * C + c) * Sh * Sw;
+          const AxisSample<T>* ys = tab.ys.data() + tab.yoff[n];
+          const AxisSample<T>* xs = tab.xs.data() + tab.xoff[n];
+          const int64_t vh = tab.rows(n), vw = tab.cols(n);
+          double dr = 0.0;
+          for (int64_t i = 0; i < vh; ++i) {
+            const AxisSample<T>& y = ys[i];
+            const T* f0 = f + y.i0 * W;
+            const T* f1 = f + y.i1 * W;
+            T* g0 = gf + y.i0 * W;
+            T* g1 = gf + y.i1 * W;
+            const T* grow = g + i * Sw;
+            T row_dr = T(0);
+            for (int64_t j = 0; j < vw; ++j) {
+              const AxisSample<T>& x = xs[j];
+              const T gv = grow[j];
+              T w[4];
+              bilinear_weights(y.l, x.l, w);
+              g0[x.i0] += gv * w[0];
+              g0[x.i1] += gv * w[1];
+              g1[x.i0] += gv * w[2];
+              g1[x.i1] += gv * w[3];
+              row_dr += gv * bilinear_dr(f0[x.i0], f0[x.i1], f1[x.i0], f1[x.i1], y.l, x.l, y.dsrc_dr, x.dsrc_dr);
+            }
+            dr += static_cast<double>(row_dr);
+          }
+          partial[n * C + c] = dr;
+        }
+      }
+    });
+    T* gs = grad_scale.data_ptr<T>();
+    for (int64_t n = 0; n < N; ++n) {
+      double s = 0.0;
+      for (int64_t c = 0; c < C; ++c) s += partial[n * C + c];
+      gs[n] = static_cast<T>(s);
+    }
+  });
+  return {grad_features, grad_scale};
+}
+
+// ------------------------------------------------------------------------------------- unscale_regions
+
+at::Tensor unscale_regions_cpu(const at::Tensor& pred_in, const at::Tensor& boxes_in, const at::Tensor& scale_in,
+                               const at::Tensor& base_in) {
+  check_features(pred_in, "pred");
+  check_features(base_in, "base");
+  CK_CHECK_DTYPE(base_in, pred_in.scalar_type());
+  CK_CHECK_DEVICE(base_in, pred_in);
+  check_boxes_and_scale(boxes_in, scale_in, pred_in);
+  const at::Tensor pred = pred_in.contiguous();
+  const at::Tensor boxes = boxes_in.contiguous();
+  const at::Tensor scale = scale_in.contiguous();
+  const int64_t B = base_in.size(0), C = base_in.size(1), H = base_in.size(2), W = base_in.size(3);
+  const std::vector<Box> bx = read_boxes(boxes, B, H, W);
+  const int64_t N = static_cast<int64_t>(bx.size());
+  TORCH_CHECK(pred.size(0) == N && pred.size(1) == C, "pred must be [", N, ", ", C, ", Sh, Sw], got ",
+              pred.sizes());
+  const int64_t Sh = pred.size(2), Sw = pred.size(3);
+  at::Tensor out = ck::new_output({B, C, H, W}, base_in.options());
+  out.copy_(base_in);
+  if (N * C == 0) return out;
+
+  AT_DISPATCH_FLOATING_TYPES(pred.scalar_type(), "unscale_regions_cpu", [&] {
+    using T = scalar_t;
+    const T* sc = scale.data_ptr<T>();
+    const Tables<T> tab = downsample_tables<T>(bx, sc, Sh, Sw);
+    const T* p_all = pred.data_ptr<T>();
+    T* o_all = out.data_ptr<T>();
+    at::parallel_for(0, N * C, grain_for(mean_box_area(bx)), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / C, c = t % C;
+        const Box& box = bx[n];
+        T* o = o_all + ((box.b * C + c) * H + box.y0) * W + box.x0;
+        if (tab.rows(n) == 0) {
+          for (int64_t i = 0; i < box.h; ++i) std::fill(o + i * W, o + i * W + box.w, T(0));
+          continue;
+        }
+        const T r2 = sc[n] * sc[n];
+        const T* p = p_all + t * Sh * Sw;
+        const AxisSample<T>* ys = tab.ys.data() + tab.yoff[n];
+        const AxisSample<T>* xs = tab.xs.data() + tab.xoff[n];
+        for (int64_t i = 0; i < box.h; ++i) {
+          const T* p0 = p + ys[i].i0 * Sw;
+          const T* p1 = p + ys[i].i1 * Sw;
+          const T ly = ys[i].l;
+          T* orow = o + i * W;
+          for (int64_t j = 0; j < box.w; ++j) {
+            const AxisSample<T>& x = xs[j];
+            orow[j] = r2 * bilinear(p0[x.i0], p0[x.i1], p1[x.i0], p1[x.i1], ly, x.l);
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> unscale_regions_backward_cpu(const at::Tensor& grad_in,
+                                                                            const at::Tensor& pred_in,
+                                                                            const at::Tensor& boxes_in,
+                                                                            const at::Tensor& scale_in) {
+  check_features(pred_in, "pred");
+  check_features(grad_in, "grad");
+  CK_CHECK_DTYPE(grad_in, pred_in.scalar_type());
+  check_boxes_and_scale(boxes_in, scale_in, pred_in);
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor pred = pred_in.contiguous();
+  const at::Tensor boxes = boxes_in.contiguous();
+  const at::Tensor scale = scale_in.contiguous();
+  const int64_t B = grad.size(0), C = grad.size(1), H = grad.size(2), W = grad.size(3);
+  const std::vector<Box> bx = read_boxes(boxes, B, H, W);
+  const int64_t N = static_cast<int64_t>(bx.size());
+  TORCH_CHECK(pred.size(0) == N && pred.size(1) == C, "pred must be [", N, ", ", C, ", Sh, Sw], got ",
+              pred.sizes());
+  const int64_t Sh = pred.size(2), Sw = pred.size(3);
+  at::Tensor grad_pred = ck::new_output({N, C, Sh, Sw}, pred.options());
+  at::Tensor grad_scale = ck::new_output({N}, scale.options());
+  at::Tensor grad_base = ck::new_output({B, C, H, W}, grad.options());
+  grad_base.copy_(grad);
+
+  AT_DISPATCH_FLOATING_TYPES(pred.scalar_type(), "unscale_regions_backward_cpu", [&] {
+    using T = scalar_t;
+    const T* sc = scale.data_ptr<T>();
+    const Tables<T> tab = downsample_tables<T>(bx, sc, Sh, Sw);
+    const T* p_all = pred.data_ptr<T>();
+    const T* g_all = grad.data_ptr<T>();
+    T* gp_all = grad_pred.data_ptr<T>();
+    T* gb_all = grad_base.data_ptr<T>();
+    std::vector<double> partial(N * C, 0.0);
+    at::parallel_for(0, N * C, grain_for(mean_box_area(bx) + Sh * Sw), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / C, c = t % C;
+        const Box& box = bx[n];
+        const int64_t off = ((box.b * C + c) * H + box.y0) * W + box.x0;
+        const T* g = g_all + off;
+        T* gb = gb_all + off;
+        T* gp = gp_all + t * Sh * Sw;
+        std::fill(gp, gp + Sh * Sw, T(0));
+        if (tab.rows(n) > 0) {
+          const T r = sc[n];
+          const T r2 = r * r;
+          const T* p = p_all + t * Sh * Sw;
+          const AxisSample<T>* ys = tab.ys.data() + tab.yoff[n];
+          const AxisSample<T>* xs = tab.xs.data() + tab.xoff[n];
+          double dr = 0.0;
+          for (int64_t i = 0; i < box.h; ++i) {
+            const AxisSample<T>& y = ys[i];
+            const T* p0 = p + y.i0 * Sw;
+            const T* p1 = p + y.i1 * Sw;
+            T* q0 = gp + y.i0 * Sw;
+            T* q1 = gp + y.i1 * Sw;
+            const T* grow = g + i * W;
+            T row_dr = T(0);
+            for (int64_t j = 0; j < box.w; ++j) {
+              const AxisSample<T>& x = xs[j];
+              const T gv = grow[j];
+              T w[4];
+              bilinear_weights(y.l, x.l, w);
+              const T gr = gv * r2;
+              q0[x.i0] += gr * w[0];
+              q0[x.i1] += gr * w[1];
+              q1[x.i0] += gr * w[2];
+              q1[x.i1] += gr * w[3];
+              const T v00 = p0[x.i0], v01 = p0[x.i1], v10 = p1[x.i0], v11 = p1[x.i1];
+              // d(r^2 S)/dr = 2 r S + r^2 dS/dr
+              row_dr += gv * (T(2) * r * bilinear(v00, v01, v10, v11, y.l, x.l) +
+                              r2 * bilinear_dr(v00, v01, v10, v11, y.l, x.l, y.dsrc_dr, x.dsrc_dr));
+            }
+            dr += static_cast<double>(row_dr);
+          }
+          partial[t] = dr;
+        }
+        // The box's output does not depend on base.
+        for (int64_t i = 0; i < box.h; ++i) std::fill(gb + i * W, gb + i * W + box.w, T(0));
+      }
+    });
+    T* gs = grad_scale.data_ptr<T>();
+    for (int64_t n = 0; n < N; ++n) {
+      double s = 0.0;
+      for (int64_t c = 0; c < C; ++c) s += partial[n * C + c];
+      gs[n] = static_cast<T>(s);
+    }
+  });
+  return {grad_pred, grad_scale, grad_base};
+}
+
+}  // namespace
+}  // namespace regions
+}  // namespace ck
+
+TORCH_LIBRARY_IMPL(crowdkernels, CPU, m) {
+  m.impl("scale_regions", &ck::regions::scale_regions_cpu);
+  m.impl("scale_regions_backward", &ck::regions::scale_regions_backward_cpu);
+  m.impl("unscale_regions", &ck::regions::unscale_regions_cpu);
+  m.impl("unscale_regions_backward", &ck::regions::unscale_regions_backward_cpu);
+}
