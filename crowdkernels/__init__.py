@@ -26,6 +26,8 @@ from .ops.gating import GatingOutput, hierarchical_gating
 
 
 # ---- local counts and losses, HMoDE eq. 2 (issue 5)
+from .ops.local_count import local_counts
+from . import losses
 
 
 # ---- models (issue 6)

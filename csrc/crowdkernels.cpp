@@ -66,6 +66,17 @@ TORCH_LIBRARY(crowdkernels, m) {
 
 
   // ---------------------------------------------------------------- local_count (csrc/local_count)
+  // pred, target: [B, H, W] (same dtype: float16/bfloat16/float32/float64, accumulated in at least
+  // float32). Non-overlapping window_h x window_w windows, row-major; keep_partial counts the windows
+  // cut by the right/bottom edge. Returns three [B, R]: the window sums of pred, of target, and of the
+  // pixel-wise squared error (pred - target)^2 (HMoDE sec. III-C: X, Xg and the local error map R).
+  m.def("local_counts(Tensor pred, Tensor target, int window_h, int window_w, bool keep_partial) -> (Tensor, Tensor, Tensor)");
+  // Gradients of the three [B, R] outputs (None: no gradient, as zeros, without reading what it would
+  // need) -> (grad_pred [B, H, W], grad_target [B, H, W]); output_mask[i] false returns a [0] tensor.
+  m.def(
+      "local_counts_backward(Tensor? grad_pred_counts, Tensor? grad_target_counts, Tensor? grad_sq_error, "
+      "Tensor pred, Tensor target, int window_h, int window_w, bool keep_partial, bool[2] output_mask) "
+      "-> (Tensor, Tensor)");
 
 
   // ---------------------------------------------------------------- end of schemas
