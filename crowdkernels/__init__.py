@@ -22,6 +22,7 @@ from .ops.regions import (
 
 
 # ---- hierarchical gating, HMoDE eq. 1 (issue 4)
+from .ops.gating import GatingOutput, hierarchical_gating
 
 
 # ---- local counts and losses, HMoDE eq. 2 (issue 5)

@@ -1,0 +1,380 @@
+// Hierarchical gating fusion (HMoDE eq. 1): C++ (OpenMP through at::parallel_for) forward and backward.
+//
+// Experts arrive packed: `experts` is [B, S], expert k's [h_k, w_k] plane starting at column
+// sum_{k' < k} h_k' * w_k' (expert_sizes = [h_0, w_0, h_1, w_1, ...]). Gates are [B, M*N, hg1, wg1] and
+// [B, M, hg2, wg2]. Everything is sampled at the [H, W] output pixel as F.interpolate would sample it.
+//
+// Determinism: the forward writes each output pixel from one thread, and the per-row importance partials are
+// summed over rows in a fixed order. The backward runs in two passes so that no two threads ever add to the
+// same gradient element: pass 1 (parallel over output rows) folds each output row onto the native columns of
+// every input into a private row of a [B*H, sum of widths] buffer; pass 2 (parallel over native rows of every
+// input) adds those rows, in increasing output-row order, into the native row that owns them. The bits are
+// therefore the same whatever torch.set_num_threads says.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/common.h"
+#include "gating/gating.h"
+
+namespace ck {
+namespace gating {
+namespace {
+
+// Where every input lives and how it maps onto the output grid. Index g < K is expert g, K is gate1, K+1 gate2.
+template <typename T>
+struct Geometry {
+  int64_t B, K, M, N, H, W, S;
+  // Channel stride of the CPU row buffers: W padded so that it is an odd multiple of 16 elements; a
+  // power-of-two stride would put a pixel's ~30 channels in the same cache sets.
+  int64_t RS;
+  bool bilinear;
+  std::vector<int64_t> h, w;      // [K + 2]
+  std::vector<int64_t> offset;    // [K]: expert k's first column in the packed [B, S] tensor
+  std::vector<std::vector<Taps<T>>> ty, tx;  // [K + 2][H], [K + 2][W]
+};
+
+template <typename T>
+Geometry<T> make_geometry(const at::Tensor& experts, at::IntArrayRef sizes, const at::Tensor& gate1,
+                          const at::Tensor& gate2, const at::Tensor& groups, int64_t H, int64_t W,
+                          bool bilinear) {
+  Geometry<T> g;
+  g.B = experts.size(0);
+  g.S = experts.size(1);
+  g.K = static_cast<int64_t>(sizes.size()) / 2;
+  g.M = groups.size(0);
+  g.N = groups.size(1);
+  g.H = H;
+  g.W = W;
+  g.RS = (W + 15) / 16 * 16;
+  if ((g.RS / 16) % 2 == 0) g.RS += 16;
+  g.bilinear = bilinear;
+  int64_t off = 0;
+  for (int64_t k = 0; k < g.K; ++k) {
+    g.h.push_back(sizes[2 * k]);
+    g.w.push_back(sizes[2 * k + 1]);
+    g.offset.push_back(off);
+    off += sizes[2 * k] * sizes[2 * k + 1];
+  }
+  TORCH_CHECK(off == g.S, "experts has ", g.S, " columns but expert_sizes describe ", off);
+  g.h.push_back(gate1.size(2));
+  g.w.push_back(gate1.size(3));
+  g.h.push_back(gate2.size(2));
+  g.w.push_back(gate2.size(3));
+  g.ty.resize(g.K + 2);
+  g.tx.resize(g.K + 2);
+  for (int64_t p = 0; p < g.K + 2; ++p) {
+    for (int64_t y = 0; y < H; ++y) g.ty[p].push_back(taps<T>(bilinear, y, g.h[p], H));
+    for (int64_t x = 0; x < W; ++x) g.tx[p].push_back(taps<T>(bilinear, x, g.w[p], W));
+  }
+  return g;
+}
+
+void check_inputs(const at::Tensor& experts, at::IntArrayRef sizes, const at::Tensor& gate1,
+                  const at::Tensor& gate2, const at::Tensor& groups, int64_t H, int64_t W) {
+  CK_CHECK_FLOATING(experts);
+  CK_CHECK_DIM(experts, 2);
+  CK_CHECK_DIM(gate1, 4);
+  CK_CHECK_DIM(gate2, 4);
+  CK_CHECK_DIM(groups, 2);
+  CK_CHECK_DTYPE(gate1, experts.scalar_type());
+  CK_CHECK_DTYPE(gate2, experts.scalar_type());
+  CK_CHECK_DTYPE(groups, at::kLong);
+  TORCH_CHECK(sizes.size() >= 4 && sizes.size() % 2 == 0, "expert_sizes must hold (h, w) of K >= 2 experts");
+  for (auto s : sizes) TORCH_CHECK(s > 0, "expert_sizes must be positive");
+  TORCH_CHECK(H > 0 && W > 0, "height and width must be positive, got ", H, "x", W);
+  const int64_t K = static_cast<int64_t>(sizes.size()) / 2, M = groups.size(0), N = groups.size(1);
+  TORCH_CHECK(M >= 1 && N >= 1 && N <= K, "groups must be [M, N] with 1 <= N <= K");
+  TORCH_CHECK(gate1.size(0) == experts.size(0) && gate2.size(0) == experts.size(0), "batch sizes differ");
+  TORCH_CHECK(gate1.size(1) == M * N, "gate1 must have M*N = ", M * N, " channels, got ", gate1.size(1));
+  TORCH_CHECK(gate2.size(1) == M, "gate2 must have M = ", M, " channels, got ", gate2.size(1));
+  TORCH_CHECK(groups.numel() == 0 || (groups.min().item<int64_t>() >= 0 && groups.max().item<int64_t>() < K),
+              "groups must index experts 0..", K - 1);
+}
+
+// Samples every input along output row y of image b into rows of `buf` (channel stride RS): the K experts,
+// then G1 (M*N rows) and G2 (M rows), softmaxed. With nearest upsampling the gates are softmaxed once per
+// native gate pixel, on a cached native row (many output rows and columns share one gate pixel), and then
+// gathered; with bilinear the interpolated logits are softmaxed at every output pixel.
+template <typename T>
+struct RowSampler {
+  const Geometry<T>& g;
+  const T* E;
+  const T* G1;
+  const T* G2;
+  T* buf;
+  T* nat1;
+  T* nat2;
+  int64_t key1 = -1, key2 = -1;  // b * h + source row of the native gate rows held in nat1 / nat2
+
+  T* erow() const { return buf; }
+  T* g1row() const { return buf + g.K * g.RS; }
+  T* g2row() const { return buf + (g.K + g.M * g.N) * g.RS; }
+  static int64_t rows(const Geometry<T>& geo) { return geo.K + geo.M * geo.N + geo.M; }
+
+  void load(int64_t b, int64_t y) {
+    const int64_t W = g.W, RS = g.RS, K = g.K, M = g.M, N = g.N, MN = M * N;
+    for (int64_t k = 0; k < K; ++k) {
+      const T* plane = E + b * g.S + g.offset[k];
+      const Taps<T> ty = g.ty[k][y];
+      const Taps<T>* tx = g.tx[k].data();
+      T* dst = erow() + k * RS;
+      for (int64_t x = 0; x < W; ++x) dst[x] = sample(plane, g.w[k], g.bilinear, ty, tx[x]);
+    }
+    if (g.bilinear) {
+      for (int64_t c = 0; c < MN + M; ++c) {
+        const int64_t p = c < MN ? K : K + 1;
+        const int64_t hw = g.h[p] * g.w[p];
+        const T* plane = c < MN ? G1 + (b * MN + c) * hw : G2 + (b * M + (c - MN)) * hw;
+        const Taps<T> ty = g.ty[p][y];
+        const Taps<T>* tx = g.tx[p].data();
+        T* dst = g1row() + c * RS;
+        for (int64_t x = 0; x < W; ++x) dst[x] = sample(plane, g.w[p], true, ty, tx[x]);
+      }
+      for (int64_t x = 0; x < W; ++x) softmax_gates(g1row() + x, g2row() + x, M, N, RS);
+      return;
+    }
+    native_softmax_row(G1, b, y, K, MN, N, nat1, key1, g1row());
+    native_softmax_row(G2, b, y, K + 1, M, M, nat2, key2, g2row());
+  }
+
+  // Nearest only: softmax (over runs of `n` channels) of the native gate row that output row y reads, then
+  // gathered along the row. `channels` rows of geometry p.
+  void native_softmax_row(const T* G, int64_t b, int64_t y, int64_t p, int64_t channels, int64_t n, T* nat,
+                          int64_t& key, T* dst) {
+    const int64_t h = g.h[p], w = g.w[p], sy = g.ty[p][y].i0, W = g.W, RS = g.RS;
+    if (key != b * h + sy) {
+      for (int64_t c = 0; c < channels; ++c) {
+        const T* src = G + ((b * channels + c) * h + sy) * w;
+        std::copy(src, src + w, nat + c * w);
+      }
+      for (int64_t xx = 0; xx < w; ++xx)
+        for (int64_t first = 0; first < channels; first += n) softmax(nat + first * w + xx, n, w);
+      key = b * h + sy;
+    }
+    const Taps<T>* tx = g.tx[p].data();
+    for (int64_t c = 0; c < channels; ++c)
+      for (int64_t x = 0; x < W; ++x) dst[c * RS + x] = nat[c * w + tx[x].i0];
+  }
+};
+
+// Per-chunk scratch through the torch allocator (so memory profilers see it): `rows` rows of W, plus the
+// two native gate rows RowSampler caches.
+template <typename T>
+at::Tensor make_scratch(const Geometry<T>& g, int64_t rows, const at::TensorOptions& options) {
+  const int64_t K = g.K, MN = g.M * g.N;
+  return at::empty({rows * g.RS + MN * g.w[K] + g.M * g.w[K + 1]}, options);
+}
+
+template <typename T>
+RowSampler<T> make_sampler(const Geometry<T>& g, const at::Tensor& experts, const at::Tensor& gate1,
+                           const at::Tensor& gate2, at::Tensor& scratch, int64_t rows) {
+  T* base = scratch.data_ptr<T>();
+  T* nat1 = base + rows * g.RS;
+  return RowSampler<T>{g, experts.data_ptr<T>(), gate1.data_ptr<T>(), gate2.data_ptr<T>(), base, nat1,
+                       nat1 + g.M * g.N * g.w[g.K]};
+}
+
+int64_t row_grain(int64_t W) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(W, 1)); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_forward_cpu(const at::Tensor& experts_,
+                                                                  at::IntArrayRef expert_sizes,
+                                                                  const at::Tensor& gate1_,
+                                                                  const at::Tensor& gate2_,
+                                                                  const at::Tensor& groups_, int64_t height,
+                                                                  int64_t width, bool bilinear) {
+  check_inputs(experts_, expert_sizes, gate1_, gate2_, groups_, height, width);
+  const auto experts = experts_.contiguous();
+  const auto gate1 = gate1_.contiguous();
+  const auto gate2 = gate2_.contiguous();
+  const auto groups = groups_.contiguous();
+  const int64_t B = experts.size(0), M = groups.size(0), N = groups.size(1), H = height, W = width;
+  auto final_ = ck::new_output({B, 1, H, W}, experts.options());
+  auto group_maps = ck::new_output({B, M, H, W}, experts.options());
+  auto importance = ck::new_output({B, M, N}, experts.options());
+
+  AT_DISPATCH_FLOATING_TYPES(experts.scalar_type(), "gating_forward_cpu", [&] {
+    using T = scalar_t;
+    const auto geo = make_geometry<T>(experts, expert_sizes, gate1, gate2, groups, H, W, bilinear);
+    const int64_t MN = M * N;
+    const int64_t* grp = groups.data_ptr<int64_t>();
+    // Scratch through the torch allocator, so that memory profilers see it like any tensor.
+    const auto imp_rows_t = at::empty({B * H, MN}, experts.options());
+    T* imp_rows = imp_rows_t.data_ptr<T>();
+    T* out = final_.data_ptr<T>();
+    T* gmo = group_maps.data_ptr<T>();
+    at::parallel_for(0, B * H, row_grain(W), [&](int64_t begin, int64_t end) {
+      const int64_t rows = RowSampler<T>::rows(geo);
+      auto scratch = make_scratch(geo, rows, experts.options());
+      auto rs = make_sampler(geo, experts, gate1, gate2, scratch, rows);
+      const T* e = rs.erow();
+      const T* g1 = rs.g1row();
+      const T* g2 = rs.g2row();
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / H, y = row % H;
+        rs.load(b, y);
+        T* gm = gmo + (b * M * H + y) * W;
+        fuse_forward(e, g1, g2, gm, out + row * W, grp, M, N, geo.RS, H * W, W);
+        for (int64_t c = 0; c < MN; ++c) {
+          T acc = 0;
+          for (int64_t x = 0; x < W; ++x) acc += g1[c * geo.RS + x];
+          imp_rows[row * MN + c] = acc;
+        }
+      }
+    });
+    T* imp = importance.data_ptr<T>();
+    at::parallel_for(0, B * MN, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t b = u / MN, c = u % MN;
+        T acc = 0;
+        for (int64_t y = 0; y < H; ++y) acc += imp_rows[(b * H + y) * MN + c];
+        imp[u] = acc;
+      }
+    });
+  });
+  return {final_, group_maps, importance};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_backward_cpu(
+    const std::optional<at::Tensor>& grad_final_, const std::optional<at::Tensor>& grad_group_maps_,
+    const std::optional<at::Tensor>& grad_importance_, const at::Tensor& experts_, at::IntArrayRef expert_sizes,
+    const at::Tensor& gate1_, const at::Tensor& gate2_, const at::Tensor& groups_, int64_t height, int64_t width,
+    bool bilinear) {
+  check_inputs(experts_, expert_sizes, gate1_, gate2_, groups_, height, width);
+  const auto experts = experts_.contiguous();
+  const auto gate1 = gate1_.contiguous();
+  const auto gate2 = gate2_.contiguous();
+  const auto groups = groups_.contiguous();
+  const int64_t B = experts.size(0), M = groups.size(0), N = groups.size(1), H = height, W = width;
+  const int64_t K = static_cast<int64_t>(expert_sizes.size()) / 2, MN = M * N;
+  auto opt = [&](const std::optional<at::Tensor>& t, at::IntArrayRef shape, const char* name) {
+    if (!t.has_value() || !t->defined()) return at::Tensor();
+    TORCH_CHECK(t->sizes() == shape, name, " must have shape ", shape, ", got ", t->sizes());
+    CK_CHECK_DTYPE(*t, experts.scalar_type());
+    return t->contiguous();
+  };
+  const auto gf_t = opt(grad_final_, {B, 1, H, W}, "grad_final");
+  const auto ggm_t = opt(grad_group_maps_, {B, M, H, W}, "grad_group_maps");
+  const auto gimp_t = opt(grad_importance_, {B, M, N}, "grad_importance");
+
+  auto grad_experts = ck::new_output(experts.sizes(), experts.options());
+  auto grad_gate1 = ck::new_output(gate1.sizes(), gate1.options());
+  auto grad_gate2 = ck::new_output(gate2.sizes(), gate2.options());
+
+  AT_DISPATCH_FLOATING_TYPES(experts.scalar_type(), "gating_backward_cpu", [&] {
+    using T = scalar_t;
+    const auto geo = make_geometry<T>(experts, expert_sizes, gate1, gate2, groups, H, W, bilinear);
+    const int64_t* grp = groups.data_ptr<int64_t>();
+    const T* gf = gf_t.defined() ? gf_t.data_ptr<T>() : nullptr;
+    const T* ggm = ggm_t.defined() ? ggm_t.data_ptr<T>() : nullptr;
+    const T* gimp = gimp_t.defined() ? gimp_t.data_ptr<T>() : nullptr;
+
+    // Planes of the native-resolution gradients: K experts, then gate1's M*N channels, then gate2's M.
+    // geom: which Geometry entry maps the plane; col: its first column in a fold row; out/stride: where
+    // its gradient goes.
+    const int64_t P = K + MN + M;
+    std::vector<int64_t> geom(P), col(P), row_start(P + 1, 0);
+    std::vector<T*> out(P);
+    T* gE = grad_experts.data_ptr<T>();
+    T* gG1 = grad_gate1.data_ptr<T>();
+    T* gG2 = grad_gate2.data_ptr<T>();
+    int64_t width_sum = 0;
+    for (int64_t p = 0; p < P; ++p) {
+      geom[p] = p < K ? p : (p < K + MN ? K : K + 1);
+      col[p] = width_sum;
+      width_sum += geo.w[geom[p]];
+      row_start[p + 1] = row_start[p] + geo.h[geom[p]];
+    }
+    const int64_t rows_per_image = row_start[P];
+    // Batch stride of each plane's gradient, and its offset inside image 0.
+    auto plane_base = [&](int64_t p, int64_t b) -> T* {
+      if (p < K) return gE + b * geo.S + geo.offset[p];
+      const int64_t hw1 = geo.h[K] * geo.w[K], hw2 = geo.h[K + 1] * geo.w[K + 1];
+      if (p < K + MN) return gG1 + (b * MN + (p - K)) * hw1;
+      return gG2 + (b * M + (p - K - MN)) * hw2;
+    };
+
+    // Pass 1: fold every output row onto each input's native columns (torch allocator: profilers see it).
+    const auto fold_t = at::empty({B * H, width_sum}, experts.options());
+    T* fold = fold_t.data_ptr<T>();
+    at::parallel_for(0, B * H, row_grain(W), [&](int64_t begin, int64_t end) {
+      // Rows: the sampler's, then the group maps [M], de [K], dl1 [M*N], dl2 [M], and 3 more: zeros (for
+      // an absent grad_final) and fuse_backward's scratch.
+      const int64_t rows = RowSampler<T>::rows(geo) + M + K + MN + M + 3;
+      auto scratch = make_scratch(geo, rows, experts.options());
+      auto rs = make_sampler(geo, experts, gate1, gate2, scratch, rows);
+      const T* e = rs.erow();
+      const T* g1 = rs.g1row();
+      const T* g2 = rs.g2row();
+      const int64_t RS = geo.RS;
+      T* gm = rs.buf + RowSampler<T>::rows(geo) * RS;
+      T* de = gm + M * RS;
+      T* dl1 = de + K * RS;
+      T* dl2 = dl1 + MN * RS;
+      T* zeros = dl2 + M * RS;
+      T* tmp = zeros + RS;
+      std::fill(zeros, zeros + W, T(0));
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / H, y = row % H;
+        rs.load(b, y);
+        const T* ggm_row = ggm ? ggm + (b * M * H + y) * W : nullptr;
+        fuse_forward(e, g1, g2, gm, tmp, grp, M, N, RS, RS, W);  // final itself is not needed
+        fuse_backward(e, g1, g2, gm, grp, K, M, N, gf ? gf + row * W : zeros, ggm_row, H * W,
+                      gimp ? gimp + b * MN : nullptr, de, dl1, dl2, RS, W, tmp);
+        // Fold the row onto each input's native columns (adjoint of the column sampling).
+        T* f = fold + row * width_sum;
+        std::fill(f, f + width_sum, T(0));
+        for (int64_t p = 0; p < P; ++p) {
+          const Taps<T>* tx = geo.tx[geom[p]].data();
+          const T* d = de + p * RS;  // de, dl1 and dl2 are consecutive rows, in plane order
+          T* fp = f + col[p];
+          for (int64_t x = 0; x < W; ++x) scatter_row(fp, bilinear, tx[x], d[x]);
+        }
+      }
+    });
+
+    // Output rows [lo, hi) of each geometry's native row r (empty when downsampling skips r).
+    std::vector<std::vector<int64_t>> lo(K + 2), hi(K + 2);
+    for (int64_t g = 0; g < K + 2; ++g) {
+      lo[g].assign(geo.h[g], H);
+      hi[g].assign(geo.h[g], 0);
+      for (int64_t y = 0; y < H; ++y) {
+        for (int64_t r : {geo.ty[g][y].i0, geo.ty[g][y].i1}) {
+          lo[g][r] = std::min(lo[g][r], y);
+          hi[g][r] = std::max(hi[g][r], y + 1);
+        }
+      }
+    }
+
+    // Pass 2: each native row of each input is owned by one work item, which adds its output rows in order.
+    at::parallel_for(0, B * rows_per_image, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t b = u / rows_per_image, rem = u % rows_per_image;
+        const int64_t p = std::upper_bound(row_start.begin(), row_start.end(), rem) - row_start.begin() - 1;
+        const int64_t r = rem - row_start[p], g = geom[p], w = geo.w[g];
+        T* dst = plane_base(p, b) + r * w;
+        std::fill(dst, dst + w, T(0));
+        for (int64_t y = lo[g][r]; y < hi[g][r]; ++y) {
+          const auto& t = geo.ty[g][y];
+          T coef = 0;
+          if (t.i0 == r) coef += t.w0;
+          if (bilinear && t.i1 == r) coef += t.w1;
+          const T* src = fold + (b * H + y) * width_sum + col[p];
+          for (int64_t c = 0; c < w; ++c) dst[c] += coef * src[c];
+        }
+      }
+    });
+  });
+  return {grad_experts, grad_gate1, grad_gate2};
+}
+
+}  // namespace
+}  // namespace gating
+}  // namespace ck
+
+TORCH_LIBRARY_IMPL(crowdkernels, CPU, m) {
+  m.impl("gating_forward", &ck::gating::gating_forward_cpu);
+  m.impl("gating_backward", &ck::gating::gating_backward_cpu);
+}

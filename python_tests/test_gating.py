@@ -1,0 +1,339 @@
+"""hierarchical_gating (HMoDE eq. 1): every backend against the eager reference written from eq. 1."""
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import crowdkernels as ck
+from crowdkernels import _ext
+from crowdkernels.ops import gating as gating_mod
+from crowdkernels.ops import reference
+
+MODES = ["nearest", "bilinear"]
+
+# (name, expert sizes, groups or None, gate1 size, gate2 size, output size). Output sizes are deliberately
+# not multiples of the inputs'; "down" makes an expert larger than the output (rows/columns skipped).
+CASES = [
+    ("K3N2", [(10, 12), (5, 6), (3, 4)], None, (4, 5), (4, 5), (75, 90)),
+    ("K4N3", [(9, 11), (5, 6), (3, 3), (2, 3)], list(itertools.combinations(range(4), 3)), (3, 4), (5, 3), (23, 29)),
+    ("K4N2", [(8, 8), (4, 4), (2, 2), (4, 3)], list(itertools.combinations(range(4), 2)), (2, 2), (2, 2), (17, 19)),
+    ("N1", [(6, 7), (3, 4), (2, 2)], [[2], [0], [1], [0]], (3, 3), (2, 5), (13, 15)),
+    ("down", [(12, 9), (4, 5)], [[1, 0]], (6, 2), (1, 1), (7, 11)),
+]
+
+
+def make_inputs(experts_hw, groups, g1_hw, g2_hw, B=2, dtype=torch.float64, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    K = len(experts_hw)
+    groups = torch.tensor(groups if groups is not None else list(itertools.combinations(range(K), 2)))
+    M, N = groups.shape
+    experts = [torch.rand(B, 1, h, w, generator=gen, dtype=torch.float64).to(device, dtype) for h, w in experts_hw]
+    g1 = (2 * torch.randn(B, M * N, *g1_hw, generator=gen, dtype=torch.float64)).to(device, dtype)
+    g2 = (2 * torch.randn(B, M, *g2_hw, generator=gen, dtype=torch.float64)).to(device, dtype)
+    return experts, g1, g2, groups.to(device)
+
+
+def upstream(B, M, N, size, dtype, device, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(
+        torch.randn(shape, generator=gen, dtype=torch.float64).to(device, dtype)
+        for shape in ((B, 1, *size), (B, M, *size), (B, M, N))
+    )
+
+
+def reference_with_grads(experts, g1, g2, groups, size, mode, grads):
+    leaves = [t.detach().clone().requires_grad_() for t in [*experts, g1, g2]]
+    K = len(experts)
+    out = reference.hierarchical_gating(leaves[:K], leaves[K], leaves[K + 1], groups, size, mode)
+    return out, torch.autograd.grad(out, leaves, grads)
+
+
+def assert_close_all(got, want, rtol, atol):
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
+
+
+# ------------------------------------------------------------------------------------- public function
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_values_and_gradients_match_reference(device, case, mode):
+    _, ehw, groups, g1hw, g2hw, size = case
+    experts, g1, g2, groups_t = make_inputs(ehw, groups, g1hw, g2hw, device=device)
+    M, N = groups_t.shape
+    grads = upstream(2, M, N, size, torch.float64, device)
+    want, want_grads = reference_with_grads(experts, g1, g2, groups_t, size, mode, grads)
+    leaves = [t.detach().clone().requires_grad_() for t in [*experts, g1, g2]]
+    K = len(experts)
+    with _ext.poisoned_outputs():
+        got = ck.hierarchical_gating(leaves[:K], leaves[K], leaves[K + 1], groups=groups, size=size, upsample=mode)
+        got_grads = torch.autograd.grad(got, leaves, grads)
+    assert isinstance(got, ck.GatingOutput)
+    assert got.final.shape == (2, 1, *size) and got.group_maps.shape == (2, M, *size)
+    assert got.importance.shape == (2, M, N)
+    assert_close_all(got, want, rtol=1e-12, atol=1e-12)
+    assert_close_all(got_grads, want_grads, rtol=1e-10, atol=1e-10)
+
+
+def test_default_groups_size_and_stacked_experts(device):
+    experts, g1, g2, _ = make_inputs([(6, 8)] * 3, None, (3, 4), (3, 4), device=device)
+    stacked = torch.cat(experts, dim=1).requires_grad_()
+    out = ck.hierarchical_gating(stacked, g1, g2)
+    want = reference.hierarchical_gating(experts, g1, g2, torch.tensor([[0, 1], [0, 2], [1, 2]]), (6, 8))
+    assert_close_all(out, want, rtol=1e-12, atol=1e-12)
+    # Only `final` is used: the other outputs' gradients arrive as None and count as zero.
+    (g_stacked,) = torch.autograd.grad(out.final.sum(), stacked)
+    leaves = [e.clone().requires_grad_() for e in experts]
+    ref = reference.hierarchical_gating(leaves, g1, g2, torch.tensor([[0, 1], [0, 2], [1, 2]]), (6, 8))
+    torch.testing.assert_close(g_stacked, torch.cat(torch.autograd.grad(ref[0].sum(), leaves), 1))
+    # The importance of a group sums to the number of output pixels.
+    torch.testing.assert_close(out.importance.sum(-1), torch.full((2, 3), 48.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sampling_is_f_interpolate(device, mode, dtype):
+    # With N = 1 every G1 is exactly 1, so group map i is expert i sampled as the kernel samples it.
+    # Awkward ratios: float32 index rounding must match ATen's (nearest bit-exactly).
+    hw = [(13, 7), (37, 3), (10, 12), (3, 29)]
+    size = (100, 75)
+    experts = [torch.rand(1, 1, h, w, dtype=dtype, device=device) for h, w in hw]
+    g1 = torch.zeros(1, 4, 2, 2, dtype=dtype, device=device)
+    out = ck.hierarchical_gating(experts, g1, g1, groups=[[0], [1], [2], [3]], size=size, upsample=mode)
+    kw = {"align_corners": False} if mode == "bilinear" else {}
+    want = torch.cat([F.interpolate(e, size=size, mode=mode, **kw) for e in experts], dim=1)
+    if mode == "nearest":
+        assert torch.equal(out.group_maps, want)
+    else:
+        tol = 1e-6 if dtype == torch.float32 else 1e-14
+        torch.testing.assert_close(out.group_maps, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck_cpp(mode):
+    experts, g1, g2, groups = make_inputs([(3, 4), (2, 3), (2, 2)], None, (2, 2), (1, 3), B=1)
+    leaves = [t.requires_grad_() for t in [*experts, g1, g2]]
+
+    def fn(*xs):
+        return tuple(ck.hierarchical_gating(list(xs[:3]), xs[3], xs[4], size=(5, 7), upsample=mode))
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-8)
+
+
+def test_cpu_backward_is_deterministic_across_thread_counts():
+    experts, g1, g2, groups = make_inputs([(32, 40), (16, 20), (8, 10)], None, (4, 5), (4, 5), B=3,
+                                          dtype=torch.float32)
+    packed = torch.cat([e.reshape(3, -1) for e in experts], 1)
+    sizes = [s for e in experts for s in e.shape[2:]]
+    grads = upstream(3, 3, 2, (97, 121), torch.float32, "cpu")
+    old = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for bilinear in (False, True):
+                fwd = torch.ops.crowdkernels.gating_forward(packed, sizes, g1, g2, groups, 97, 121, bilinear)
+                bwd = torch.ops.crowdkernels.gating_backward(*grads, packed, sizes, g1, g2, groups, 97, 121,
+                                                             bilinear)
+                results.append((threads, bilinear, fwd + bwd))
+    finally:
+        torch.set_num_threads(old)
+    for bilinear in (False, True):
+        runs = [r for t, b, r in results if b == bilinear]
+        for other in runs[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+def _op_args(mode="nearest", B=2, size=(7, 9)):
+    experts, g1, g2, groups = make_inputs([(4, 5), (2, 3), (3, 2)], None, (2, 3), (3, 3), B=B)
+    packed = torch.cat([e.reshape(B, -1) for e in experts], 1)
+    sizes = [s for e in experts for s in e.shape[2:]]
+    return packed, sizes, g1, g2, groups, size[0], size[1], mode == "bilinear"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_opcheck_cpp(mode):
+    packed, sizes, g1, g2, groups, H, W, bil = _op_args(mode)
+    fwd = (packed.requires_grad_(), sizes, g1.requires_grad_(), g2.requires_grad_(), groups, H, W, bil)
+    torch.library.opcheck(torch.ops.crowdkernels.gating_forward.default, fwd)
+    grads = upstream(2, 3, 2, (H, W), torch.float64, "cpu")
+    base = (packed.detach(), sizes, g1.detach(), g2.detach(), groups, H, W, bil)
+    torch.library.opcheck(torch.ops.crowdkernels.gating_backward.default, (*grads, *base))
+    torch.library.opcheck(torch.ops.crowdkernels.gating_backward.default, (grads[0], None, None, *base))
+
+
+def test_torch_compile_module():
+    # Kept tiny: Inductor's compile time on a 2-core machine dominates this file otherwise.
+    class Fuse(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g2 = torch.nn.Parameter(torch.randn(1, 3, 2, 2))
+
+        def forward(self, e1, e2, e3, g1):
+            return ck.hierarchical_gating([e1, e2, e3], g1, self.g2, size=(12, 16)).final
+
+    torch.manual_seed(0)
+    fuse = Fuse()
+    args = [torch.rand(1, 1, 12, 16, requires_grad=True), torch.rand(1, 1, 6, 8), torch.rand(1, 1, 3, 4),
+            torch.randn(1, 6, 2, 2)]
+    want = fuse(*args)
+    (want_grad,) = torch.autograd.grad(want.sum(), args[0])
+    got = torch.compile(fuse, fullgraph=True)(*args)
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    torch.testing.assert_close(args[0].grad, want_grad)
+    assert fuse.g2.grad is not None and fuse.g2.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+
+def _good():
+    experts, g1, g2, _ = make_inputs([(6, 8), (3, 4), (2, 2)], None, (2, 2), (2, 2))
+    return dict(experts=experts, gate1_logits=g1, gate2_logits=g2)
+
+
+@pytest.mark.parametrize(
+    "change, exc, match",
+    [
+        (lambda a: a.update(gate1_logits=a["gate1_logits"][:, :5]), ValueError, "gate1_logits"),
+        (lambda a: a.update(gate2_logits=a["gate2_logits"][:, :2]), ValueError, "gate2_logits"),
+        (lambda a: a.update(groups=[[0, 3], [1, 2]]), ValueError, "groups"),
+        (lambda a: a.update(groups=[[0, -1]]), ValueError, "groups"),
+        (lambda a: a.update(groups=[[0, 1, 2, 0]]), ValueError, "groups"),
+        (lambda a: a.update(groups=torch.tensor([[0.0, 1.0]])), TypeError, "groups"),
+        (lambda a: a.update(gate2_logits=a["gate2_logits"][:1]), ValueError, "gate2_logits"),
+        (lambda a: a["experts"].__setitem__(1, a["experts"][1][:1]), ValueError, r"experts\[1\]"),
+        (lambda a: a.update(upsample="bicubic"), ValueError, "upsample"),
+        (lambda a: a["experts"].__setitem__(0, a["experts"][0][0]), ValueError, r"experts\[0\]"),
+        (lambda a: a["experts"].__setitem__(2, a["experts"][2].expand(2, 2, 2, 2)), ValueError, r"experts\[2\]"),
+        (lambda a: a.update(experts=a["experts"][:1]), ValueError, "experts"),
+        (lambda a: a.update(experts=torch.rand(2, 3, 4)), ValueError, "experts"),
+        (lambda a: a["experts"].__setitem__(1, a["experts"][1].float()), TypeError, r"experts\[1\]"),
+        (lambda a: a.update(gate1_logits=a["gate1_logits"].float()), TypeError, "gate1_logits"),
+        (lambda a: a.update(gate2_logits=a["gate2_logits"].to("meta")), ValueError, "gate2_logits"),
+        (lambda a: a["experts"].__setitem__(0, a["experts"][0].to("meta")), ValueError, r"experts\[1\]"),
+        (lambda a: a.update(size=(0, 5)), ValueError, "size"),
+        (lambda a: a.update(size="big"), TypeError, "size"),
+        (lambda a: a.update(gate1_logits=a["gate1_logits"].reshape(2, 6, 4)), ValueError, "gate1_logits"),
+    ],
+)
+def test_bad_input(change, exc, match):
+    args = _good()
+    args["experts"] = list(args["experts"])
+    change(args)
+    with pytest.raises(exc, match=match):
+        ck.hierarchical_gating(**args)
+
+
+def test_half_precision_is_refused_on_cpu():
+    args = _good()
+    args = {k: ([e.half() for e in v] if k == "experts" else v.half()) for k, v in args.items()}
+    with pytest.raises(TypeError, match="experts"):
+        ck.hierarchical_gating(**args)
+
+
+# ------------------------------------------------------------------------------------- Triton kernels
+
+triton_runs = pytest.mark.skipif(
+    not (gating_mod._TRITON_OPS and os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1 with Triton importable",
+)
+
+# Output sizes around the 128-pixel block: partial last blocks, a single partial block, exact multiples.
+TRITON_CASES = [
+    ("K3N2", [(10, 12), (5, 6), (3, 4)], None, (4, 5), (4, 5), (13, 17)),
+    ("K4N3", [(9, 11), (5, 6), (3, 3), (2, 3)], list(itertools.combinations(range(4), 3)), (3, 4), (5, 3), (8, 16)),
+    ("K4N2", [(8, 8), (4, 4), (2, 2), (4, 3)], list(itertools.combinations(range(4), 2)), (2, 2), (2, 2), (9, 11)),
+    ("N1", [(6, 7), (3, 4), (2, 2)], [[2], [0], [1], [0], [2]], (3, 3), (2, 5), (5, 7)),
+    ("down", [(12, 9), (4, 5)], [[1, 0]], (6, 2), (1, 1), (7, 11)),
+]
+
+
+def _triton_run(experts, g1, g2, groups, size, mode, grads):
+    B = experts[0].shape[0]
+    packed = torch.cat([e.reshape(B, -1) for e in experts], 1).requires_grad_()
+    l1, l2 = g1.clone().requires_grad_(), g2.clone().requires_grad_()
+    sizes = [s for e in experts for s in e.shape[2:]]
+    out = torch.ops.crowdkernels.gating_forward_triton(packed, sizes, l1, l2, groups, *size, mode == "bilinear")
+    used = [(o, g) for o, g in zip(out, grads) if g is not None]
+    g_packed, g1_, g2_ = torch.autograd.grad([o for o, _ in used], [packed, l1, l2], [g for _, g in used])
+    split = torch.split(g_packed, [h * w for h, w in zip(sizes[::2], sizes[1::2])], dim=1)
+    g_exp = [g.reshape(e.shape) for g, e in zip(split, experts)]
+    return out, (*g_exp, g1_, g2_)
+
+
+@triton_runs
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", TRITON_CASES, ids=[c[0] for c in TRITON_CASES])
+def test_triton_matches_reference(case, mode):
+    _, ehw, groups, g1hw, g2hw, size = case
+    experts, g1, g2, groups_t = make_inputs(ehw, groups, g1hw, g2hw)
+    M, N = groups_t.shape
+    grads = upstream(2, M, N, size, torch.float64, "cpu")
+    want, want_grads = reference_with_grads(experts, g1, g2, groups_t, size, mode, grads)
+    with _ext.poisoned_outputs():
+        got, got_grads = _triton_run(experts, g1, g2, groups_t, size, mode, grads)
+    assert_close_all(got, want, rtol=1e-12, atol=1e-12)
+    assert_close_all(got_grads, want_grads, rtol=1e-10, atol=1e-10)
+
+
+@triton_runs
+def test_triton_paper_shape_nearest_float32_only_final_grad():
+    # The 75x90-from-10x12 case in float32 (53 blocks, last one partial) with only `final` used.
+    experts, g1, g2, groups = make_inputs([(10, 12), (5, 6), (3, 4)], None, (3, 3), (3, 3), B=1,
+                                          dtype=torch.float32)
+    grads = upstream(1, 3, 2, (75, 90), torch.float32, "cpu")
+    grads = (grads[0], None, None)
+    got, got_grads = _triton_run(experts, g1, g2, groups, (75, 90), "nearest", grads)
+    leaves = [t.detach().clone().requires_grad_() for t in [*experts, g1, g2]]
+    want = reference.hierarchical_gating(leaves[:3], leaves[3], leaves[4], groups, (75, 90))
+    want_grads = torch.autograd.grad(want[0], leaves, grads[0])
+    assert_close_all(got, want, rtol=1e-5, atol=1e-4)
+    assert_close_all(got_grads, want_grads, rtol=1e-4, atol=1e-4)
+
+
+@triton_runs
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_precision_accumulates_in_float32(dtype):
+    experts, g1, g2, groups = make_inputs([(6, 6), (3, 3), (2, 2)], None, (2, 2), (2, 2), B=1)
+    grads = upstream(1, 3, 2, (11, 13), torch.float64, "cpu")
+    want, want_grads = reference_with_grads(experts, g1, g2, groups, (11, 13), "bilinear", grads)
+    low = lambda ts: [t.to(dtype) for t in ts]  # noqa: E731
+    got, got_grads = _triton_run(low(experts), *low([g1, g2]), groups, (11, 13), "bilinear", low(grads))
+    tol = 2e-2 if dtype == torch.float16 else 6e-2
+    for g, w in zip([*got, *got_grads], [*want, *want_grads]):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol * max(1.0, w.abs().max().item()))
+
+
+@triton_runs
+def test_opcheck_triton():
+    # test_aot_dispatch_dynamic is left out: under TRITON_INTERPRET=1 torch's wrap_triton returns the
+    # interpreted kernel instead of a traceable wrapper, so AOT tracing cannot record the launch (the ops
+    # skip launches on fake tensors there). On a GPU the full opcheck runs (test_opcheck_triton_cuda).
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    packed, sizes, g1, g2, groups, H, W, bil = _op_args("bilinear", B=1, size=(5, 6))
+    fwd = (packed.requires_grad_(), sizes, g1.requires_grad_(), g2.requires_grad_(), groups, H, W, bil)
+    torch.library.opcheck(torch.ops.crowdkernels.gating_forward_triton.default, fwd, test_utils=utils)
+    grads = upstream(1, 3, 2, (H, W), torch.float64, "cpu")
+    base = (packed.detach(), sizes, g1.detach(), g2.detach(), groups, H, W, bil)
+    torch.library.opcheck(torch.ops.crowdkernels.gating_backward_triton.default, (grads[0], None, grads[2], *base),
+                          test_utils=utils)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not gating_mod._TRITON_OPS, reason="needs a CUDA GPU and Triton")
+@pytest.mark.parametrize("mode", MODES)
+def test_opcheck_triton_cuda(mode):
+    packed, sizes, g1, g2, groups, H, W, bil = _op_args(mode, B=2, size=(37, 41))
+    packed, g1, g2, groups = (t.cuda() for t in (packed, g1, g2, groups))
+    fwd = (packed.requires_grad_(), sizes, g1.requires_grad_(), g2.requires_grad_(), groups, H, W, bil)
+    torch.library.opcheck(torch.ops.crowdkernels.gating_forward_triton.default, fwd)
+    grads = [g.cuda() for g in upstream(2, 3, 2, (H, W), torch.float64, "cpu")]
+    base = (packed.detach(), sizes, g1.detach(), g2.detach(), groups, H, W, bil)
+    torch.library.opcheck(torch.ops.crowdkernels.gating_backward_triton.default, (*grads, *base))
