@@ -1,6 +1,5 @@
 """`crowdkernels train`, `eval` and `count` in-process, with the tiny model of test_engine standing in for
-the architectures (registered under the name "csrnet" for these tests), and `demo --fast` with the real
-default model."""
+the architectures (registered under the name "csrnet" for these tests). The demo is in test_cli.py."""
 from __future__ import annotations
 
 import json
@@ -103,24 +102,3 @@ def test_wrong_layout_and_missing_root(tiny, tmp_path, capsys):
     assert "part_A/train_data" in err and "ground-truth" in err
     assert _train(tmp_path / "run", "--dataset", "jhu", "--epochs", "1") == 2
     assert "--root is required" in capsys.readouterr().err
-
-
-def test_demo_fast(tmp_path, capsys):
-    pytest.importorskip("crowdkernels.models")
-    out = tmp_path / "demo"
-    assert cli.main(["demo", "--fast", "--out", str(out)]) == 0
-    text = capsys.readouterr().out
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert {"mae", "mse", "baseline_mae", "nae", "game3"} <= set(metrics)
-    assert metrics["held_out_images"] == 4 and metrics["train_images"] == 8
-    assert np.isfinite(metrics["mae"]) and metrics["baseline_mae"] > 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["ok"] and summary["images"] == 12
-    for row in summary["per_image"]:
-        arr = np.load(out / "density" / f"{row['name']}.npy")
-        assert arr.sum(dtype=np.float64) == pytest.approx(row["heads"], rel=1e-5, abs=1e-5)
-    pictures = sorted((out / "pictures").glob("heldout_*.png"))
-    assert len(pictures) == 4
-    with Image.open(out / "learning_curve.png") as im:
-        assert im.format == "PNG"
-    assert "held-out MAE" in text and "baseline MAE" in text

@@ -550,8 +550,14 @@ def dataset_samples(dataset: str, root, split: str = "train", *, fold: int | Non
         train, held = holdout(samples)
         return (train if split == "train" else held), f"no {split}.txt in {root}: every 10th image held out"
 
+    other = "val" if split == "train" else "train"
+    has_other = any(_has_layout(root / rel, fmt) for rel in _split_folders(dataset, other))
     for rel in _split_folders(dataset, split):
         if _has_layout(root / rel, fmt):
+            if split == "train" and not has_other:
+                # no validation split beside it: hold out the same images "val" will get
+                train, _ = holdout(list_samples(root / rel, fmt.name, missing=missing))
+                return train, f"{root / rel} less every 10th image (held out: there is no val/test split)"
             return list_samples(root / rel, fmt.name, missing=missing), f"{root / rel}"
     train_folders = [rel for rel in _split_folders(dataset, "train") if _has_layout(root / rel, fmt)]
     if train_folders:  # the dataset has a train split but not this one

@@ -44,7 +44,8 @@ def autocast(device: torch.device, enabled: bool):
 def _run(model, x: torch.Tensor, amp: bool) -> torch.Tensor:
     with autocast(x.device, amp):
         out = final_of(model(x))
-    return out.float()
+    # models whose maps are scaled (HMoDE's official variant: people per pixel x 100) say so
+    return out.float() / float(getattr(model, "density_scale", 1.0))
 
 
 def _stride(in_size: int, out_size: int) -> int:
@@ -64,7 +65,8 @@ def predict_density(model, image: torch.Tensor, *, tile: int | None = None, over
         overlap: context around each tile core, pixels; a multiple of ``align``.
         align: the image is zero-padded to a multiple of it (>= the model's total downsampling).
     Returns:
-        [1, 1, ceil(H/s), ceil(W/s)] float32, s the model's output stride; its sum is the count.
+        [1, 1, ceil(H/s), ceil(W/s)] float32, s the model's output stride, in people per output cell
+        (divided by the model's ``density_scale`` where it has one): its sum is the count.
     """
     x = image if image.dim() == 4 else image[None]
     H, W = x.shape[-2:]
