@@ -738,12 +738,6 @@ DEMO = {"train": 160, "val": 40, "size": 96, "epochs": 30, "minutes": 7.0, "mode
 FAST = {"train": 8, "val": 4, "size": 64, "epochs": 1, "lr": 3e-3, "batch_size": 4}
 
 
-def _demo_data(num_images: int, size: int, seed: int):
-    from .data.synthetic import synthetic_dataset
-
-    return synthetic_dataset(num_images, size, seed)
-
-
 def _demo_targets(samples):
     """[B, 1, H, W] float32 maps of the samples in one batched call (adaptive sigma, style exact)."""
     from .data.targets import DensityTarget

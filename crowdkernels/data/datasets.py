@@ -15,7 +15,13 @@ ucf_cc_50       ROOT/N.jpg, ROOT/N_ann.mat (``annPoints``)
 ucf_qnrf        ROOT/img_XXXX.jpg, ROOT/img_XXXX_ann.mat (``annPoints``)
 jhu             ROOT/images/XXXX.jpg, ROOT/gt/XXXX.txt (one head per line: ``x y w h o b``)
 nwpu            ROOT/images/XXXX.jpg, ROOT/jsons/XXXX.json (``{"points": [[x, y], ...]}``)
+folder          ROOT/NAME.jpg with ROOT/NAME.txt | .csv | .json (generic point files)
 ==============  ======================================================================
+
+Above the split folders: :func:`dataset_samples` finds a named dataset's splits under its root
+(ShanghaiTech ``part_A/train_data``, UCF-QNRF ``Train``/``Test``, JHU ``train``/``val``/``test``, NWPU's
+``train.txt``/``val.txt`` lists, UCF_CC_50's 5 folds), and :class:`CrowdDataset` turns samples into
+training samples, skipping bad files with a warning that names them.
 
 New formats are one :class:`DatasetFormat` added to :data:`FORMATS`.
 """

@@ -21,7 +21,6 @@ criterion's "total" is a mean over the batch. Validation is sharded and its sums
 from __future__ import annotations
 
 import json
-import math
 import signal
 import sys
 import threading
