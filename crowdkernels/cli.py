@@ -1,4 +1,4 @@
-"""The `crowdkernels` command line: ``info``, ``density``, ``demo``.
+"""The `crowdkernels` command line: ``info``, ``density``, ``train``, ``eval``, ``count``, ``demo``.
 
 Each subcommand is one function registered with :func:`command`: it adds its arguments to an argparse
 sub-parser and returns a handler ``(args) -> exit code``. ``main(argv)`` runs in-process and returns the
@@ -12,11 +12,12 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
+
+from .engine.checkpoint import atomic_write as _atomic_write  # temp file, fsync, rename
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -39,25 +40,6 @@ class _CliError(Exception):
 
 
 # ----------------------------------------------------------------------------------------- file helpers
-def _atomic_write(path: Path, write: Callable, mode: str = "wb") -> None:
-    """Writes through `write(fileobj)` into a temp file in the same folder, then renames it over `path`:
-    a reader (or a rerun after a crash) sees the old file or the new one, never a half-written one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _save_npy(path: Path, array) -> None:
     import numpy as np
 
@@ -416,121 +398,559 @@ def _run_density(args) -> int:
     return EXIT_OK
 
 
+# ----------------------------------------------------------------------------------------- train
+def _max_size_arg(text: str):
+    """'1920x1080' -> [1920, 1080]; '2048' -> 2048."""
+    try:
+        if "x" in text.lower():
+            a, b = (int(t) for t in text.lower().split("x"))
+            if a > 0 and b > 0:
+                return [a, b]
+        elif int(text) > 0:
+            return int(text)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected a side in pixels (2048) or a box (1920x1080), got {text!r}")
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _warn(msg: str) -> None:
+    print(f"crowdkernels: {msg}", file=sys.stderr)
+
+
+def _report_skipped(skipped: dict) -> None:
+    if skipped:
+        print(f"{len(skipped)} file(s) skipped:", file=sys.stderr)
+        for name, reason in skipped.items():
+            print(f"  {name}: {reason}", file=sys.stderr)
+
+
+@command("train", "train a counting model (HMoDE, L2SM, SPN, CSRNet) with the papers' settings")
+def _train_command(p: argparse.ArgumentParser):
+    from .data.datasets import DATASET_NAMES
+    from .engine.train import MODEL_NAMES
+
+    p.description = (
+        "Trains with Adam and the papers' defaults (HMoDE: lr 2e-5 halved after 100 of 200 epochs, random "
+        "crops of 128 on ShanghaiTech A and 256 elsewhere, flips; L2SM/SPN: lr 1e-4, whole images). Writes "
+        "OUT/last.pt every epoch (atomically), OUT/best.pt (lowest validation MAE), OUT/log.jsonl. Ctrl-C "
+        "saves and exits; --resume continues exactly. Runs under torchrun for DDP (--batch-size per process)."
+    )
+    p.add_argument("--model", default="hmode", choices=MODEL_NAMES, help="default: hmode")
+    p.add_argument("--dataset", default="synthetic", choices=DATASET_NAMES, help="default: synthetic")
+    p.add_argument("--root", type=Path, help="the dataset folder (e.g. ShanghaiTech/ holding part_A/train_data)")
+    p.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, log)")
+    p.add_argument("--epochs", type=_positive_int, help="default: the paper's (200)")
+    p.add_argument("--batch-size", type=_positive_int, help="images per step and process; default: 8 with crops, else 1")
+    p.add_argument("--lr", type=_positive_float, help="default: the paper's (HMoDE 2e-5, L2SM/SPN 1e-4, CSRNet 1e-5)")
+    p.add_argument("--lr-step", type=_nonnegative_int, help="halve the lr after this many epochs (0: never); default: HMoDE 100")
+    p.add_argument("--crop", type=_nonnegative_int, help="random crop side (0: whole images); default: 128 SHA, 256 else (HMoDE)")
+    p.add_argument("--max-size", type=_max_size_arg, help="cap images: a longest side or a box; default: 1920x1080 on UCF-QNRF")
+    p.add_argument("--fold", type=int, choices=range(1, 6), metavar="K", help="UCF_CC_50 cross-validation fold 1-5; default: 1")
+    p.add_argument("--width", type=_positive_float, default=1.0, help="channel width multiplier of the model; default: 1")
+    p.add_argument("--val-every", type=_positive_int, default=1, help="validate every E epochs; default: 1")
+    p.add_argument("--workers", type=_nonnegative_int, default=2, help="DataLoader workers; default: 2")
+    p.add_argument("--seed", type=_nonnegative_int, default=0, help="default: 0")
+    p.add_argument("--device", help="e.g. cuda, cpu; default: cuda:LOCAL_RANK when a GPU is visible")
+    p.add_argument("--amp", action="store_true", help="bfloat16/float16 autocast (GPU only)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--strict", action="store_true", help="fail on the first bad file instead of skipping it")
+    p.add_argument("--synthetic", type=_positive_int, nargs=3, metavar=("TRAIN", "VAL", "SIZE"),
+                   default=(200, 40, 128), help="synthetic set: images to train on, held out, side; default: 200 40 128")
+    return _run_train
+
+
+def _train_config(args):
+    from .engine.train import PAPER_DEFAULTS, TrainConfig
+
+    d = PAPER_DEFAULTS[args.model]
+    crop = args.crop if args.crop is not None else (d["crop_sha"] if args.dataset == "shanghaitech-a" else d["crop"])
+    if args.dataset == "synthetic" and args.crop is None:
+        crop = None if crop is None else min(crop, args.synthetic[2])
+    crop = crop or None
+    max_size = args.max_size if args.max_size is not None else ([1920, 1080] if args.dataset == "ucf-qnrf" else None)
+    lr_step = d["lr_step"] if args.lr_step is None else (args.lr_step or None)
+    batch = args.batch_size or (d["batch_size"] if crop else 1)
+    return TrainConfig(
+        out=str(args.out), model=args.model, model_kwargs={"width": args.width}, dataset=args.dataset,
+        root=None if args.root is None else str(args.root), fold=args.fold, epochs=args.epochs or d["epochs"],
+        batch_size=batch, lr=args.lr or d["lr"], lr_step=lr_step, crop=crop, max_size=max_size,
+        val_every=args.val_every, workers=args.workers, seed=args.seed, amp=args.amp, device=args.device,
+        strict=args.strict, resume=args.resume,
+        synthetic={"train": args.synthetic[0], "val": args.synthetic[1], "size": args.synthetic[2]},
+    )
+
+
+def _run_train(args) -> int:
+    import torch
+
+    from .data.datasets import AnnotationError, ImageError
+    from .engine import distributed
+    from .engine.train import Trainer, build_datasets, build_model
+
+    if args.dataset != "synthetic" and args.root is None:
+        raise _CliError(f"--root is required for --dataset {args.dataset}")
+    if args.device and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise _CliError(f"--device {args.device}: no CUDA GPU is visible to torch {torch.__version__}")
+    config = _train_config(args)
+    distributed.init_from_env(torch.device(args.device).type if args.device else None)
+    try:
+        torch.manual_seed(config.seed)
+        model = build_model(config.model, **config.model_kwargs)
+        train_set, val_set = build_datasets(config, warn=_warn if distributed.is_main() else None)
+        if len(train_set) == 0:
+            raise _CliError(f"no usable training images in {args.root}")
+        trainer = Trainer(model, model.criterion(), train_set, val_set, config)
+        summary = trainer.run()
+    except (AnnotationError, ImageError) as exc:  # only raised with --strict; otherwise skipped and counted
+        print(f"crowdkernels train: error: {exc} (--strict)", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        distributed.cleanup()
+    if distributed.is_main():
+        best = summary["best"]
+        where = f"best val MAE {best['mae']:.3f} at epoch {best['epoch']} ({args.out / 'best.pt'})" if best.get("mae") is not None else "no validation yet"
+        print(f"train: {summary['status']} after {summary['epoch']} epoch(s); {where}; {len(summary['skipped'])} file(s) skipped")
+        _report_skipped(summary["skipped"])
+    return 130 if summary["status"] == "interrupted" else EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------- eval
+def _load_model(args):
+    import torch
+
+    from .engine.train import model_from_checkpoint
+
+    if args.device and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise _CliError(f"--device {args.device}: no CUDA GPU is visible to torch {torch.__version__}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    kwargs = None if getattr(args, "width", None) is None else {"width": args.width}
+    model, ckpt = model_from_checkpoint(args.checkpoint, device, model=getattr(args, "model", None), model_kwargs=kwargs)
+    return model, ckpt, device
+
+
+@command("eval", "evaluate a checkpoint on a dataset split: MAE, MSE (RMSE), NAE, GAME(0-3), per density level")
+def _eval_command(p: argparse.ArgumentParser):
+    from .data.datasets import DATASET_NAMES
+    from .engine.train import MODEL_NAMES
+
+    p.description = (
+        "Full-image inference (tiled with overlap beyond --tile pixels) over a split. The dataset may differ "
+        "from the training one (cross-dataset evaluation). Results are binned by true count into JHU's "
+        "levels low 0-50, medium 51-500, high 501+. 'mse' is an RMSE, named as in the papers."
+    )
+    p.add_argument("--checkpoint", required=True, type=Path, help="a .pt from crowdkernels train")
+    p.add_argument("--dataset", required=True, choices=DATASET_NAMES)
+    p.add_argument("--root", type=Path, help="the dataset folder")
+    p.add_argument("--split", default="val", choices=("val", "test", "train"), help="default: val (the test split where there is no val)")
+    p.add_argument("--fold", type=int, choices=range(1, 6), metavar="K", help="UCF_CC_50 fold 1-5")
+    p.add_argument("--model", choices=MODEL_NAMES, help="refuse a checkpoint of another model")
+    p.add_argument("--max-size", type=_max_size_arg, help="cap images (e.g. 1920x1080); default: none")
+    p.add_argument("--tile", type=_positive_int, default=2048, help="tile images beyond this side; default: 2048")
+    p.add_argument("--device", help="default: cuda when visible, else cpu")
+    p.add_argument("--amp", action="store_true", help="autocast on GPU")
+    p.add_argument("--workers", type=_nonnegative_int, default=2, help="default: 2")
+    p.add_argument("--strict", action="store_true", help="fail on the first bad file")
+    p.add_argument("--out", type=Path, help="write the metrics (and per-image counts) as JSON here")
+    return _run_eval
+
+
+def _run_eval(args) -> int:
+    import torch
+
+    from .data.datasets import DENSITY_LEVELS
+    from .data.targets import CrowdCollate
+    from .engine.evaluate import evaluate
+    from .engine.metrics import MSE_NOTE
+    from .engine.train import TrainConfig, build_datasets
+
+    model, ckpt, device = _load_model(args)
+    trained = ckpt.get("config") or {}
+    cfg = TrainConfig(dataset=args.dataset, root=None if args.root is None else str(args.root), fold=args.fold,
+                      max_size=args.max_size, strict=args.strict, seed=int(trained.get("seed", 0)),
+                      synthetic=trained.get("synthetic") or TrainConfig().synthetic)
+    if args.dataset != "synthetic" and args.root is None:
+        raise _CliError(f"--root is required for --dataset {args.dataset}")
+    _, data = build_datasets(cfg, split=args.split, warn=_warn)
+    loader = torch.utils.data.DataLoader(data, batch_size=1, num_workers=args.workers, collate_fn=CrowdCollate(target=None))
+    metrics, acc = evaluate(model, loader, device, tile=args.tile, amp=args.amp, levels=DENSITY_LEVELS, strict=args.strict, warn=_warn)
+    result = {
+        "checkpoint": str(args.checkpoint),
+        "model": ckpt.get("model_name"),
+        "trained_on": trained.get("dataset"),
+        "evaluated_on": args.dataset,
+        "split": args.split,
+        **metrics,
+        "note": MSE_NOTE,
+        "per_image": acc.per_image,
+    }
+    cross = f" (trained on {result['trained_on']})" if result["trained_on"] not in (None, args.dataset) else ""
+    if metrics["images"] == 0:
+        raise _CliError("no image could be evaluated")
+    print(f"eval {args.dataset}/{args.split}{cross}: {metrics['images']} images  MAE {metrics['mae']:.3f}  "
+          f"MSE {metrics['mse']:.3f}  NAE {metrics['nae'] if metrics['nae'] is None else round(metrics['nae'], 4)}  "
+          + "  ".join(f"GAME{lv} {metrics[f'game{lv}']:.3f}" for lv in range(4)))
+    for name, m in metrics.get("levels", {}).items():
+        if m["images"]:
+            print(f"  {name:<6} {m['images']:5d} images  MAE {m['mae']:.3f}  MSE {m['mse']:.3f}")
+    print(f"  ('MSE' is the root mean squared error, the papers' name); {metrics['skipped']} file(s) skipped")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        _save_json(args.out, result)
+    _report_skipped(getattr(data, "skipped", {}))
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------- count
+class _OverlayWriter:
+    """An image with its predicted density laid over it and the count in the title, as PNG (Agg canvas,
+    no pyplot state)."""
+
+    def save(self, path: Path, image, density, title: str) -> None:
+        import numpy as np
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        h, w = image.shape[:2]
+        fig = Figure(figsize=(6.4, 0.4 + 6.4 * h / w), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_axes((0.0, 0.0, 1.0, 1.0 - 0.4 / fig.get_figheight()))
+        ax.imshow(image)
+        d = np.asarray(density, dtype=np.float32)
+        # the map covers the image (its last row/column may reach past a side that is not a multiple of s)
+        s_y, s_x = h / d.shape[0], w / d.shape[1]
+        s = max(1.0, round(min(s_y, s_x)))
+        masked = np.ma.masked_less_equal(d, float(d.max()) * 0.05 if d.max() > 0 else 0.0)
+        ax.imshow(masked, cmap="jet", alpha=0.5, extent=(-0.5, d.shape[1] * s - 0.5, d.shape[0] * s - 0.5, -0.5),
+                  interpolation="bilinear")
+        ax.set_xlim(-0.5, w - 0.5)
+        ax.set_ylim(h - 0.5, -0.5)
+        ax.set_axis_off()
+        ax.set_title(title, fontsize=10)
+        _atomic_write(path, lambda f: fig.savefig(f, format="png", pil_kwargs={"compress_level": 1}))
+
+
+@command("count", "count the people in images with a trained checkpoint (optionally PNG overlays)")
+def _count_command(p: argparse.ArgumentParser):
+    from .engine.train import MODEL_NAMES
+
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("--checkpoint", required=True, type=Path, help="a .pt from crowdkernels train")
+    p.add_argument("--save-dir", type=Path, help="write <image stem>.png: the density over the image, with the count")
+    p.add_argument("--model", choices=MODEL_NAMES, help="refuse a checkpoint of another model")
+    p.add_argument("--max-size", type=_max_size_arg, help="shrink larger images first (e.g. 1920x1080)")
+    p.add_argument("--tile", type=_positive_int, default=2048, help="tile images beyond this side; default: 2048")
+    p.add_argument("--device", help="default: cuda when visible, else cpu")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad image")
+    return _run_count
+
+
+def _run_count(args) -> int:
+    import torch
+
+    from .data.datasets import load_image
+    from .data.transforms import Resize
+    from .engine.evaluate import predict_density
+
+    model, _, device = _load_model(args)
+    if args.save_dir is not None:
+        args.save_dir.mkdir(parents=True, exist_ok=True)
+    resize = Resize(max_size=tuple(args.max_size) if isinstance(args.max_size, list) else args.max_size) if args.max_size else None
+    overlay = _OverlayWriter()
+    failed = {}
+    for path in args.images:
+        try:
+            image = load_image(path)
+            if resize is not None:
+                image = resize({"image": image, "points": torch.zeros(0, 2)})["image"]
+            density = predict_density(model, image.to(device), tile=args.tile)
+            count = float(density.sum(dtype=torch.float64))
+        except (ValueError, OSError) as exc:
+            if args.strict:
+                raise _CliError(str(exc)) from None
+            failed[str(path)] = str(exc)
+            _warn(f"skipping {exc}")
+            continue
+        print(f"{path}\t{count:.2f}")
+        if args.save_dir is not None:
+            rgb = (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+            overlay.save(args.save_dir / f"{path.stem}.png", rgb, density[0, 0].cpu().numpy(), f"{path.name}: {count:.1f} people")
+    if failed:
+        _report_skipped(failed)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 # ----------------------------------------------------------------------------------------- demo
-@command("demo", "synthetic crowds -> density maps with the kernel -> PNG pictures, with counts")
+@command("demo", "train a small model on synthetic crowds, evaluate it against the mean-count baseline, draw it")
 def _demo_command(p: argparse.ArgumentParser):
+    from .engine.train import MODEL_NAMES
+
+    p.description = (
+        "Renders a synthetic crowd set (train and held-out), makes its density maps with the kernel, trains a "
+        "reduced-width model on the CPU for a few minutes, and evaluates it on the held-out images against "
+        "the mean-count baseline. Writes OUT/metrics.json, OUT/learning_curve.png, OUT/pictures/*.png "
+        "(image | predicted | true density), OUT/density/*.npy, OUT/summary.json and the run in OUT/run/."
+    )
     p.add_argument("--out", type=Path, default=Path("crowdkernels-demo"), help="default: ./crowdkernels-demo")
-    p.add_argument("--num-images", type=_positive_int, default=20, help="default: 20")
-    p.add_argument("--size", type=_positive_int, default=128, help="image side in pixels (>= 16); default: 128")
+    p.add_argument("--num-images", type=_positive_int, help=f"training images; default: {DEMO['train']}")
+    p.add_argument("--val-images", type=_positive_int, help=f"held-out images; default: {DEMO['val']}")
+    p.add_argument("--size", type=_positive_int, help=f"image side in pixels (>= 16); default: {DEMO['size']}")
+    p.add_argument("--epochs", type=_positive_int, help=f"default: {DEMO['epochs']}")
+    p.add_argument("--minutes", type=_positive_float, default=DEMO["minutes"],
+                   help=f"training time budget (stops after the epoch that passes it); default: {DEMO['minutes']}")
+    p.add_argument("--model", choices=MODEL_NAMES, default=DEMO["model"], help=f"default: {DEMO['model']}")
+    p.add_argument("--width", type=_positive_float, default=DEMO["width"], help=f"model width multiplier; default: {DEMO['width']}")
     p.add_argument("--seed", type=int, default=0, help="default: 0")
+    p.add_argument("--fast", action="store_true", help="a seconds-long smoke run (few small images, one epoch)")
 
     def run(args) -> int:
-        if args.size < 16:
-            raise _CliError(f"--size must be >= 16, got {args.size}")
+        size = args.size or (FAST["size"] if args.fast else DEMO["size"])
+        if size < 16:
+            raise _CliError(f"--size must be >= 16, got {size}")
         if args.seed < 0:
             raise _CliError(f"--seed must be >= 0, got {args.seed}")
-        summary = run_demo(args.out, num_images=args.num_images, size=args.size, seed=args.seed)
-        return EXIT_OK if summary["ok"] else EXIT_FAILED
+        base = FAST if args.fast else DEMO
+        summary = run_demo(
+            args.out, num_images=args.num_images or base["train"], val_images=args.val_images or base["val"],
+            size=size, seed=args.seed, epochs=args.epochs or base["epochs"], minutes=args.minutes,
+            model=args.model, width=args.width, lr=base["lr"], batch_size=base["batch_size"],
+        )
+        ok = summary["ok"] and (args.fast or summary["metrics"]["ok"])
+        return EXIT_OK if ok else EXIT_FAILED
 
     return run
 
 
-def _demo_data(num_images: int, size: int, seed: int):
-    from .data.synthetic import synthetic_dataset
-
-    return synthetic_dataset(num_images, size, seed)
+#: The demo's settings: a width-reduced model from scratch on the CPU; its held-out MAE must reach half
+#: the mean-count baseline's within the time budget.
+DEMO = {"train": 160, "val": 40, "size": 96, "epochs": 30, "minutes": 7.0, "model": "csrnet", "width": 0.125, "lr": 1e-3,
+        "batch_size": 8}
+FAST = {"train": 8, "val": 4, "size": 64, "epochs": 1, "lr": 3e-3, "batch_size": 4}
 
 
 def _demo_targets(samples):
     """[B, 1, H, W] float32 maps of the samples in one batched call (adaptive sigma, style exact)."""
-    from .ops.density import density_maps
+    from .data.targets import DensityTarget
 
-    return density_maps([s.points_tensor() for s in samples], samples[0].size)
+    return DensityTarget()([s.points_tensor() for s in samples], samples[0].size)
 
 
 class _PictureWriter:
-    """The rendering beside its density map, titled with the head count and the map sum, as PNG.
+    """The rendering beside its true density map (and, with ``predicted=True``, the model's map), titled
+    with the head count and the map sums, as PNG.
 
     One figure is laid out once and only its data are swapped per image (laying out a figure costs
     more than drawing it). Uses the Agg canvas directly, not pyplot: no display needed, and
     matplotlib's global state is left alone."""
 
-    def __init__(self, size):
+    def __init__(self, size, predicted: bool = False):
         import numpy as np
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
         h, w = size
-        # fixed axes (no layout engine, which would draw every figure twice): two panels of the image's
+        panels = 3 if predicted else 2
+        # fixed axes (no layout engine, which would draw every figure twice): panels of the image's
         # aspect ratio side by side, a colour bar at the right
-        self.fig = Figure(figsize=(6.4, 0.6 + 2.75 * h / w), dpi=100)
+        self.fig = Figure(figsize=(3.2 * panels, 0.6 + 2.75 * h / w), dpi=100)
         FigureCanvasAgg(self.fig)
         top = 1.0 - 0.3 / self.fig.get_figheight()
-        ax1 = self.fig.add_axes((0.02, 0.02, 0.44, top - 0.02))
-        ax2 = self.fig.add_axes((0.48, 0.02, 0.44, top - 0.02))
+        pw = 0.9 / panels
+        axes = [self.fig.add_axes((0.02 + k * (pw + 0.005), 0.02, pw - 0.01, top - 0.02)) for k in range(panels)]
         cax = self.fig.add_axes((0.935, 0.1, 0.015, top - 0.2))
-        self.image = ax1.imshow(np.zeros((h, w, 3), dtype=np.uint8), interpolation="nearest")
-        (self.marks,) = ax1.plot([], [], "r+", markersize=3, markeredgewidth=0.6)
-        self.density = ax2.imshow(np.zeros((h, w)), cmap="jet", interpolation="nearest", vmin=0, vmax=1)
-        self.fig.colorbar(self.density, cax=cax)
+        self.image = axes[0].imshow(np.zeros((h, w, 3), dtype=np.uint8), interpolation="nearest")
+        (self.marks,) = axes[0].plot([], [], "r+", markersize=3, markeredgewidth=0.6)
+        self.maps = [ax.imshow(np.zeros((h, w)), cmap="jet", interpolation="nearest", vmin=0, vmax=1) for ax in axes[1:]]
+        self.fig.colorbar(self.maps[0], cax=cax)
         cax.tick_params(labelsize=6)
-        self.titles = (ax1.set_title("", fontsize=9), ax2.set_title("", fontsize=9))
-        for ax in (ax1, ax2):
+        self.titles = [ax.set_title("", fontsize=9) for ax in axes]
+        for ax in axes:
             ax.set_axis_off()
 
-    def save(self, path: Path, sample, density) -> None:
+    def save(self, path: Path, sample, density, predicted=None) -> None:
+        import numpy as np
+
         self.image.set_data(sample.image)
         # pixel (i, j) is drawn centred on (j, i); a point (x, y) lies in pixel (floor(y), floor(x))
         self.marks.set_data(sample.points[:, 0] - 0.5, sample.points[:, 1] - 0.5)
-        self.density.set_data(density)
-        self.density.set_clim(0.0, max(float(density.max()), 1e-6))
         self.titles[0].set_text(f"{sample.name}: {sample.count} heads")
-        self.titles[1].set_text(f"density map, sum {float(density.sum(dtype='float64')):.2f}")
+        maps = [density] if predicted is None else [predicted, density]
+        names = ["density map"] if predicted is None else ["predicted", "true"]
+        h, w = sample.size
+        # shown per image pixel (a map at 1/s resolution divided by s^2) and on one colour scale, so
+        # the predicted and the true map compare by colour
+        shown = [np.asarray(m, dtype=np.float64) * (m.size / (h * w)) for m in maps]
+        vmax = max(max(float(m.max()) for m in shown), 1e-6)
+        for artist, title, m, view, name in zip(self.maps, self.titles[1:], maps, shown, names):
+            artist.set_data(view)
+            artist.set_extent((-0.5, w - 0.5, h - 0.5, -0.5))
+            artist.set_clim(0.0, vmax)
+            title.set_text(f"{name}, sum {float(np.sum(m, dtype=np.float64)):.2f}")
         _atomic_write(path, lambda f: self.fig.savefig(f, format="png", pil_kwargs={"compress_level": 1}))
 
 
-def run_demo(out, *, num_images: int = 20, size: int = 128, seed: int = 0, stream=None) -> dict:
-    """The demo: render a synthetic crowd set, make its density maps with the kernel, save them
-    (OUT/density/<name>.npy, float32) with PNG pictures (OUT/pictures/<name>.png: image beside map), and
-    print per image the head count and the map sum. Returns the summary written to OUT/summary.json;
-    ``ok`` says whether every map sums to its head count (to 1e-4 relative)."""
+def _learning_curve(path: Path, history: list, baseline_mae: float) -> None:
+    """Training loss and held-out MAE per epoch, with the mean-count baseline, as PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["loss"].get("total", float("nan")) for h in history], "o-", color="tab:blue", label="training loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss", color="tab:blue")
+    ax.set_yscale("log")
+    ax2 = ax.twinx()
+    val = [(h["epoch"], h["val"]["mae"]) for h in history if h.get("val") and h["val"].get("mae") is not None]
+    if val:
+        ax2.plot(*zip(*val), "s-", color="tab:red", label="held-out MAE")
+    ax2.axhline(baseline_mae, color="gray", linestyle="--", label=f"mean-count baseline MAE {baseline_mae:.2f}")
+    ax2.axhline(baseline_mae / 2, color="gray", linestyle=":", label="half the baseline (target)")
+    ax2.set_ylabel("held-out MAE (heads)", color="tab:red")
+    ax2.set_ylim(bottom=0)
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax2.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="upper right")
+    ax.set_title("crowdkernels demo: learning curve")
+    fig.tight_layout()
+    _atomic_write(path, lambda f: fig.savefig(f, format="png"))
+
+
+def run_demo(out, *, num_images: int = 160, val_images: int = 40, size: int = 128, seed: int = 0, epochs: int = 40,
+             minutes: float = 7.0, model: str = "csrnet", width: float = 0.125, lr: float = 1e-3, batch_size: int = 8,
+             pictures: int = 8, stream=None) -> dict:
+    """The demo, end to end:
+
+    1. render ``num_images`` synthetic crowds to train on and ``val_images`` held out (another seed);
+    2. make their density maps with the kernel (OUT/density/<name>.npy, float32; each sums to its
+       head count, checked: ``ok``);
+    3. train a ``width``-reduced ``model`` from scratch (flips, Adam at ``lr``) for ``epochs`` or until
+       ``minutes`` are spent (OUT/run/: checkpoints and log.jsonl);
+    4. evaluate the final model on the held-out images against the mean-count baseline (always the
+       training set's mean count): OUT/metrics.json with mae, mse (an RMSE, the papers' name), nae,
+       game0-3, baseline_mae, baseline_mse and ``ok`` (mae <= baseline_mae / 2);
+    5. draw OUT/learning_curve.png and OUT/pictures/<name>.png (image | predicted | true density) for
+       the first ``pictures`` held-out images.
+
+    Returns the summary also written to OUT/summary.json (``metrics`` holds metrics.json).
+    """
+    import shutil
+
     import numpy as np
+    import torch
+
+    from .data.datasets import SyntheticCrowds
+    from .data.targets import CrowdCollate
+    from .data.transforms import RandomHorizontalFlip
+    from .engine.evaluate import evaluate, predict_density
+    from .engine.metrics import MSE_NOTE
+    from .engine.train import TrainConfig, Trainer, build_model
 
     stream = sys.stdout if stream is None else stream
     out = Path(out)
-    (out / "density").mkdir(parents=True, exist_ok=True)
-    (out / "pictures").mkdir(parents=True, exist_ok=True)
+    for sub in ("density", "pictures"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    if (out / "run").exists():
+        shutil.rmtree(out / "run")  # the demo's own previous run: each demo trains afresh
     t0 = time.perf_counter()
-    samples = _demo_data(num_images, size, seed)
+
+    # 1-2. data and targets (the datasets cache their renderings, so training reuses these)
+    train_set = SyntheticCrowds(num_images, size, seed, transform=RandomHorizontalFlip())
+    val_set = SyntheticCrowds(val_images, size, seed + 1000)
+    train_samples = [train_set.base[i] for i in range(len(train_set))]
+    val_samples = [val_set.base[i] for i in range(len(val_set))]
+    samples = train_samples + val_samples
     t1 = time.perf_counter()
     maps = _demo_targets(samples)[:, 0].numpy()
     t2 = time.perf_counter()
-    pictures = _PictureWriter(samples[0].size)
     rows = []
-    for sample, density in zip(samples, maps):
-        _save_npy(out / "density" / f"{sample.name}.npy", density)
-        pictures.save(out / "pictures" / f"{sample.name}.png", sample, density)
-        total = float(np.sum(density, dtype=np.float64))
-        rows.append({"name": sample.name, "heads": sample.count, "map_sum": total})
-        print(f"{sample.name}  heads {sample.count:4d}  map sum {total:9.4f}", file=stream)
-    heads = sum(r["heads"] for r in rows)
+    for i, (sample, density) in enumerate(zip(samples, maps)):
+        prefix = "" if i < len(train_samples) else "heldout_"  # the two sets number their images alike
+        _save_npy(out / "density" / f"{prefix}{sample.name}.npy", density)
+        rows.append({"name": prefix + sample.name, "heads": sample.count, "map_sum": float(np.sum(density, dtype=np.float64))})
     worst = max(abs(r["map_sum"] - r["heads"]) / max(1, r["heads"]) for r in rows)
+    heads = sum(r["heads"] for r in rows)
+    print(f"demo: {len(train_samples)} + {len(val_samples)} held-out synthetic images {size}x{size}, {heads} heads, "
+          f"density maps in {t2 - t1:.2f} s (worst relative sum error {worst:.1e})", file=stream)
+
+    # 3. training
+    torch.manual_seed(seed)
+    config = TrainConfig(
+        out=str(out / "run"), model=model, model_kwargs={"width": width}, dataset="synthetic", epochs=epochs,
+        batch_size=batch_size, lr=lr, lr_step=None, crop=None, flip=True, val_every=1, workers=0, seed=seed, tile=None,
+        max_seconds=minutes * 60.0, synthetic={"train": num_images, "val": val_images, "size": size},
+    )
+    net = build_model(model, width=width)
+    trainer = Trainer(net, net.criterion(), train_set, val_set, config, log=lambda msg: print(msg, file=stream))
+    summary_run = trainer.run()
+    t3 = time.perf_counter()
+
+    # 4. held-out evaluation of the final model, against the mean-count baseline
+    device = trainer.device
+    loader = torch.utils.data.DataLoader(val_set, batch_size=1, collate_fn=CrowdCollate(target=None))
+    metrics, acc = evaluate(net, loader, device, tile=None)
+    mean_count = float(np.mean([s.count for s in train_samples]))
+    truth = np.array([s.count for s in val_samples], dtype=np.float64)
+    result = {
+        "mae": metrics["mae"],
+        "mse": metrics["mse"],
+        "nae": metrics["nae"],
+        **{f"game{lv}": metrics[f"game{lv}"] for lv in range(4)},
+        "baseline_mae": float(np.mean(np.abs(truth - mean_count))),
+        "baseline_mse": float(np.sqrt(np.mean((truth - mean_count) ** 2))),
+        "baseline_count": mean_count,
+        "held_out_images": len(val_samples),
+        "train_images": len(train_samples),
+        "epochs": summary_run["epoch"],
+        "stopped_by": summary_run["status"],
+        "model": model,
+        "width": width,
+        "seconds_training": t3 - t2,
+        "note": MSE_NOTE,
+        "per_image": acc.per_image,
+    }
+    result["ok"] = result["mae"] <= result["baseline_mae"] / 2
+
+    # 5. pictures and learning curve
+    net.eval()
+    writer = _PictureWriter(val_samples[0].size, predicted=True)
+    truth_maps = maps[len(train_samples):]
+    for sample, density in list(zip(val_samples, truth_maps))[:pictures]:
+        pred = predict_density(net, sample.image_tensor().to(device), tile=None)[0, 0].float().cpu().numpy()
+        writer.save(out / "pictures" / f"heldout_{sample.name}.png", sample, density, predicted=pred)
+    _learning_curve(out / "learning_curve.png", summary_run["history"], result["baseline_mae"])
+    _save_json(out / "metrics.json", result)
+
     summary = {
         "images": len(rows),
-        "size": [int(samples[0].size[0]), int(samples[0].size[1])],
+        "size": [size, size],
         "seed": seed,
         "heads": heads,
         "map_sum": float(sum(r["map_sum"] for r in rows)),
         "max_relative_error": worst,
         "ok": worst <= 1e-4,
-        "seconds": {"render": t1 - t0, "density": t2 - t1, "total": time.perf_counter() - t0},
+        "seconds": {"render": t1 - t0, "density": t2 - t1, "training": t3 - t2, "total": time.perf_counter() - t0},
         "per_image": rows,
+        "metrics": {k: v for k, v in result.items() if k != "per_image"},
     }
     _save_json(out / "summary.json", summary)
+    verdict = "met" if result["ok"] else "NOT met"
     print(
-        f"demo: {len(rows)} synthetic images {summary['size'][0]}x{summary['size'][1]}, {heads} heads, "
-        f"map sum {summary['map_sum']:.3f} (worst relative error {worst:.1e}); density maps in "
-        f"{summary['seconds']['density']:.2f} s; pictures in {out / 'pictures'}",
+        f"demo: held-out MAE {result['mae']:.2f}, MSE {result['mse']:.2f} vs mean-count baseline MAE "
+        f"{result['baseline_mae']:.2f} (target mae <= baseline/2: {verdict}); {summary_run['epoch']} epochs of "
+        f"{model} (width {width}) in {t3 - t2:.0f} s; total {summary['seconds']['total']:.0f} s; outputs in {out}",
         file=stream,
     )
     return summary
@@ -552,6 +972,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Runs one command; returns its exit code (argparse's usage errors included, as 2)."""
     from .data.datasets import LayoutError
+    from .engine.checkpoint import CheckpointError
+    from .engine.train import TrainError
 
     parser = build_parser()
     try:
@@ -560,7 +982,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
     try:
         return args._handler(args)
-    except (_CliError, LayoutError) as exc:
+    except (_CliError, LayoutError, CheckpointError, TrainError) as exc:
         print(f"crowdkernels {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

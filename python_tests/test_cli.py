@@ -287,18 +287,21 @@ def test_density_drops_out_of_image_points(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------- demo
-def test_demo_writes_maps_and_pictures(tmp_path, capsys):
+def test_demo_fast_trains_evaluates_and_draws(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--out", str(out), "--num-images", "3", "--size", "48", "--seed", "5"]) == 0
+    assert cli.main(["demo", "--fast", "--out", str(out)]) == 0
     text = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"mae", "mse", "baseline_mae", "nae", "game3"} <= set(metrics)
+    assert metrics["held_out_images"] == 4 and metrics["train_images"] == 8
+    assert np.isfinite(metrics["mae"]) and metrics["baseline_mae"] > 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["images"] == 3 and summary["ok"] and summary["size"] == [48, 48]
+    assert summary["ok"] and summary["images"] == 12
     for row in summary["per_image"]:
-        name = row["name"]
-        assert f"{name}  heads {row['heads']:4d}" in text
-        arr = np.load(out / "density" / f"{name}.npy")
-        assert arr.dtype == np.float32 and arr.shape == (48, 48)
+        arr = np.load(out / "density" / f"{row['name']}.npy")
         assert arr.sum(dtype=np.float64) == pytest.approx(row["heads"], rel=1e-5, abs=1e-5)
-        with Image.open(out / "pictures" / f"{name}.png") as im:
-            assert im.format == "PNG" and im.size[0] > 300
-    assert f"demo: 3 synthetic images 48x48, {summary['heads']} heads" in text
+    pictures = sorted((out / "pictures").glob("heldout_*.png"))
+    assert len(pictures) == 4
+    with Image.open(out / "learning_curve.png") as im:
+        assert im.format == "PNG"
+    assert "held-out MAE" in text and "baseline MAE" in text

@@ -252,3 +252,97 @@ def test_wrong_layout_says_what_was_expected(tmp_path):
 def test_natural_order():
     names = ["IMG_10.jpg", "IMG_2.jpg", "IMG_1.jpg", "img_100.jpg"]
     assert sorted(names, key=ds.natural_key) == ["IMG_1.jpg", "IMG_2.jpg", "IMG_10.jpg", "img_100.jpg"]
+
+
+# ----------------------------------------------------------------------------------------- generic folder
+def test_folder_format_txt_csv_json(tmp_path):
+    root = tmp_path / "crowds"
+    for name in ("a", "b", "c", "d"):
+        _write_image(root / f"{name}.png", 20, 30)
+    (root / "a.txt").write_text("1.5 2.5\n# a comment\n10 11 extra columns\n")
+    (root / "b.csv").write_text("x,y\n3,4\n5.5,6\n")
+    (root / "c.json").write_text(json.dumps([{"x": 7, "y": 8}]))
+    (root / "d.json").write_text(json.dumps({"points": [[1, 1], [2, 2], [3, 3]]}))
+    samples = list_samples(root, "folder")
+    assert [s.annotation.name for s in samples] == ["a.txt", "b.csv", "c.json", "d.json"]
+    assert [s.points().tolist() for s in samples] == [[[1.5, 2.5], [10, 11]], [[3, 4], [5.5, 6]], [[7, 8]], [[1, 1], [2, 2], [3, 3]]]
+    (root / "b.csv").write_text("x,y\n3,4\noops,6\n")
+    with pytest.raises(AnnotationError, match="b.csv.*line 3"):
+        ds.read_point_file(root / "b.csv")
+    (root / "a.txt").write_text("1 nan\n")
+    with pytest.raises(AnnotationError, match="a.txt.*not finite"):
+        ds.read_point_file(root / "a.txt")
+
+
+# ----------------------------------------------------------------------------------------- splits and datasets
+def test_ucf_cc_50_folds_on_real_samples():
+    root = require_data("UCF_CC_50")
+    samples = list_samples(root, "ucf_cc_50")
+    tests = []
+    for k in range(1, 6):
+        train, test = ds.ucf_cc_50_folds(samples, k)
+        assert len(test) == 2 and len(train) == 8 and not {s.name for s in train} & {s.name for s in test}
+        tests += [s.name for s in test]
+    assert tests == [str(i) for i in range(1, 11)]  # the folds partition the images in order
+    got, note = ds.dataset_samples("ucf-cc-50", root, "val", fold=3)
+    assert [s.name for s in got] == ["5", "6"] and "fold 3" in note
+    with pytest.raises(ValueError, match="fold"):
+        ds.ucf_cc_50_folds(samples, 6)
+
+
+def test_shanghaitech_splits_and_dataset_on_real_samples(tmp_path):
+    part_a = require_data("ShanghaiTech", "part_A", "train_data")
+    top = part_a.parents[1]  # ShanghaiTech/: part_A/train_data is found under it
+    train, note = ds.dataset_samples("shanghaitech-a", top, "train")
+    val, vnote = ds.dataset_samples("shanghaitech-a", top, "val")  # no test_data here: every 10th held out
+    assert len(train) + len(val) == 24 and len(val) == 2 and "held out" in vnote
+    b_train, _ = ds.dataset_samples("shanghaitech-b", top, "train")
+    assert all(s.size() == (768, 1024) for s in b_train)
+    data = ds.CrowdDataset(val)
+    item = data[0]
+    assert item["image"].shape[0] == 3 and item["image"].dtype.is_floating_point
+    assert tuple(item["image"].shape[1:]) == val[0].size()
+    assert item["points"].shape == (val[0].points().shape[0], 2)
+    assert data.counts == [s.points().shape[0] for s in val]
+
+
+def test_jhu_levels_nwpu_lists_and_bad_files(tmp_path):
+    root = tmp_path / "jhu"
+    for split in ("train", "val"):
+        for i, n in enumerate((3, 60, 600)):
+            _write_image(root / split / "images" / f"{i:04d}.jpg", 40, 40)
+            (root / split / "gt").mkdir(exist_ok=True)
+            pts = np.random.default_rng(i).random((n, 2)) * 39
+            (root / split / "gt" / f"{i:04d}.txt").write_text("".join(f"{x} {y} 1 1 0 0\n" for x, y in pts))
+    val, _ = ds.dataset_samples("jhu", root, "val")
+    assert [ds.CrowdDataset(val, levels=[lv]).counts for lv in ("low", "medium", "high")] == [[3], [60], [600]]
+
+    nwpu = tmp_path / "nwpu"
+    for i in range(3):
+        _write_image(nwpu / "images" / f"{3100 + i}.jpg", 16, 16)
+        (nwpu / "jsons").mkdir(exist_ok=True)
+        (nwpu / "jsons" / f"{3100 + i}.json").write_text(json.dumps({"points": [[1, 1]] * (i + 1)}))
+    (nwpu / "val.txt").write_text("3101 1 1\n3102 1 2\n")
+    assert [s.name for s in ds.dataset_samples("nwpu", nwpu, "val")[0]] == ["3101", "3102"]
+
+    # NaN points, a missing annotation, an image that is not one: warned, named, skipped
+    (root / "val" / "gt" / "0001.txt").write_text("nan 1 1 1 0 0\n")
+    (root / "val" / "gt" / "0002.txt").unlink()
+    warnings = []
+    data = ds.CrowdDataset(ds.dataset_samples("jhu", root, "val")[0], warn=warnings.append)
+    assert sorted(data.skipped) == ["0001", "0002"] and len(data) == 1
+    assert any("0001.txt" in w for w in warnings) and any("0002.txt" in w for w in warnings)
+    with pytest.raises(AnnotationError, match="0001.txt"):
+        ds.CrowdDataset(ds.dataset_samples("jhu", root, "val")[0], strict=True)
+    (root / "val" / "images" / "0000.jpg").write_bytes((root / "val" / "images" / "0000.jpg").read_bytes()[:200])
+    got = data[0]
+    assert "error" in got and "0000.jpg" in got["error"]
+
+
+def test_dataset_layout_errors(tmp_path):
+    with pytest.raises(LayoutError, match="part_A/train_data.*ground-truth"):
+        ds.dataset_samples("shanghaitech-a", tmp_path, "train")
+    with pytest.raises(LayoutError, match="Train"):
+        ds.dataset_samples("ucf-qnrf", tmp_path, "train")
+    with pytest.raises(LayoutError, match="not a folder"):
+        ds.dataset_samples("jhu", tmp_path / "nowhere", "train")

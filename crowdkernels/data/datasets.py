@@ -15,7 +15,13 @@ ucf_cc_50       ROOT/N.jpg, ROOT/N_ann.mat (``annPoints``)
 ucf_qnrf        ROOT/img_XXXX.jpg, ROOT/img_XXXX_ann.mat (``annPoints``)
 jhu             ROOT/images/XXXX.jpg, ROOT/gt/XXXX.txt (one head per line: ``x y w h o b``)
 nwpu            ROOT/images/XXXX.jpg, ROOT/jsons/XXXX.json (``{"points": [[x, y], ...]}``)
+folder          ROOT/NAME.jpg with ROOT/NAME.txt | .csv | .json (generic point files)
 ==============  ======================================================================
+
+Above the split folders: :func:`dataset_samples` finds a named dataset's splits under its root
+(ShanghaiTech ``part_A/train_data``, UCF-QNRF ``Train``/``Test``, JHU ``train``/``val``/``test``, NWPU's
+``train.txt``/``val.txt`` lists, UCF_CC_50's 5 folds), and :class:`CrowdDataset` turns samples into
+training samples, skipping bad files with a warning that names them.
 
 New formats are one :class:`DatasetFormat` added to :data:`FORMATS`.
 """
@@ -29,6 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 __all__ = [
     "AnnotationError",
@@ -48,6 +55,17 @@ __all__ = [
     "natural_key",
     "count_inside",
     "relative_to_root",
+    "POINT_EXTENSIONS",
+    "read_point_file",
+    "DENSITY_LEVELS",
+    "DATASET_NAMES",
+    "density_level",
+    "ucf_cc_50_folds",
+    "holdout",
+    "dataset_samples",
+    "load_image",
+    "CrowdDataset",
+    "SyntheticCrowds",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -371,3 +389,298 @@ def count_inside(points: np.ndarray, size: tuple[int, int]) -> int:
     x, y = points[:, 0], points[:, 1]
     return int(np.count_nonzero((x >= 0) & (x < w) & (y >= 0) & (y < h)))
 
+
+
+# ----------------------------------------------------------------------------------------- generic folder
+POINT_EXTENSIONS = (".txt", ".csv", ".json")
+
+
+def read_point_file(path) -> np.ndarray:
+    """A generic point file, by extension: ``.json`` (``{"points": [[x, y], ...]}``, a bare list of pairs,
+    or a list of ``{"x": .., "y": ..}``); ``.txt``/``.csv`` (one head per line, ``x y`` or ``x,y``, extra
+    columns ignored, one non-numeric header line allowed)."""
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise AnnotationError(path, f"not a readable JSON file ({exc})") from None
+            if isinstance(data, list) and data and all(isinstance(d, dict) for d in data):
+                try:
+                    return _as_points(path, [(d["x"], d["y"]) for d in data])
+                except KeyError as exc:
+                    raise AnnotationError(path, f"a point object lacks {exc}") from None
+        return read_nwpu_json(path)
+    if not path.is_file():
+        raise AnnotationError(path, "annotation file not found")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AnnotationError(path, f"cannot read the text file ({exc})") from None
+    rows = []
+    first = True
+    for lineno, line in enumerate(lines, 1):
+        fields = line.replace(",", " ").replace(";", " ").split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        try:
+            rows.append((float(fields[0]), float(fields[1])))
+            first = False
+        except (ValueError, IndexError):
+            if first:  # a header line such as "x,y"
+                first = False
+                continue
+            raise AnnotationError(path, f"line {lineno}: expected 'x y' or 'x,y', got {line.strip()!r}") from None
+    return _as_points(path, rows)
+
+
+def _folder_annotation(root: Path, img: Path) -> Path:
+    for ext in POINT_EXTENSIONS:
+        p = img.with_suffix(ext)
+        if p.is_file():
+            return p
+    return img.with_suffix(".txt")
+
+
+FORMATS["folder"] = DatasetFormat(
+    name="folder",
+    layout="ROOT/NAME.jpg (or .png, ...) with a point file ROOT/NAME.txt, NAME.csv or NAME.json side by side",
+    image_dir="",
+    annotation_path=_folder_annotation,
+    reader=read_point_file,
+    split_hint=("train", "val", "test"),
+)
+
+
+# ----------------------------------------------------------------------------------------- splits
+#: JHU-CROWD++'s count subsets (Sindagi et al., PAMI 2020), as inclusive count ranges; None: no upper bound.
+DENSITY_LEVELS = {"low": (0, 50), "medium": (51, 500), "high": (501, None)}
+
+#: The dataset names of the CLI (``--dataset``).
+DATASET_NAMES = ("shanghaitech-a", "shanghaitech-b", "ucf-cc-50", "ucf-qnrf", "jhu", "nwpu", "synthetic", "folder")
+
+_FORMAT_OF = {
+    "shanghaitech-a": "shanghaitech",
+    "shanghaitech-b": "shanghaitech",
+    "ucf-cc-50": "ucf_cc_50",
+    "ucf-qnrf": "ucf_qnrf",
+    "jhu": "jhu",
+    "nwpu": "nwpu",
+    "folder": "folder",
+}
+
+
+def density_level(count: float, levels: dict = DENSITY_LEVELS) -> str | None:
+    """The name of the level whose inclusive [lo, hi] range holds ``count`` (rounded), or None."""
+    c = int(round(count))
+    for name, (lo, hi) in levels.items():
+        if c >= lo and (hi is None or c <= hi):
+            return name
+    return None
+
+
+def ucf_cc_50_folds(samples: list, fold: int) -> tuple[list, list]:
+    """(train, test) of 5-fold cross-validation on UCF_CC_50: the samples in natural order of the image
+    numbers, fold k (1-5) testing on the k-th fifth (images 10k-9 .. 10k of the full set) and training
+    on the other four."""
+    if isinstance(fold, bool) or not isinstance(fold, int) or not 1 <= fold <= 5:
+        raise ValueError(f"fold must be an int in 1..5, got {fold!r}")
+    ordered = sorted(samples, key=lambda s: natural_key(s.name))
+    n = len(ordered)
+    lo, hi = (fold - 1) * n // 5, fold * n // 5
+    return ordered[:lo] + ordered[hi:], ordered[lo:hi]
+
+
+def holdout(samples: list, every: int = 10) -> tuple[list, list]:
+    """(train, held-out): every ``every``-th sample (natural order) is held out, at least one; the split
+    used when a dataset root has no validation/test split."""
+    ordered = sorted(samples, key=lambda s: natural_key(s.name))
+    if len(ordered) < 2:
+        return ordered, list(ordered)
+    held = set(range(every - 1, len(ordered), every)) or {len(ordered) - 1}
+    return [s for i, s in enumerate(ordered) if i not in held], [s for i, s in enumerate(ordered) if i in held]
+
+
+def _split_folders(dataset: str, split: str) -> list[str]:
+    """Where each dataset keeps a split, relative to the root a user may pass (the dataset's folder,
+    or one part of it)."""
+    train = split == "train"
+    if dataset.startswith("shanghaitech"):
+        part = "part_A" if dataset.endswith("-a") else "part_B"
+        s = "train_data" if train else "test_data"
+        return [f"{part}/{s}", f"{part}_final/{s}", s]
+    if dataset == "ucf-qnrf":
+        return ["Train"] if train else ["Test"]
+    if dataset in ("jhu", "folder"):
+        return ["train"] if train else ([split] if split != "val" else ["val", "test"])
+    return []
+
+
+def _has_layout(folder: Path, fmt: DatasetFormat) -> bool:
+    return folder.is_dir() and all((folder / d).is_dir() for d in fmt.required_dirs) and (
+        bool(fmt.required_dirs) or any(p.suffix.lower() in IMAGE_EXTENSIONS and fmt.image_filter(p) for p in folder.iterdir())
+    )
+
+
+def dataset_samples(dataset: str, root, split: str = "train", *, fold: int | None = None, missing: str = "keep"):
+    """The samples of one split of a named dataset (:data:`DATASET_NAMES`, not "synthetic").
+
+    ``root`` is the dataset folder (e.g. ``ShanghaiTech/`` holding ``part_A/train_data``), one part of it,
+    or a split folder. ``split`` is "train" or "val" ("val" is the test split where the dataset has no
+    validation split, as the papers do; JHU and NWPU use their val split). UCF_CC_50 takes ``fold``
+    (1-5). Where the root holds only one split (e.g. a single train_data folder), every 10th image is
+    held out for "val" (:func:`holdout`). Returns (samples, note) with note saying which split was used.
+    Raises LayoutError naming the expected layout.
+    """
+    if dataset not in _FORMAT_OF:
+        raise ValueError(f"dataset must be one of {[d for d in DATASET_NAMES if d != 'synthetic']}, got {dataset!r}")
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    fmt = FORMATS[_FORMAT_OF[dataset]]
+    root = Path(root)
+    if not root.is_dir():
+        raise LayoutError(f"--root {root} is not a folder (expected the {dataset} dataset: {fmt.layout})")
+
+    if dataset == "ucf-cc-50":
+        samples = list_samples(root, fmt.name, missing=missing)
+        train, test = ucf_cc_50_folds(samples, 1 if fold is None else fold)
+        return (train if split == "train" else test), f"fold {fold or 1} of 5 ({len(test)} test images)"
+
+    if dataset == "nwpu":
+        samples = list_samples(root, fmt.name, missing=missing)
+        listed = root / f"{split}.txt"
+        if listed.is_file():
+            ids = {line.split()[0] for line in listed.read_text().splitlines() if line.strip()}
+            return [s for s in samples if s.name in ids], f"the images listed in {listed.name}"
+        train, held = holdout(samples)
+        return (train if split == "train" else held), f"no {split}.txt in {root}: every 10th image held out"
+
+    other = "val" if split == "train" else "train"
+    has_other = any(_has_layout(root / rel, fmt) for rel in _split_folders(dataset, other))
+    for rel in _split_folders(dataset, split):
+        if _has_layout(root / rel, fmt):
+            if split == "train" and not has_other:
+                # no validation split beside it: hold out the same images "val" will get
+                train, _ = holdout(list_samples(root / rel, fmt.name, missing=missing))
+                return train, f"{root / rel} less every 10th image (held out: there is no val/test split)"
+            return list_samples(root / rel, fmt.name, missing=missing), f"{root / rel}"
+    train_folders = [rel for rel in _split_folders(dataset, "train") if _has_layout(root / rel, fmt)]
+    if train_folders:  # the dataset has a train split but not this one
+        base = root / train_folders[0]
+    elif _has_layout(root, fmt):
+        base = root
+    else:
+        expected = " or ".join(f"ROOT/{r}/" for r in _split_folders(dataset, "train"))
+        raise LayoutError(
+            f"{root} does not have the {dataset} layout: expected {expected + ' holding ' if expected else ''}"
+            f"{fmt.layout}"
+        )
+    train, held = holdout(list_samples(base, fmt.name, missing=missing))
+    return (train if split == "train" else held), f"no {split} split under {root}: every 10th image of {base} held out"
+
+
+# ----------------------------------------------------------------------------------------- datasets
+def load_image(path) -> torch.Tensor:
+    """float32 [3, H, W] RGB in [0, 1] (grayscale images are repeated over the channels); ImageError
+    naming the file when it is missing or does not decode."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(path, "image file not found")
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        raise ImageError(path, f"cannot decode the image ({exc})") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+class CrowdDataset(torch.utils.data.Dataset):
+    """Annotated images as samples ``{"image": [3, H, W], "points": [N, 2], "name", "index"}`` (plus
+    ``"density"`` with a cache), through ``transform``, for :class:`crowdkernels.data.CrowdCollate`.
+
+    Annotations and image headers are checked once, up front: a missing file, a corrupt annotation, or
+    NaN points give a warning naming the file and the sample is left out (``skipped`` maps its name to
+    the reason), or, with ``strict=True``, the error is raised. An image that fails to decode later
+    yields ``{"name", "error"}``, which the collate reports instead of batching (or raises with strict).
+    Points outside their image are dropped at load, so ``counts`` are the heads a density map holds.
+
+    Args:
+        samples: :class:`Sample` list (from :func:`list_samples` or :func:`dataset_samples`).
+        transform: ``sample -> sample`` (see :mod:`crowdkernels.data.transforms`).
+        density_cache: a :class:`crowdkernels.data.DensityCache` to read the targets from.
+        levels: keep only images whose count falls in these :data:`DENSITY_LEVELS` names (e.g. ["high"]).
+    """
+
+    def __init__(self, samples, transform=None, *, strict: bool = False, density_cache=None, levels=None, warn=None):
+        import warnings
+
+        self.transform = transform
+        self.strict = strict
+        self.density_cache = density_cache
+        self.samples, self.points, self.skipped = [], [], {}
+        report = warn or (lambda msg: warnings.warn(msg, stacklevel=3))
+        for s in samples:
+            try:
+                size = s.size()
+                pts = s.points()
+            except (AnnotationError, ImageError) as exc:
+                if strict:
+                    raise
+                self.skipped[s.name] = str(exc)
+                report(f"skipping {exc}")
+                continue
+            h, w = size
+            inside = (pts[:, 0] >= 0) & (pts[:, 0] < w) & (pts[:, 1] >= 0) & (pts[:, 1] < h)
+            pts = pts[inside]
+            if levels is not None and density_level(pts.shape[0]) not in levels:
+                continue
+            self.samples.append(s)
+            self.points.append(pts.astype(np.float32))
+
+    @property
+    def counts(self) -> list[int]:
+        return [int(p.shape[0]) for p in self.points]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        s = self.samples[index]
+        try:
+            item = {"image": load_image(s.image), "points": torch.from_numpy(self.points[index]), "name": s.name, "index": index}
+            if tuple(item["image"].shape[-2:]) != s.size():
+                raise ImageError(s.image, f"decoded size {tuple(item['image'].shape[-2:])} differs from the header's {s.size()}")
+            if self.density_cache is not None:
+                item["density"] = self.density_cache.load(s.name, item["image"].shape[-2:])
+        except (ImageError, ValueError, OSError) as exc:
+            if self.strict:
+                raise
+            return {"name": s.name, "error": str(exc), "index": index}
+        return self.transform(item) if self.transform is not None else item
+
+
+class SyntheticCrowds(torch.utils.data.Dataset):
+    """:class:`crowdkernels.data.SyntheticCrowdDataset` as samples of the same form as
+    :class:`CrowdDataset` (rendered on the fly from (seed, index), cached in each process)."""
+
+    def __init__(self, num_images: int = 20, size=128, seed: int = 0, transform=None, **render_kwargs):
+        from .synthetic import SyntheticCrowdDataset
+
+        self.base = SyntheticCrowdDataset(num_images, size, seed, **render_kwargs)
+        self.transform = transform
+        self.skipped: dict = {}
+
+    @property
+    def counts(self) -> list[int]:
+        return [self.base[i].count for i in range(len(self.base))]
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict:
+        s = self.base[index]
+        item = {"image": s.image_tensor(), "points": s.points_tensor(), "name": s.name, "index": index}
+        return self.transform(item) if self.transform is not None else item

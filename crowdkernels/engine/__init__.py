@@ -1,0 +1,27 @@
+"""Training and evaluation: the loop (`train`), full-image inference and metrics (`evaluate`,
+`metrics`), atomic checkpoints (`checkpoint`) and torchrun/DDP helpers (`distributed`)."""
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .evaluate import evaluate, final_of, predict_density
+from .metrics import MSE_NOTE, CountMetrics, game, grid_counts, grid_counts_from_points
+from .train import MODEL_NAMES, PAPER_DEFAULTS, TrainConfig, Trainer, TrainError, build_datasets, build_model
+
+__all__ = [
+    "CheckpointError",
+    "load_checkpoint",
+    "save_checkpoint",
+    "evaluate",
+    "final_of",
+    "predict_density",
+    "MSE_NOTE",
+    "CountMetrics",
+    "game",
+    "grid_counts",
+    "grid_counts_from_points",
+    "MODEL_NAMES",
+    "PAPER_DEFAULTS",
+    "TrainConfig",
+    "Trainer",
+    "TrainError",
+    "build_datasets",
+    "build_model",
+]

@@ -1,0 +1,108 @@
+"""Training checkpoints: written atomically, checked against the model they are loaded into.
+
+A checkpoint (``torch.save`` of a dict) holds ``format``, ``model_name`` (e.g. "hmode-official"),
+``config`` (the run's settings, the model's constructor arguments among them), ``model`` (state dict),
+``optimizer``, ``scheduler``, ``scaler``, ``rng`` (torch CPU/CUDA, NumPy and Python states), ``epoch``
+and ``step`` (where training resumes), ``best`` (the best validation MAE and its epoch) and ``history``.
+
+It is written to a temp file in the same folder, flushed to disk, then renamed over the old one
+(``os.replace`` is atomic on POSIX and Windows): a SIGKILL at any moment leaves the previous checkpoint
+or the new one, never a torn file.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "atomic_write", "save_checkpoint", "load_checkpoint", "check_model", "rng_state", "set_rng_state"]
+
+CHECKPOINT_FORMAT = "crowdkernels-checkpoint-1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable, not a crowdkernels checkpoint, or made for another model."""
+
+
+def atomic_write(path, write, mode: str = "wb") -> None:
+    """Writes through ``write(fileobj)`` into a temp file in the same folder, flushes it to disk, then
+    renames it over ``path``: a reader (or a rerun after a crash) sees the old file or the new one,
+    never a half-written one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_checkpoint(path, state: dict) -> None:
+    """Writes ``state`` (a dict; ``format`` is added) to ``path`` atomically (:func:`atomic_write`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **state}, f))
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """The checkpoint dict at ``path``; CheckpointError naming the file when it is missing, unreadable
+    or not a crowdkernels checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        # our checkpoints hold plain containers, tensors and NumPy RNG state: weights_only would refuse
+        # the NumPy arrays of the RNG state, so the full unpickler is used (load only files you trust)
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ... on bad files
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
+        raise CheckpointError(f"{path}: not a crowdkernels training checkpoint (format {CHECKPOINT_FORMAT})")
+    return ckpt
+
+
+def describe(ckpt_or_config: dict) -> str:
+    """'hmode-official (width 0.25)' for error messages."""
+    cfg = ckpt_or_config.get("config", ckpt_or_config)
+    name = ckpt_or_config.get("model_name", cfg.get("model"))
+    extra = ", ".join(f"{k} {v}" for k, v in sorted((cfg.get("model_kwargs") or {}).items()))
+    return f"'{name}'" + (f" ({extra})" if extra else "")
+
+
+def check_model(ckpt: dict, path, model_name: str, model_kwargs: dict | None = None) -> None:
+    """CheckpointError naming both when ``ckpt`` was made for another model or variant than
+    ``model_name`` with ``model_kwargs``."""
+    mine = {"model_name": model_name, "config": {"model": model_name, "model_kwargs": model_kwargs or {}}}
+    theirs_name = ckpt.get("model_name")
+    theirs_kwargs = (ckpt.get("config") or {}).get("model_kwargs") or {}
+    if theirs_name != model_name or (model_kwargs is not None and theirs_kwargs != model_kwargs):
+        raise CheckpointError(
+            f"{path} holds a {describe(ckpt)} model, but a {describe(mine)} model was asked for; "
+            "pass the checkpoint's model settings or another checkpoint"
+        )
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

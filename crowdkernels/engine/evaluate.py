@@ -1,0 +1,155 @@
+"""Evaluation: full-image inference (tiled for huge images) and the counting metrics of a data set.
+
+Full-image inference pads the image with zeros to a multiple of ``align`` (the models downsample by
+8 or 16), runs the model, and crops the predicted map back to ceil(H/s) x ceil(W/s) (s = the model's
+output stride). Images larger than ``tile`` are cut into tiles whose *cores* partition the padded
+image, each run with ``overlap`` pixels of context on every side; only the core of each tile's output
+is kept. Every output pixel thus comes from exactly one tile (the count is neither doubled in the
+overlaps nor lost in gaps), memory is bounded by one tile, and with an overlap at least the model's
+receptive field the result equals the untiled prediction. UCF-QNRF's 9000 x 6000 images need this on
+most GPUs.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from .metrics import CountMetrics, game
+
+__all__ = ["final_of", "predict_density", "evaluate", "autocast"]
+
+
+def final_of(output) -> torch.Tensor:
+    """The final [B, 1, h, w] density of a model's output (a named output with ``.final``, or a tensor)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    final = getattr(output, "final", None)
+    if final is None and isinstance(output, dict):
+        final = output.get("final")
+    if not isinstance(final, torch.Tensor):
+        raise TypeError(f"the model's output has no .final density tensor (got {type(output).__name__})")
+    return final
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bfloat16 autocast on GPUs that have it (float16 otherwise); nothing on the CPU."""
+    if not enabled or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _run(model, x: torch.Tensor, amp: bool) -> torch.Tensor:
+    with autocast(x.device, amp):
+        out = final_of(model(x))
+    # models whose maps are scaled (HMoDE's official variant: people per pixel x 100) say so
+    return out.float() / float(getattr(model, "density_scale", 1.0))
+
+
+def _stride(in_size: int, out_size: int) -> int:
+    if out_size < 1 or in_size % out_size:
+        raise ValueError(f"the model maps {in_size} input pixels to {out_size} output pixels: not an integer stride")
+    return in_size // out_size
+
+
+@torch.no_grad()
+def predict_density(model, image: torch.Tensor, *, tile: int | None = None, overlap: int = 64, align: int = 16, amp: bool = False) -> torch.Tensor:
+    """The model's density for one whole image.
+
+    Args:
+        model: ``model(images)`` returning ``.final`` [B, 1, h, w] (or a tensor); in eval mode.
+        image: [3, H, W] or [1, 3, H, W] on the model's device.
+        tile: the largest tile side in pixels (None: never tile). Tiles are used when H or W exceeds it.
+        overlap: context around each tile core, pixels; a multiple of ``align``.
+        align: the image is zero-padded to a multiple of it (>= the model's total downsampling).
+    Returns:
+        [1, 1, ceil(H/s), ceil(W/s)] float32, s the model's output stride, in people per output cell
+        (divided by the model's ``density_scale`` where it has one): its sum is the count.
+    """
+    x = image if image.dim() == 4 else image[None]
+    H, W = x.shape[-2:]
+    Hp, Wp = -(-H // align) * align, -(-W // align) * align
+    x = F.pad(x, (0, Wp - W, 0, Hp - H))
+    if tile is None or (Hp <= tile and Wp <= tile):
+        out = _run(model, x, amp)
+        s = _stride(Hp, out.shape[-2])
+        return out[..., : -(-H // s), : -(-W // s)]
+    if overlap % align or overlap < 0:
+        raise ValueError(f"overlap must be a non-negative multiple of align={align}, got {overlap}")
+    core = (tile - 2 * overlap) // align * align
+    if core < align:
+        raise ValueError(f"tile={tile} leaves no core after an overlap of {overlap} on each side (align {align})")
+    canvas = None
+    for y0 in range(0, Hp, core):
+        y1, ty0 = min(y0 + core, Hp), max(0, y0 - overlap)
+        ty1 = min(Hp, y1 + overlap)
+        for x0 in range(0, Wp, core):
+            x1, tx0 = min(x0 + core, Wp), max(0, x0 - overlap)
+            tx1 = min(Wp, x1 + overlap)
+            out = _run(model, x[..., ty0:ty1, tx0:tx1], amp)
+            s = _stride(ty1 - ty0, out.shape[-2])
+            if canvas is None:
+                if align % s:
+                    raise ValueError(f"align={align} must be a multiple of the model's output stride {s}")
+                canvas = out.new_zeros(1, out.shape[1], Hp // s, Wp // s)
+            canvas[..., y0 // s : y1 // s, x0 // s : x1 // s] = out[
+                ..., (y0 - ty0) // s : (y1 - ty0) // s, (x0 - tx0) // s : (x1 - tx0) // s
+            ]
+    return canvas[..., : -(-H // s), : -(-W // s)]
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    loader,
+    device,
+    *,
+    tile: int | None = 2048,
+    overlap: int = 64,
+    align: int = 16,
+    amp: bool = False,
+    levels: dict | None = None,
+    game_levels: int = 3,
+    all_reduce=None,
+    strict: bool = False,
+    warn=None,
+) -> tuple[dict, CountMetrics]:
+    """Counts and metrics of every image of ``loader`` (batches from :class:`crowdkernels.data.CrowdCollate`;
+    padded images are cut back to their own size before inference).
+
+    Returns ``(metrics, accumulator)``: metrics as :meth:`CountMetrics.compute` (mae, mse (an RMSE),
+    nae, game0..L, per-level results) plus ``skipped`` (images that failed to load). With
+    ``all_reduce`` (distributed), the sums are added over processes first, so every process gets the
+    metrics of the whole set.
+    """
+    was_training = model.training
+    model.eval()
+    acc = CountMetrics(game_levels=game_levels, levels=levels)
+    skipped = []
+    try:
+        for batch in loader:
+            for name, reason in batch["skipped"]:
+                if strict:
+                    raise ValueError(reason)
+                skipped.append(name)
+                if warn:
+                    warn(f"skipping {reason}")
+            if batch["images"] is None:
+                continue
+            images = batch["images"].to(device)
+            for i, (h, w) in enumerate(batch["sizes"]):
+                pred = predict_density(model, images[i, :, :h, :w], tile=tile, overlap=overlap, align=align, amp=amp)
+                pts = batch["points"][i]
+                games = [game(pred, pts, lv, image_size=(h, w)) for lv in range(game_levels + 1)]
+                acc.update(float(pred.sum(dtype=torch.float64)), float(pts.shape[0]), games, name=batch["names"][i])
+    finally:
+        model.train(was_training)
+    n_skipped = torch.tensor([float(len(skipped))], dtype=torch.float64)
+    if all_reduce is not None:
+        acc.reduce(all_reduce)
+        n_skipped = all_reduce(n_skipped)
+    metrics = acc.compute()
+    metrics["skipped"] = int(n_skipped.item())
+    return metrics, acc

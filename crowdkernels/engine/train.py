@@ -1,0 +1,499 @@
+"""The training loop: Adam, step decay, validation by MAE, atomic checkpoints, exact resume, DDP.
+
+:class:`Trainer` trains any model whose forward returns ``.final`` [B, 1, h, w] with any criterion
+called as ``criterion(output, targets)`` -> ``{"total": loss, ...}`` (``targets = {"density": [B, 1, H, W],
+"points": [[N_i, 2]]}``), e.g. ``model.criterion()`` of the models in :mod:`crowdkernels.models`.
+
+Files in ``config.out`` (written by rank 0):
+
+- ``last.pt``: written atomically at the end of every epoch (and on Ctrl-C / SIGTERM, mid-epoch): model,
+  optimizer, scheduler, grad scaler, RNG states, epoch, step, best metric, history, config.
+  ``resume=True`` continues from it exactly: the same batches, augmentations and updates as a run that
+  was never stopped. A SIGKILL loses at most the epoch in progress.
+- ``best.pt``: the model of the epoch with the lowest validation MAE (same format).
+- ``log.jsonl``: one line per epoch (mean losses, learning rate, images/s, validation metrics).
+- ``config.json``: the settings of the run.
+
+Distributed (torchrun): each process takes ``batch_size`` images per step from a DistributedSampler; DDP
+averages the gradients, so N processes with batch B step like one process with batch N x B when the
+criterion's "total" is a mean over the batch. Validation is sharded and its sums all-reduced.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import distributed as dist_utils
+from .checkpoint import CheckpointError, atomic_write, check_model, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .evaluate import autocast, evaluate
+
+__all__ = [
+    "MODEL_NAMES",
+    "MODEL_BUILDERS",
+    "PAPER_DEFAULTS",
+    "TrainConfig",
+    "TrainError",
+    "Trainer",
+    "build_model",
+    "build_datasets",
+    "model_from_checkpoint",
+]
+
+MODEL_NAMES = ("hmode", "hmode-official", "l2sm", "spn", "csrnet")
+
+
+def _models():
+    from .. import models  # imported late: the engine itself does not depend on any model class
+
+    return models
+
+
+#: name -> constructor(**model_kwargs). A new architecture is one more entry.
+MODEL_BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {
+    "hmode": lambda **kw: _models().HMoDE(variant="paper", **kw),
+    "hmode-official": lambda **kw: _models().HMoDE(variant="official", **kw),
+    "l2sm": lambda **kw: _models().L2SM(**kw),
+    "spn": lambda **kw: _models().SPN(**kw),
+    "csrnet": lambda **kw: _models().CSRNet(**kw),
+}
+
+#: The papers' settings (HMoDE sec. IV-B2: Adam, lr 2e-5 halved after 100 of 200 epochs, random 256 x 256
+#: crops, 128 x 128 on ShanghaiTech A, flips; L2SM sec. 4.2: Adam, lr 1e-4, whole images, UCF-QNRF
+#: capped at 1920 x 1080). Batch sizes and L2SM's epoch count are not given by the papers: the values
+#: here are ours. CSRNet is trained with Adam too (its paper used SGD at 1e-6).
+PAPER_DEFAULTS = {
+    "hmode": {"lr": 2e-5, "epochs": 200, "lr_step": 100, "crop": 256, "crop_sha": 128, "batch_size": 8},
+    "hmode-official": {"lr": 2e-5, "epochs": 200, "lr_step": 100, "crop": 256, "crop_sha": 128, "batch_size": 8},
+    "l2sm": {"lr": 1e-4, "epochs": 200, "lr_step": None, "crop": None, "crop_sha": None, "batch_size": 1},
+    "spn": {"lr": 1e-4, "epochs": 200, "lr_step": None, "crop": None, "crop_sha": None, "batch_size": 1},
+    "csrnet": {"lr": 1e-5, "epochs": 200, "lr_step": None, "crop": 256, "crop_sha": 128, "batch_size": 8},
+}
+
+
+class TrainError(ValueError):
+    """A run that cannot start or go on (an existing run in --out without --resume, a NaN loss, ...)."""
+
+
+def build_model(name: str, **model_kwargs) -> torch.nn.Module:
+    if name not in MODEL_BUILDERS:
+        raise ValueError(f"model must be one of {sorted(MODEL_BUILDERS)}, got {name!r}")
+    return MODEL_BUILDERS[name](**model_kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a run (all JSON-serializable; saved in every checkpoint)."""
+
+    out: str = "runs/train"
+    model: str = "hmode"
+    model_kwargs: dict = field(default_factory=dict)
+    criterion_kwargs: dict = field(default_factory=dict)
+    dataset: str = "synthetic"
+    root: str | None = None
+    fold: int | None = None
+    epochs: int = 200
+    batch_size: int = 8
+    lr: float = 2e-5
+    lr_step: int | None = 100  # the lr is multiplied by lr_gamma after this many epochs (None: constant)
+    lr_gamma: float = 0.5
+    weight_decay: float = 0.0
+    crop: int | None = 256
+    max_size: object = None  # int or [a, b] box (e.g. [1920, 1080] for UCF-QNRF)
+    multiple: int = 16
+    flip: bool = True
+    shuffle: bool = True
+    val_every: int = 1
+    workers: int = 2
+    seed: int = 0
+    amp: bool = False
+    device: str | None = None
+    strict: bool = False
+    resume: bool = False
+    tile: int | None = 2048  # validation: tile images larger than this (pixels)
+    max_seconds: float | None = None  # stop after the epoch that passes this wall time (a time budget)
+    synthetic: dict = field(default_factory=lambda: {"train": 200, "val": 40, "size": 128})
+    quiet: bool = False
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag that the loop checks between steps, so a stop never lands inside an
+    optimizer update; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def _handler(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def _mean_losses(sums: dict, n: float) -> dict:
+    return {k: v / n for k, v in sums.items()} if n else {}
+
+
+class Trainer:
+    """Trains ``model`` with ``criterion`` on ``train_set`` and validates on ``val_set`` (datasets of
+    samples; see :mod:`crowdkernels.data`). ``collate`` defaults to :class:`crowdkernels.data.CrowdCollate`
+    with the default density target. ``on_step(trainer, epoch, step)`` runs after every update (tests
+    use it to stop a run). ``log`` prints messages (rank 0 only)."""
+
+    def __init__(self, model, criterion, train_set, val_set, config: TrainConfig, *, collate=None, on_step=None, log=None):
+        from ..data.targets import CrowdCollate
+
+        self.config = config
+        self.model = model
+        self.criterion = criterion
+        self.train_set, self.val_set = train_set, val_set
+        self.collate = collate or CrowdCollate(multiple=config.multiple)
+        self.on_step = on_step
+        self._print = log or (lambda msg: print(msg, file=sys.stderr))
+        self.out = Path(config.out)
+        self.device = dist_utils.local_device(config.device)
+        self.stop = _StopRequest()
+        self.history: list[dict] = []
+        self.best = {"mae": None, "epoch": None}
+        self.skipped: dict[str, str] = dict(getattr(train_set, "skipped", {}) or {})
+        self.skipped.update(getattr(val_set, "skipped", {}) or {})
+
+    # ------------------------------------------------------------------------------------- helpers
+    def log(self, msg: str) -> None:
+        if dist_utils.is_main() and not self.config.quiet:
+            self._print(msg)
+
+    def _loaders(self):
+        from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler, Subset
+
+        from ..data.targets import CrowdCollate
+
+        cfg = self.config
+        if dist_utils.is_distributed():
+            sampler = DistributedSampler(self.train_set, shuffle=cfg.shuffle, seed=cfg.seed, drop_last=False)
+        else:
+            # RandomSampler draws its permutation from torch's global RNG, restored on resume
+            sampler = RandomSampler(self.train_set) if cfg.shuffle else SequentialSampler(self.train_set)
+        common = {"num_workers": cfg.workers, "pin_memory": self.device.type == "cuda"}
+        train = DataLoader(self.train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=self.collate, **common)
+        val = None
+        if self.val_set is not None and len(self.val_set):
+            # each process evaluates a disjoint shard (no padding repeats, unlike DistributedSampler)
+            shard = Subset(self.val_set, list(range(dist_utils.rank(), len(self.val_set), dist_utils.world_size())))
+            val = DataLoader(shard, batch_size=1, shuffle=False, collate_fn=CrowdCollate(target=None), **common)
+        return train, sampler, val
+
+    def _state(self, epoch: int, step: int, optimizer, scheduler, scaler, extra: dict) -> dict:
+        return {
+            "model_name": self.config.model,
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "criterion": self.criterion.state_dict() if isinstance(self.criterion, torch.nn.Module) else {},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": epoch,
+            "step": step,
+            "best": dict(self.best),
+            "history": list(self.history),
+            "rng": rng_state(),
+            **extra,
+        }
+
+    def _write_log(self) -> None:
+        text = "".join(json.dumps(h, allow_nan=True) + "\n" for h in self.history)
+        atomic_write(self.out / "log.jsonl", lambda f: f.write(text), mode="w")
+
+    def _append_log(self, entry: dict) -> None:
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(entry, allow_nan=True) + "\n")
+
+    # ------------------------------------------------------------------------------------- the run
+    def run(self) -> dict:
+        """Trains to ``config.epochs``; returns ``{"status": "finished" | "interrupted", "epoch", "best",
+        "history", "skipped"}``."""
+        cfg = self.config
+        main = dist_utils.is_main()
+        last = self.out / "last.pt"
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        ckpt = None
+        if last.is_file():
+            if not cfg.resume:
+                raise TrainError(f"{self.out} already holds a run (last.pt): pass --resume to continue it, or choose another --out")
+            ckpt = load_checkpoint(last)
+            check_model(ckpt, last, cfg.model, cfg.model_kwargs)
+        elif cfg.resume:
+            self.log(f"note: no checkpoint in {self.out} to resume from; starting a new run")
+        if main:
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+
+        model = self.model.to(self.device)
+        if isinstance(self.criterion, torch.nn.Module):
+            self.criterion.to(self.device)
+        params = list(model.parameters())
+        if isinstance(self.criterion, torch.nn.Module):
+            params += [p for p in self.criterion.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        milestones = [cfg.lr_step] if cfg.lr_step else []
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.lr_gamma)
+        use_scaler = cfg.amp and self.device.type == "cuda" and not torch.cuda.is_bf16_supported()
+        scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+
+        start_epoch, start_step, epoch_extra = 0, 0, {}
+        if ckpt is not None:
+            try:
+                model.load_state_dict(ckpt["model"])
+            except RuntimeError as exc:
+                raise CheckpointError(f"{last}: its weights do not fit the {cfg.model!r} model of this run ({exc})") from None
+            if ckpt.get("criterion") and isinstance(self.criterion, torch.nn.Module):
+                self.criterion.load_state_dict(ckpt["criterion"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            start_epoch, start_step = int(ckpt["epoch"]), int(ckpt["step"])
+            self.best, self.history = dict(ckpt["best"]), list(ckpt["history"])
+            epoch_extra = ckpt.get("epoch_state", {})
+            if start_step == 0:
+                set_rng_state(ckpt["rng"])
+            if main:
+                self._write_log()  # drop lines of an epoch that was lost to a kill
+            self.log(f"resuming {self.out} at epoch {start_epoch + 1}" + (f", step {start_step}" if start_step else ""))
+        elif main:
+            (self.out / "log.jsonl").write_text("")
+
+        ddp_model = model
+        if dist_utils.is_distributed():
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            ddp_model = DistributedDataParallel(model, device_ids=ids)
+
+        train_loader, sampler, val_loader = self._loaders()
+        status, epoch, step = "finished", start_epoch, start_step
+        run_start = time.perf_counter()
+        completed = start_epoch
+        with self.stop:
+            for epoch in range(start_epoch, cfg.epochs):
+                if hasattr(sampler, "set_epoch"):
+                    sampler.set_epoch(epoch)
+                resumed_mid_epoch = epoch == start_epoch and start_step > 0
+                if resumed_mid_epoch:
+                    set_rng_state(epoch_extra["rng_epoch_start"])
+                rng_epoch_start = rng_state()
+                sums = dict(epoch_extra.get("sums", {})) if resumed_mid_epoch else {}
+                seen = float(epoch_extra.get("seen", 0.0)) if resumed_mid_epoch else 0.0
+                elapsed = float(epoch_extra.get("seconds", 0.0)) if resumed_mid_epoch else 0.0
+                skip = start_step if resumed_mid_epoch else 0
+                step = skip
+                t0 = time.perf_counter()
+                bar = None
+                if main and not cfg.quiet:
+                    from tqdm import tqdm
+
+                    bar = tqdm(total=len(train_loader), initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                               file=sys.stderr, dynamic_ncols=True, leave=False)
+                model.train()
+                stopped = False
+                for i, batch in enumerate(train_loader):
+                    if i < skip:
+                        if i == skip - 1:  # the batches before the stop are drawn again, then the RNG is put back
+                            set_rng_state(ckpt["rng"])
+                        continue
+                    for name, reason in batch["skipped"]:
+                        if cfg.strict:
+                            raise TrainError(reason)
+                        if name not in self.skipped:
+                            self.skipped[name] = reason
+                            self.log(f"warning: skipping {reason}")
+                    if batch["images"] is not None:
+                        losses = self._step(ddp_model, batch, optimizer, scaler)
+                        n = float(batch["images"].shape[0])
+                        for k, v in losses.items():
+                            sums[k] = sums.get(k, 0.0) + v * n
+                        seen += n
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{losses['total']:.4g}")
+                    step = i + 1
+                    if bar is not None:
+                        bar.update(1)
+                    if self.on_step is not None:
+                        self.on_step(self, epoch, step)
+                    if self._stop_everywhere():
+                        stopped = step < len(train_loader)
+                        break
+                if bar is not None:
+                    bar.close()
+                elapsed += time.perf_counter() - t0
+                if stopped:
+                    if main:
+                        extra = {"epoch_state": {"rng_epoch_start": rng_epoch_start, "sums": sums, "seen": seen, "seconds": elapsed}}
+                        save_checkpoint(last, self._state(epoch, step, optimizer, scheduler, scaler, extra))
+                    self.log(f"stopped at epoch {epoch + 1}, step {step}: saved {last}; continue with --resume")
+                    status = "interrupted"
+                    break
+                entry = self._end_epoch(epoch, sums, seen, elapsed, optimizer, val_loader)
+                scheduler.step()
+                if main:
+                    save_checkpoint(last, self._state(epoch + 1, 0, optimizer, scheduler, scaler, {}))
+                    self._append_log(entry)
+                completed = epoch + 1
+                if cfg.max_seconds is not None and epoch + 1 < cfg.epochs:
+                    over = time.perf_counter() - run_start > cfg.max_seconds
+                    if dist_utils.is_distributed():
+                        over = bool(dist_utils.all_reduce_sum(torch.tensor([float(over)])).item() > 0)
+                    if over:
+                        self.log(f"time budget of {cfg.max_seconds:.0f} s spent after epoch {epoch + 1}")
+                        status = "time limit"
+                        break
+                if self.stop.requested and epoch + 1 < cfg.epochs:
+                    self.log(f"stopped after epoch {epoch + 1}: saved {last}; continue with --resume")
+                    status = "interrupted"
+                    break
+        if status != "interrupted":
+            dist_utils.barrier()
+        return {"status": status, "epoch": completed, "best": dict(self.best),
+                "history": list(self.history), "skipped": dict(self.skipped)}
+
+    def _stop_everywhere(self) -> bool:
+        flag = self.stop.requested
+        if dist_utils.is_distributed():  # every rank must leave the loop at the same step
+            flag = bool(dist_utils.all_reduce_sum(torch.tensor([float(flag)])).item() > 0)
+            self.stop.requested = flag
+        return flag
+
+    def _step(self, model, batch, optimizer, scaler) -> dict:
+        images = batch["images"].to(self.device, non_blocking=True)
+        targets = {
+            "density": batch["density"].to(self.device, non_blocking=True),
+            "points": [p.to(self.device) for p in batch["points"]],
+        }
+        with autocast(self.device, self.config.amp):
+            output = model(images)
+        losses = self.criterion(output, targets)
+        total = losses["total"]
+        if not torch.isfinite(total.detach()).all():
+            raise TrainError(f"the loss is {float(total.detach())} on images {batch['names']}: lower --lr, or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in losses.items()}
+
+    def _end_epoch(self, epoch, sums, seen, elapsed, optimizer, val_loader) -> dict:
+        cfg = self.config
+        totals = dist_utils.all_reduce_sum(torch.tensor([seen, *sums.values()], dtype=torch.float64))
+        seen_all = float(totals[0])
+        losses = {k: float(v) / seen_all for k, v in zip(sums, totals[1:])} if seen_all else {}
+        entry = {
+            "epoch": epoch + 1,
+            "lr": optimizer.param_groups[0]["lr"],
+            "loss": losses,
+            "images": int(seen_all),
+            "seconds": elapsed,
+            "images_per_s": seen_all / elapsed if elapsed > 0 else None,
+            "val": None,
+        }
+        due = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
+        if val_loader is not None and due:
+            metrics, _ = evaluate(self.model, val_loader, self.device, tile=cfg.tile, amp=cfg.amp, game_levels=0,
+                                  all_reduce=dist_utils.all_reduce_sum if dist_utils.is_distributed() else None,
+                                  strict=cfg.strict)
+            entry["val"] = metrics
+            mae = metrics.get("mae")
+            if mae is not None and (self.best["mae"] is None or mae < self.best["mae"]):
+                self.best = {"mae": mae, "mse": metrics.get("mse"), "epoch": epoch + 1}
+                if dist_utils.is_main():
+                    save_checkpoint(self.out / "best.pt", {
+                        "model_name": cfg.model, "config": cfg.to_dict(), "model": self.model.state_dict(),
+                        "epoch": epoch + 1, "step": 0, "best": dict(self.best),
+                    })
+        self.history.append(entry)
+        val = entry["val"]
+        self.log(
+            f"epoch {epoch + 1}/{cfg.epochs}  loss {losses.get('total', float('nan')):.5g}  lr {entry['lr']:.3g}"
+            + (f"  val mae {val['mae']:.3f} mse {val['mse']:.3f}" if val and val.get("mae") is not None else "")
+            + f"  ({elapsed:.1f} s)"
+        )
+        return entry
+
+
+# ----------------------------------------------------------------------------------------- data
+def build_transforms(config: TrainConfig, train: bool, sha: bool = False):
+    from ..data.transforms import Compose, RandomCrop, RandomHorizontalFlip, Resize
+
+    steps = []
+    max_size = tuple(config.max_size) if isinstance(config.max_size, (list, tuple)) else config.max_size
+    if train:
+        if config.crop:
+            steps += [Resize(max_size=max_size, min_size=config.crop), RandomCrop(config.crop)]
+        elif max_size is not None:
+            steps.append(Resize(max_size=max_size, multiple=config.multiple))
+        if config.flip:
+            steps.append(RandomHorizontalFlip())
+    elif max_size is not None:
+        steps.append(Resize(max_size=max_size))
+    return Compose(steps) if steps else None
+
+
+def build_datasets(config: TrainConfig, *, split: str = "train", warn=None, levels=None):
+    """(train_set, val_set) of ``config.dataset`` with the training transforms (split "train"), or
+    (None, eval_set) for ``split`` "val"/"test". Synthetic crowds: ``config.synthetic`` gives the sizes;
+    the held-out set uses another seed."""
+    from ..data.datasets import CrowdDataset, SyntheticCrowds, dataset_samples
+
+    if config.dataset == "synthetic":
+        syn = config.synthetic
+        val = SyntheticCrowds(int(syn["val"]), int(syn["size"]), config.seed + 1000)
+        if split != "train":
+            return None, val
+        return SyntheticCrowds(int(syn["train"]), int(syn["size"]), config.seed, transform=build_transforms(config, True)), val
+    if config.root is None:
+        raise TrainError(f"--root is required for --dataset {config.dataset}")
+    val_samples, note = dataset_samples(config.dataset, config.root, "val" if split == "train" else split, fold=config.fold)
+    val = CrowdDataset(val_samples, build_transforms(config, False), strict=config.strict, warn=warn, levels=levels)
+    if split != "train":
+        return None, val
+    train_samples, train_note = dataset_samples(config.dataset, config.root, "train", fold=config.fold)
+    if warn:
+        warn(f"train: {len(train_samples)} images ({train_note}); val: {len(val_samples)} images ({note})")
+    train = CrowdDataset(train_samples, build_transforms(config, True), strict=config.strict, warn=warn)
+    return train, val
+
+
+def model_from_checkpoint(path, device="cpu", *, model: str | None = None, model_kwargs: dict | None = None):
+    """(model in eval mode on ``device``, checkpoint dict) from a checkpoint of :class:`Trainer`. With
+    ``model`` (and ``model_kwargs``) given, a checkpoint of another model or variant is refused with an
+    error naming both."""
+    ckpt = load_checkpoint(path)
+    if model is not None:
+        check_model(ckpt, path, model, model_kwargs)
+    cfg = ckpt.get("config") or {}
+    name = ckpt.get("model_name")
+    net = build_model(name, **(cfg.get("model_kwargs") or {}))
+    try:
+        net.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: its weights do not fit a {name!r} model ({exc})") from None
+    return net.to(device).eval(), ckpt

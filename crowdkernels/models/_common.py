@@ -1,0 +1,110 @@
+"""Small pieces every model shares: channel widths, conv stacks, input padding and count-keeping target
+resizing."""
+from __future__ import annotations
+
+from numbers import Real
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def channels(c: int, width: float) -> int:
+    """`c` channels scaled by the width multiplier (at least 1)."""
+    return max(1, int(round(c * width)))
+
+
+def check_width(width) -> float:
+    if isinstance(width, bool) or not isinstance(width, Real) or not 0 < float(width) <= 4:
+        raise ValueError(f"width must be a number in (0, 4] (1.0 = the paper's widths), got {width!r}")
+    return float(width)
+
+
+def conv_relu(cin: int, cout: int, k: int = 3, dilation: int = 1, relu: bool = True) -> List[nn.Module]:
+    """A k x k conv with 'same' padding (dilation-aware), optionally followed by ReLU."""
+    layers: List[nn.Module] = [nn.Conv2d(cin, cout, k, padding=dilation * (k - 1) // 2, dilation=dilation)]
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return layers
+
+
+def conv_stack(widths: Sequence[int], k: int = 3, dilation: int = 1, last_relu: bool = True) -> nn.Sequential:
+    """Convs widths[0] -> widths[1] -> ... each followed by ReLU (the last one only if `last_relu`)."""
+    layers: List[nn.Module] = []
+    n = len(widths) - 1
+    for i in range(n):
+        layers += conv_relu(widths[i], widths[i + 1], k, dilation, relu=(i < n - 1 or last_relu))
+    return nn.Sequential(*layers)
+
+
+def init_normal_(module: nn.Module, std: float = 0.01) -> None:
+    """N(0, std) conv weights and zero biases, the usual initialization of crowd-counting heads (CSRNet,
+    the released HMoDE code)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def check_images(images) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a tensor [B, 3, H, W], got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise TypeError(f"images must be floating point (normalized RGB), got {images.dtype}")
+    return images
+
+
+def pad_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pads at the bottom and right so that H and W are multiples of `multiple` (zero = the mean colour
+    of normalized images)."""
+    h, w = images.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    return F.pad(images, (0, pw, 0, ph)) if ph or pw else images
+
+
+def out_size(size: Tuple[int, int], stride: int) -> Tuple[int, int]:
+    """The output grid of a model of output stride `stride` on an H x W input: ceil(H/s) x ceil(W/s), the
+    grid of `density_maps(..., stride=s)`."""
+    return -(-size[0] // stride), -(-size[1] // stride)
+
+
+def density_at(density: torch.Tensor, stride: int, size: Tuple[int, int]) -> torch.Tensor:
+    """A full-resolution density [B, 1, H, W] summed over stride x stride cells onto the `size` grid (the count
+    is kept): zero-padded at the bottom/right up to size*stride first. Cropping (size*stride < H) drops the
+    mass beyond, so callers pass a grid that covers the image."""
+    if not isinstance(density, torch.Tensor) or density.dim() != 4 or density.shape[1] != 1:
+        raise ValueError(f"targets['density'] must be [B, 1, H, W], got "
+                         f"{tuple(density.shape) if isinstance(density, torch.Tensor) else type(density).__name__}")
+    H, W = size[0] * stride, size[1] * stride
+    h, w = density.shape[-2:]
+    if h > H or w > W:
+        density = density[..., :H, :W]
+    if h < H or w < W:
+        density = F.pad(density, (0, max(0, W - w), 0, max(0, H - h)))
+    if stride == 1:
+        return density
+    B = density.shape[0]
+    return density.reshape(B, 1, size[0], stride, size[1], stride).sum(dim=(3, 5))
+
+
+def check_targets(targets, batch: int, need_points: bool = False):
+    if not isinstance(targets, dict) or "density" not in targets:
+        raise TypeError("targets must be a dict with 'density' [B, 1, H, W] (and 'points', a list of [N_i, 2])")
+    d = targets["density"]
+    if not isinstance(d, torch.Tensor) or d.dim() != 4 or d.shape[1] != 1 or d.shape[0] != batch:
+        raise ValueError(f"targets['density'] must be [B={batch}, 1, H, W], got "
+                         f"{tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__}")
+    if need_points:
+        p = targets.get("points")
+        if not isinstance(p, (list, tuple)) or len(p) != batch:
+            raise ValueError(f"targets['points'] must be a list of B={batch} tensors [N_i, 2], got "
+                             f"{type(p).__name__ if not isinstance(p, (list, tuple)) else len(p)}")
+    return d
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

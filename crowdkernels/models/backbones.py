@@ -1,0 +1,178 @@
+"""VGG16 and VGG16-BN feature extractors, built here with torchvision's `features.*` parameter layout so that
+torchvision's ImageNet state_dicts load unchanged (torchvision itself is not needed).
+
+The ImageNet weights are not bundled and never downloaded. Get them once, on a machine with internet:
+
+    https://download.pytorch.org/models/vgg16-397923af.pth       (VGG16,    torchvision.models.vgg16)
+    https://download.pytorch.org/models/vgg16_bn-6c64b313.pth    (VGG16-BN, torchvision.models.vgg16_bn)
+
+and pass the file: ``VGG16(batch_norm=True, pretrained="vgg16_bn-6c64b313.pth")``. Inputs are RGB in [0, 1]
+normalized with the ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225), as for torchvision.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ._common import channels, check_width
+
+#: convs per stage and their widths (VGG "D" configuration)
+STAGE_CONVS: Tuple[int, ...] = (2, 2, 3, 3, 3)
+STAGE_WIDTHS: Tuple[int, ...] = (64, 128, 256, 512, 512)
+WEIGHTS_URL = {
+    False: "https://download.pytorch.org/models/vgg16-397923af.pth",
+    True: "https://download.pytorch.org/models/vgg16_bn-6c64b313.pth",
+}
+
+
+def _stage_layout(batch_norm: bool, num_stages: int, trailing_pool: bool):
+    """Indices into `features` (torchvision's numbering): for each stage, (first, last+1) of its layers, and
+    the index of the pool after it (or None when the model is truncated there)."""
+    per_conv = 3 if batch_norm else 2
+    spans, pools = [], []
+    i = 0
+    for s in range(num_stages):
+        n = STAGE_CONVS[s] * per_conv
+        spans.append((i, i + n))
+        i += n
+        last = s == num_stages - 1
+        pools.append(None if (last and not trailing_pool) else i)
+        if pools[-1] is not None:
+            i += 1
+    return spans, pools
+
+
+class VGG16(nn.Module):
+    """The 13 convolutional layers of VGG16 (or VGG16-BN), torchvision's `features.N` layout.
+
+    Args:
+        batch_norm: False for `vgg16`, True for `vgg16_bn` (a BatchNorm2d after every conv).
+        pretrained: None (random init, as torchvision initializes), or the path of a local torchvision
+            state_dict file (`vgg16-397923af.pth` / `vgg16_bn-6c64b313.pth`, see the module docstring),
+            or such a state_dict itself. Only the `features.*` entries are used (`classifier.*` is ignored;
+            a `module.` prefix is stripped). Requires width=1.
+        width: channel multiplier (1.0 = VGG16); smaller widths make fast CPU models (no pretrained weights).
+        num_stages: how many of the 5 stages to keep (CSRNet's front end: 4, ending at conv4_3).
+        pools: the stages (1-based) whose max pool is applied in `forward`. torchvision pools after all five
+            (output stride 32); SPN skips pool4 and pool5 (stride 8), HMoDE skips pool5 (stride 16), CSRNet
+            keeps pool1-3 (stride 8). Skipped pools stay in `features` as parameter-free layers so that the
+            indices (and hence the parameter names) are torchvision's.
+
+    Stage splits: `stage_spans[s]` is the (start, stop) of stage s+1's layers in `features`, `stage_pools[s]`
+    the index of the pool after it (None when truncated); `stage_channels[s]` its output channels.
+
+    forward(images [B, 3, H, W]) -> list of the `num_stages` stage outputs (each the last ReLU of the
+    stage, before its pool): stage s+1 is at stride 2**(number of applied pools before it).
+
+    Parameters (width 1): VGG16 features 14,714,688; VGG16-BN features 14,723,136 (+ BN buffers), as
+    torchvision's.
+    """
+
+    def __init__(self, batch_norm: bool = False, pretrained=None, *, width: float = 1.0, num_stages: int = 5,
+                 pools: Iterable[int] = (1, 2, 3, 4, 5)):
+        super().__init__()
+        width = check_width(width)
+        if not isinstance(num_stages, int) or not 1 <= num_stages <= 5:
+            raise ValueError(f"num_stages must be an int in 1..5, got {num_stages!r}")
+        pools = tuple(sorted(set(int(p) for p in pools)))
+        if any(not 1 <= p <= num_stages for p in pools):
+            raise ValueError(f"pools must be stage numbers in 1..{num_stages}, got {pools}")
+        self.batch_norm = bool(batch_norm)
+        self.width = width
+        self.num_stages = num_stages
+        self.pools = pools
+        layers: List[nn.Module] = []
+        cin = 3
+        self.stage_channels: List[int] = []
+        trailing = num_stages in pools
+        for s in range(num_stages):
+            cout = channels(STAGE_WIDTHS[s], width)
+            for _ in range(STAGE_CONVS[s]):
+                layers.append(nn.Conv2d(cin, cout, 3, padding=1))
+                if batch_norm:
+                    layers.append(nn.BatchNorm2d(cout))
+                layers.append(nn.ReLU(inplace=True))
+                cin = cout
+            self.stage_channels.append(cout)
+            if s < num_stages - 1 or trailing:
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        self.features = nn.Sequential(*layers)
+        self.stage_spans, self.stage_pools = _stage_layout(self.batch_norm, num_stages, trailing)
+        self._init_weights()
+        if pretrained is not None:
+            if width != 1.0:
+                raise ValueError(f"pretrained weights need width=1.0, got width={width}")
+            self.load_torchvision(pretrained)
+
+    def _init_weights(self) -> None:
+        # torchvision's VGG initialization, so that a randomly initialized backbone trains as theirs does
+        for m in self.features.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def output_stride(self) -> int:
+        return 2 ** sum(1 for p in self.pools if p <= self.num_stages)
+
+    def stage(self, index: int) -> nn.Sequential:
+        """The layers of stage `index` (0-based), without its pool."""
+        a, b = self.stage_spans[index]
+        return self.features[a:b]
+
+    def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
+        outs: List[torch.Tensor] = []
+        x = images
+        for s in range(self.num_stages):
+            a, b = self.stage_spans[s]
+            for layer in self.features[a:b]:
+                x = layer(x)
+            outs.append(x)
+            if (s + 1) in self.pools:
+                x = self.features[self.stage_pools[s]](x)
+        if self.num_stages in self.pools:
+            outs[-1] = x  # the trailing pool is part of the last output, as torchvision's `features`
+        return outs
+
+    def load_torchvision(self, source) -> None:
+        """Loads `features.*` from a torchvision vgg16 / vgg16_bn state_dict (a path or the dict)."""
+        state = _read_state_dict(source, self.batch_norm)
+        own = self.features.state_dict()
+        picked = {}
+        for key in own:
+            full = "features." + key
+            if full not in state:
+                raise KeyError(
+                    f"pretrained state_dict has no {full!r}: is it a torchvision "
+                    f"{'vgg16_bn' if self.batch_norm else 'vgg16'} state_dict? ({WEIGHTS_URL[self.batch_norm]})"
+                )
+            if tuple(state[full].shape) != tuple(own[key].shape):
+                raise ValueError(f"pretrained {full!r} has shape {tuple(state[full].shape)}, "
+                                 f"expected {tuple(own[key].shape)}")
+            picked[key] = state[full]
+        self.features.load_state_dict(picked, strict=True)
+
+
+def _read_state_dict(source, batch_norm: bool) -> dict:
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            name = "vgg16_bn" if batch_norm else "vgg16"
+            raise FileNotFoundError(
+                f"pretrained weights file {path!r} not found. crowdkernels never downloads weights: get "
+                f"torchvision's {name} ImageNet weights from {WEIGHTS_URL[batch_norm]} (or copy "
+                f"~/.cache/torch/hub/checkpoints/{os.path.basename(WEIGHTS_URL[batch_norm])} from a machine "
+                f"that has torchvision) and pass its local path."
+            )
+        source = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(source, dict):
+        raise TypeError(f"pretrained must be a path or a state_dict, got {type(source).__name__}")
+    if "state_dict" in source and isinstance(source["state_dict"], dict):
+        source = source["state_dict"]
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in source.items()}

@@ -1,0 +1,79 @@
+"""CSRNet (Li et al., CVPR 2018): the VGG16 front end (its first 10 convs) and the dilated back end, used here to
+show REL (HMoDE eq. 2) on a second model (HMoDE Table X)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..losses import density_loss, relative_local_count_loss
+from ._common import (channels, check_images, check_targets, check_width, conv_stack, density_at, init_normal_,
+                      out_size, pad_to_multiple)
+from .backbones import VGG16
+
+
+@dataclass
+class DensityOutput:
+    """final: [B, 1, h, w] density, people per output pixel (count = final.sum((1, 2, 3)))."""
+
+    final: torch.Tensor
+
+
+class CSRNet(nn.Module):
+    """CSRNet: VGG16 conv1_1..conv4_3 (pools 1-3), then six 3x3 convs of dilation 2 (512, 512, 512, 256, 128,
+    64, each + ReLU) and a 1x1 conv to the density.
+
+    Output stride 8: the input is zero-padded at the bottom/right to a multiple of 8 and `final` is
+    [B, 1, ceil(H/8), ceil(W/8)], people per output cell (the grid of `density_maps(..., stride=8)`).
+
+    Args:
+        pretrained: a local torchvision vgg16 state_dict (path or dict) for the front end; see `VGG16`.
+        width: channel multiplier (1.0 = the paper's widths).
+
+    Parameters (width 1): 16,263,489 (CSRNet paper: 16.26M).
+    """
+
+    stride = 8
+
+    def __init__(self, pretrained=None, *, width: float = 1.0):
+        super().__init__()
+        width = check_width(width)
+        self.width = width
+        self.frontend = VGG16(batch_norm=False, pretrained=pretrained, width=width, num_stages=4, pools=(1, 2, 3))
+        c = [self.frontend.stage_channels[-1]] + [channels(n, width) for n in (512, 512, 512, 256, 128, 64)]
+        self.backend = conv_stack(c, k=3, dilation=2)
+        self.output_layer = nn.Conv2d(c[-1], 1, 1)
+        init_normal_(self.backend)
+        init_normal_(self.output_layer)
+
+    def forward(self, images: torch.Tensor) -> DensityOutput:
+        images = check_images(images)
+        h, w = out_size(images.shape[-2:], self.stride)
+        x = self.frontend(pad_to_multiple(images, self.stride))[-1]
+        x = self.output_layer(self.backend(x))
+        return DensityOutput(final=x[..., :h, :w])
+
+    def criterion(self, *, reduction: str = "mean", rel: bool = True, rel_weight: float = 1.0,
+                  rel_options=None) -> "CSRNetCriterion":
+        """L = L_Des (eq. 3, `density_loss` with `reduction`) + rel_weight * L_Rel (eq. 2, when `rel`)."""
+        return CSRNetCriterion(self.stride, reduction, rel, rel_weight, rel_options)
+
+
+class CSRNetCriterion(nn.Module):
+    """criterion(output, {"density": [B,1,H,W], ...}) -> {"density", "rel", "total"}. The target is summed onto
+    the output grid (count kept) first."""
+
+    def __init__(self, stride, reduction="mean", rel=True, rel_weight=1.0, rel_options=None):
+        super().__init__()
+        self.stride, self.reduction = stride, reduction
+        self.rel, self.rel_weight, self.rel_options = bool(rel), float(rel_weight), dict(rel_options or {})
+
+    def forward(self, output: DensityOutput, targets) -> dict:
+        pred = output.final
+        gt = density_at(check_targets(targets, pred.shape[0]).to(pred.dtype), self.stride, pred.shape[-2:])
+        terms = {"density": density_loss(pred, gt, self.reduction)}
+        if self.rel:
+            terms["rel"] = relative_local_count_loss(pred, gt, **self.rel_options)
+        terms["total"] = terms["density"] + self.rel_weight * terms.get("rel", 0.0)
+        return terms

@@ -1,0 +1,315 @@
+"""HMoDE: the hierarchical mixture of density experts (Du et al., "Redesigning Multi-Scale Neural Network for
+Crowd Counting", TIP 2023, sec. III and IV-B), in the paper's form and in the authors' released code's form.
+
+Layers (width 1; the paper gives no widths beyond VGG16-BN, so both variants take the released code's):
+
+- encoder: VGG16-BN conv1_1..conv5_3 (13 convs), pools 1-4 (conv5_3 at stride 16);
+- decoder: three blocks of two 3x3 conv + ReLU: D3 on conv5_3 (512 -> 1024 -> 512), D2 on
+  [conv4_3, up(D3)] (1024 -> 512 -> 256), D1 on [conv3_3, up(D2)] (512 -> 256 -> 128); with K = 4 a fourth
+  block D0 on [conv2_2, up(D1)] (256 -> 128 -> 64);
+- density heads: 1x1 conv (-> 64) + ReLU, 1x1 conv (-> 1); head k on block k gives expert E_k at the
+  block's resolution (E1: stride 4, E2: 8, E3: 16; with K = 4 E1 is at stride 2);
+- gates, both on conv5_3 (F): G1 = 3x3 conv (-> 256) + ReLU, 1x1 conv (-> M*N); the attention module
+  A = sigmoid(1x1(ReLU(3x3(ReLU(3x3(F)))))) (256, 128, 1); G2 = six convs on A * F
+  (1024, 2048, 1024, 512, 256 with ReLU, then a 1x1 conv -> M);
+- fusion: `hierarchical_gating` (eq. 1) over the M = C(K, N) groups of N experts.
+
+Parameter counts (K=3, N=2, width 1): 80,588,430 in all (14,723,136 encoder, 13,766,016 decoder, 24,963
+heads, 1,181,190 G1, 49,249,027 G2, 1,474,433 attention, 169,665 of those are not in the paper's G1/G2/A
+split). The papers give no parameter count; the released `HMoDE.py` builds the same 80,588,430.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..losses import attention_loss, density_loss, expert_importance_loss, relative_local_count_loss
+from ..ops.gating import hierarchical_gating
+from ._common import (channels, check_images, check_targets, check_width, conv_relu, conv_stack, density_at, init_normal_,
+                      out_size, pad_to_multiple)
+from .backbones import VGG16
+
+VARIANTS = ("paper", "official")
+FUSIONS = ("hmode", "average")
+
+#: the released code's LOG_PARA: its density targets (and so its predictions) are people per pixel x 100
+OFFICIAL_DENSITY_SCALE = 100.0
+
+
+@dataclass
+class HMoDEOutput:
+    """What `HMoDE.forward` returns.
+
+    final: [B, 1, h, w], the fused density E_out (eq. 1).
+    experts: K maps [B, 1, h, w], E_1..E_K brought to final's grid.
+    group_maps: [B, M, h, w], the first-level mixtures (None for fusion="average").
+    importance: [B, M, N], sum over pixels of G1_ij (eq. 6's W_ij; None for fusion="average").
+    attention: [B, 1, h/16, w/16], the attention module's output at its own resolution (None for "average").
+    The paper variant's maps are people per output cell (stride `HMoDE.stride`); the official variant's are
+    at the input size, people per pixel times `HMoDE.density_scale` (100, the released LOG_PARA).
+    """
+
+    final: torch.Tensor
+    experts: List[torch.Tensor]
+    group_maps: Optional[torch.Tensor]
+    importance: Optional[torch.Tensor]
+    attention: Optional[torch.Tensor]
+
+    @property
+    def densities(self) -> List[torch.Tensor]:
+        """The K + M + 1 density outputs of eq. 7: experts, each group's map, final (the released order)."""
+        groups = [] if self.group_maps is None else list(self.group_maps.split(1, dim=1))
+        return list(self.experts) + groups + [self.final]
+
+
+class HMoDE(nn.Module):
+    """The hierarchical mixture of density experts.
+
+    Args:
+        experts: K, 3 (paper) or 4 (a fourth decoder block with a skip from conv2_2).
+        group_size: N, 2 (paper) or 3; the M = C(K, N) groups are `itertools.combinations(range(K), N)`.
+        variant: "paper" or "official" (reproduces the released HMoDE.py forward exactly: ReLU on both gates'
+            logits before their softmax, decoder upsampling with align_corners=True, the heads end in ReLU,
+            experts and gate weights nearest-upsampled to E1's grid, every output then nearest-upsampled to
+            the input size; K = 3, N = 2 only).
+        fusion: "hmode" (eq. 1) or "average" (the paper's baseline, sec. IV-B-3: the mean of the experts; no
+            gates, no attention).
+        pretrained: a local torchvision vgg16_bn state_dict (path or dict) for the encoder; see `VGG16`.
+        width: channel multiplier for every layer (1.0 = the widths above).
+
+    Input sizes: the paper variant zero-pads the input at the bottom/right to a multiple of 16 (32 with K=4
+    is not needed: stride 16 suffices) and crops the outputs to ceil(H/s) x ceil(W/s), s = `stride` (4; 2 with
+    K = 4), the grid of `density_maps(..., stride=s)`. The official variant takes any size as the released
+    code does (VGG pools floor, the decoder resizes to the skip's size) and returns maps at H x W.
+    """
+
+    def __init__(self, experts: int = 3, group_size: int = 2, *, variant: str = "paper", fusion: str = "hmode",
+                 pretrained=None, width: float = 1.0):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        if experts not in (3, 4):
+            raise ValueError(f"experts must be 3 or 4, got {experts!r}")
+        if group_size not in (2, 3) or group_size >= experts:
+            raise ValueError(f"group_size must be 2 or 3 and < experts={experts}, got {group_size!r}")
+        if variant == "official" and (experts, group_size, fusion) != (3, 2, "hmode"):
+            raise ValueError("variant='official' is the released model: experts=3, group_size=2, fusion='hmode'")
+        width = check_width(width)
+        self.variant, self.fusion, self.width = variant, fusion, width
+        self.num_experts, self.group_size = experts, group_size
+        self.register_buffer("groups", torch.tensor(list(itertools.combinations(range(experts), group_size)),
+                                                    dtype=torch.long), persistent=False)
+        official = variant == "official"
+        self.align_corners = official
+        self.density_scale = OFFICIAL_DENSITY_SCALE if official else 1.0
+        self.stride = 1 if official else (4 if experts == 3 else 2)
+
+        self.encoder = VGG16(batch_norm=True, pretrained=pretrained, width=width, pools=(1, 2, 3, 4))
+        enc = self.encoder.stage_channels                       # 64, 128, 256, 512, 512
+        c = lambda n: channels(n, width)  # noqa: E731
+        # decoder[k] feeds expert k (0 = the finest): D1, D2, D3 (and D0 first when K = 4)
+        blocks = [conv_stack([enc[4], c(1024), c(512)]),        # D3 on conv5_3
+                  conv_stack([enc[3] + c(512), c(512), c(256)]),  # D2 on [conv4_3, up(D3)]
+                  conv_stack([enc[2] + c(256), c(256), c(128)])]  # D1 on [conv3_3, up(D2)]
+        outs = [c(512), c(256), c(128)]
+        if experts == 4:
+            blocks.append(conv_stack([enc[1] + c(128), c(128), c(64)]))  # D0 on [conv2_2, up(D1)]
+            outs.append(c(64))
+        self.decoder = nn.ModuleList(blocks[::-1])
+        self.heads = nn.ModuleList(
+            conv_stack([cin, c(64), 1], k=1, last_relu=official) for cin in outs[::-1]
+        )
+        M, N = self.groups.shape
+        if fusion == "hmode":
+            self.gate1 = nn.Sequential(*conv_relu(enc[4], c(256)), nn.Conv2d(c(256), M * N, 1))
+            if official:
+                self.gate1.append(nn.ReLU(inplace=True))
+            self.attention = nn.Sequential(*conv_stack([enc[4], c(256), c(128)]), nn.Conv2d(c(128), 1, 1),
+                                           nn.Sigmoid())
+            g2 = conv_stack([enc[4], c(1024), c(2048), c(1024), c(512), c(256)])
+            g2.append(nn.Conv2d(c(256), M, 1))
+            if official:
+                g2.append(nn.ReLU(inplace=True))
+            self.gate2 = g2
+        init_normal_(self.decoder)
+        init_normal_(self.heads)
+        if fusion == "hmode":
+            for m in (self.gate1, self.gate2, self.attention):
+                init_normal_(m)
+
+    # ------------------------------------------------------------------------------------------- forward
+
+    def _up(self, x: torch.Tensor, size) -> torch.Tensor:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=self.align_corners)
+
+    def forward(self, images: torch.Tensor) -> HMoDEOutput:
+        images = check_images(images)
+        official = self.variant == "official"
+        in_size = tuple(images.shape[-2:])
+        if not official:
+            images = pad_to_multiple(images, 16)
+        feats = self.encoder(images)                            # conv1_2, conv2_2, conv3_3, conv4_3, conv5_3
+        x5 = feats[4]
+        K = self.num_experts
+        first_skip = 2 if K == 3 else 1                         # skip feeding the finest block
+        # decode from the coarsest block (D3 on conv5_3) to the finest, keeping each block's output
+        x = self.decoder[K - 1](x5)
+        block_out = [x]
+        for k in range(K - 2, -1, -1):
+            skip = feats[first_skip + k]
+            x = self.decoder[k](torch.cat([skip, self._up(x, skip.shape[-2:])], dim=1))
+            block_out.append(x)
+        block_out = block_out[::-1]                             # finest first
+        raw = [self.heads[k](block_out[k]) for k in range(K)]   # E_k at its block's resolution
+        grid = tuple(raw[0].shape[-2:])
+
+        if official:
+            # the released code: experts nearest to E1's grid, then every output nearest to the input size
+            on_grid = [raw[0]] + [F.interpolate(e, size=grid, mode="nearest") for e in raw[1:]]
+            crop = lambda t: F.interpolate(t, size=in_size, mode="nearest")  # noqa: E731
+        else:
+            # the paper's heads end in an upsampling layer (bilinear here) to E1's resolution
+            on_grid = [raw[0]] + [self._up(e, grid) for e in raw[1:]]
+            h, w = out_size(in_size, self.stride)
+            crop = lambda t: t[..., :h, :w]  # noqa: E731
+        experts = [crop(e) for e in on_grid]
+
+        if self.fusion == "average":
+            final = torch.stack(experts, dim=0).mean(dim=0)
+            return HMoDEOutput(final, experts, None, None, None)
+
+        attention = self.attention(x5)
+        g1 = self.gate1(x5)
+        g2 = self.gate2(attention * x5)
+        # official: the gates are nearest-upsampled inside the op, as the released code does after its
+        # softmax (the same thing for nearest); paper: the logits are upsampled bilinearly
+        fused = hierarchical_gating(on_grid, g1, g2, self.groups, size=grid,
+                                    upsample="nearest" if official else "bilinear")
+        return HMoDEOutput(crop(fused.final), experts, crop(fused.group_maps), fused.importance, attention)
+
+    # ----------------------------------------------------------------------------------------- criterion
+
+    def criterion(self, **options) -> "HMoDECriterion":
+        """The training loss, eq. 7: sum over the K + M + 1 density outputs of (L_Des + L_Rel), + L_Att + L_Eim.
+
+        Options (defaults by variant, paper / official):
+            weights: per-output weights in `HMoDEOutput.densities` order (all 1 / 1,1,1,2,2,2,4).
+            reduction: `density_loss` reduction ("mean", eq. 3 / "sum").
+            rel: add REL (True / False, as the released training script leaves it commented out).
+            rel_options: kwargs of `relative_local_count_loss` (paper defaults: region 1/8, S = 9).
+            attention_weight, importance_weight: 1 / 1.
+            attention_reduction: "mean" (eq. 5) / "sum".
+            density_scale: targets are multiplied by it (1 / 100, the released LOG_PARA); the attention
+                threshold 1e-5 is scaled with it.
+            per_batch: divide the total by the batch size (False / True, as the released script).
+        """
+        return HMoDECriterion(self, **options)
+
+    # ------------------------------------------------------------------------------------ released weights
+
+    @classmethod
+    def from_official(cls, source, *, strict: bool = True) -> "HMoDE":
+        """The official variant with the authors' released weights: `source` is a checkpoint path or a
+        state_dict (or their training checkpoint, a dict with "model"). A `module.` prefix (DataParallel) is
+        stripped and their names (features1..5, de_pred1..3, head1..3, gating1, gating2, mask) are mapped by
+        `official_key_map`."""
+        if isinstance(source, (str, os.PathLike)):
+            if not os.path.isfile(source):
+                raise FileNotFoundError(f"official HMoDE checkpoint {os.fspath(source)!r} not found")
+            source = torch.load(source, map_location="cpu", weights_only=True)
+        if not isinstance(source, dict):
+            raise TypeError(f"source must be a path or a state_dict, got {type(source).__name__}")
+        if isinstance(source.get("model"), dict):
+            source = source["model"]
+        model = cls(variant="official")
+        state = {official_key_map(k): v for k, v in source.items()}
+        model.load_state_dict(state, strict=strict)
+        return model
+
+
+# the released code's VGG16-BN partition: features1 = vgg.features[0:6], features2 = [6:13], ...
+_FEATURE_OFFSETS = (0, 6, 13, 23, 33)
+# their wrapped Conv2d sequences: layer i of a block is conv (ours: index 2 i of conv + ReLU pairs)
+_OFFICIAL_BLOCKS = {"de_pred1": "decoder.0", "de_pred2": "decoder.1", "de_pred3": "decoder.2",
+                    "head1": "heads.0", "head2": "heads.1", "head3": "heads.2"}
+_OFFICIAL_NAMED = {"gating1": ("gate1", ["conv1", "conv2"]),
+                   "gating2": ("gate2", ["conv1", "conv2", "conv3", "conv4", "conv5", "conv6"]),
+                   "mask": ("attention", ["conv1", "conv2", "output"])}
+
+
+def official_key_map(key: str) -> str:
+    """A released-checkpoint key -> this module's key, e.g. ``module.features2.1.weight`` ->
+    ``encoder.features.7.weight``, ``de_pred3.1.conv.bias`` -> ``decoder.2.2.bias``,
+    ``gating2.conv6.conv.weight`` -> ``gate2.10.weight``, ``mask.output.conv.weight`` -> ``attention.4.weight``."""
+    if key.startswith("module."):
+        key = key[len("module."):]
+    parts = key.split(".")
+    head = parts[0]
+    if head.startswith("features") and head[8:].isdigit() and 1 <= int(head[8:]) <= 5:
+        index = _FEATURE_OFFSETS[int(head[8:]) - 1] + int(parts[1])
+        return ".".join(["encoder", "features", str(index)] + parts[2:])
+    if head in _OFFICIAL_BLOCKS and len(parts) == 4 and parts[2] == "conv":
+        return f"{_OFFICIAL_BLOCKS[head]}.{2 * int(parts[1])}.{parts[3]}"
+    if head in _OFFICIAL_NAMED and len(parts) == 4 and parts[2] == "conv":
+        ours, names = _OFFICIAL_NAMED[head]
+        if parts[1] in names:
+            return f"{ours}.{2 * names.index(parts[1])}.{parts[3]}"
+    raise KeyError(f"{key!r} is not a key of the released HMoDE model")
+
+
+class HMoDECriterion(nn.Module):
+    """criterion(output, {"density": [B, 1, H, W], "points": ...}) -> {"density", "rel", "attention",
+    "importance", "total"} (eq. 7; "rel" only when enabled, "attention"/"importance" only with gates).
+    The target density is summed onto the outputs' grid (count kept) and multiplied by `density_scale`."""
+
+    def __init__(self, model: HMoDE, *, weights=None, reduction=None, rel=None, rel_options=None,
+                 attention_weight: float = 1.0, importance_weight: float = 1.0, attention_reduction=None,
+                 density_scale=None, per_batch=None):
+        super().__init__()
+        official = model.variant == "official"
+        n_out = model.num_experts + (0 if model.fusion == "average" else model.groups.shape[0]) + 1
+        if weights is None:
+            weights = [2.0 ** (j // 3) for j in range(n_out)] if official else [1.0] * n_out
+        if len(weights) != n_out:
+            raise ValueError(f"weights must have one value per density output ({n_out}), got {len(weights)}")
+        self.weights = [float(w) for w in weights]
+        self.stride = model.stride
+        self.reduction = reduction or ("sum" if official else "mean")
+        self.rel = (not official) if rel is None else bool(rel)
+        self.rel_options = dict(rel_options or {})
+        self.attention_weight, self.importance_weight = float(attention_weight), float(importance_weight)
+        self.attention_reduction = attention_reduction or ("sum" if official else "mean")
+        self.density_scale = float(model.density_scale if density_scale is None else density_scale)
+        self.per_batch = official if per_batch is None else bool(per_batch)
+
+    def forward(self, output: HMoDEOutput, targets) -> dict:
+        pred = output.final
+        B = pred.shape[0]
+        full = check_targets(targets, B).to(pred.dtype) * self.density_scale
+        gt = density_at(full, self.stride, pred.shape[-2:])
+        dens = pred.new_zeros(())
+        rel = pred.new_zeros(())
+        for w, d in zip(self.weights, output.densities):
+            dens = dens + w * density_loss(d, gt, self.reduction)
+            if self.rel:
+                rel = rel + w * relative_local_count_loss(d, gt, **self.rel_options)
+        terms = {"density": dens}
+        total = dens
+        if self.rel:
+            terms["rel"] = rel
+            total = total + rel
+        if output.attention is not None:
+            terms["attention"] = attention_loss(output.attention, full, threshold=1e-5 * self.density_scale,
+                                                reduction=self.attention_reduction)
+            terms["importance"] = expert_importance_loss(output.importance)
+            total = total + self.attention_weight * terms["attention"] + self.importance_weight * terms["importance"]
+        terms["total"] = total / B if self.per_batch else total
+        return terms
