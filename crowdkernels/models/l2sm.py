@@ -211,26 +211,34 @@ class L2SMCriterion(nn.Module):
         lone = (size[0] + size[1]) / 2 / 4
         return [knn_sigma(p.detach().double(), lone=lone) / self.stride for p in points]
 
+    def region_targets(self, output: L2SMOutput, targets):
+        """(D'_i [N, 1, Sh, Sw], valid [N, Sh, Sw] bool): the zoomed ground truth of the selected regions
+        (`transform_region_targets` with the heads' own sigmas, on the stride-4 grid) and the valid
+        floor(r h) x floor(r w) part of each canvas, where the loss is taken."""
+        full = targets["density"]
+        boxes, r, repred = output.boxes, output.region_scale, output.repredictions
+        points = [p.reshape(-1, 2).to(repred.device) for p in targets["points"]]
+        sig = self._sigmas(points, full.shape[-2:])
+        on_grid = [p / self.stride for p in points]
+        canvas = tuple(repred.shape[-2:])
+        target = transform_region_targets(on_grid, boxes, r.detach(), sig, canvas).to(repred.dtype)
+        rd = r.detach().double()
+        vh = torch.floor(rd * boxes[:, 3]).clamp(max=canvas[0])
+        vw = torch.floor(rd * boxes[:, 4]).clamp(max=canvas[1])
+        ii = torch.arange(canvas[0], device=repred.device)
+        jj = torch.arange(canvas[1], device=repred.device)
+        valid = (ii[None, :, None] < vh[:, None, None]) & (jj[None, None, :] < vw[:, None, None])
+        return target, valid
+
     def forward(self, output: L2SMOutput, targets) -> dict:
         initial = output.initial
         B = initial.shape[0]
         full = check_targets(targets, B, need_points=True)
         gt = density_at(full.to(initial.dtype), self.stride, initial.shape[-2:])
         l_d = ((initial - gt) ** 2).sum() / B
-        boxes, r, repred = output.boxes, output.region_scale, output.repredictions
-        if boxes.shape[0]:
-            points = [p.reshape(-1, 2).to(initial.device) for p in targets["points"]]
-            sig = self._sigmas(points, full.shape[-2:])
-            on_grid = [p / self.stride for p in points]
-            canvas = tuple(repred.shape[-2:])
-            target = transform_region_targets(on_grid, boxes, r.detach(), sig, canvas).to(repred.dtype)
-            rd = r.detach().double()
-            vh = torch.floor(rd * boxes[:, 3]).clamp(max=canvas[0])
-            vw = torch.floor(rd * boxes[:, 4]).clamp(max=canvas[1])
-            ii = torch.arange(canvas[0], device=repred.device)
-            jj = torch.arange(canvas[1], device=repred.device)
-            valid = (ii[None, :, None] < vh[:, None, None]) & (jj[None, None, :] < vw[:, None, None])
-            l_r = (((repred - target) ** 2)[:, 0] * valid.to(repred.dtype)).sum() / B
+        if output.boxes.shape[0]:
+            target, valid = self.region_targets(output, targets)
+            l_r = (((output.repredictions - target) ** 2)[:, 0] * valid.to(target.dtype)).sum() / B
         else:
             l_r = initial.new_zeros(())
         l_c = self.center_loss(output.region_means, output.scale.flatten(1), output.center_index) / B
