@@ -31,6 +31,8 @@ from . import losses
 
 
 # ---- models (issue 6)
+from . import models
+from .models import CSRNet, HMoDE, L2SM, SPN, VGG16
 
 
 __version__ = "0.1.0"

@@ -4,8 +4,16 @@
 Every model's forward(images) returns a dataclass with `.final` [B, 1, h, w]; `model.criterion(**options)`
 returns an nn.Module called as ``criterion(output, {"density": [B,1,H,W], "points": [...]})`` that returns a
 dict of named loss terms with "total".
+
+Parameter counts (width 1; the papers give none, CSRNet's reports 16.26M):
+VGG16 features 14,714,688 / VGG16-BN 14,723,136 (torchvision's), CSRNet 16,263,489, SPN 17,849,921,
+L2SM 19,417,475, HMoDE (K=3, N=2, either variant) 82,621,261 (the released HMoDE.py builds the same).
 """
 from .backbones import VGG16
 from .csrnet import CSRNet, DensityOutput
+from .hmode import HMoDE, HMoDEOutput, official_key_map
+from .l2sm import L2SM, L2SMOutput
+from .spn import SPN, SPNOutput
 
-__all__ = ["VGG16", "CSRNet", "DensityOutput"]
+__all__ = ["VGG16", "CSRNet", "DensityOutput", "HMoDE", "HMoDEOutput", "official_key_map", "SPN", "SPNOutput",
+           "L2SM", "L2SMOutput"]

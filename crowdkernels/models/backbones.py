@@ -12,7 +12,7 @@ normalized with the ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0
 from __future__ import annotations
 
 import os
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, List, Tuple
 
 import torch
 from torch import nn

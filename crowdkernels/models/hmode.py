@@ -14,9 +14,9 @@ Layers (width 1; the paper gives no widths beyond VGG16-BN, so both variants tak
   (1024, 2048, 1024, 512, 256 with ReLU, then a 1x1 conv -> M);
 - fusion: `hierarchical_gating` (eq. 1) over the M = C(K, N) groups of N experts.
 
-Parameter counts (K=3, N=2, width 1): 80,588,430 in all (14,723,136 encoder, 13,766,016 decoder, 24,963
-heads, 1,181,190 G1, 49,249,027 G2, 1,474,433 attention, 169,665 of those are not in the paper's G1/G2/A
-split). The papers give no parameter count; the released `HMoDE.py` builds the same 80,588,430.
+Parameter counts (K=3, N=2, width 1, either variant): 82,621,261 in all: encoder 14,723,136, decoder
+16,812,672, heads 57,731, G1 1,181,446, G2 48,371,203, attention 1,475,073. The paper gives no count; the
+released `HMoDE.py` builds the same 82,621,261 (checked by loading its state_dict with `from_official`).
 """
 from __future__ import annotations
 
@@ -83,8 +83,7 @@ class HMoDE(nn.Module):
         pretrained: a local torchvision vgg16_bn state_dict (path or dict) for the encoder; see `VGG16`.
         width: channel multiplier for every layer (1.0 = the widths above).
 
-    Input sizes: the paper variant zero-pads the input at the bottom/right to a multiple of 16 (32 with K=4
-    is not needed: stride 16 suffices) and crops the outputs to ceil(H/s) x ceil(W/s), s = `stride` (4; 2 with
+    Input sizes: the paper variant zero-pads the input at the bottom/right to a multiple of 16 and crops the outputs to ceil(H/s) x ceil(W/s), s = `stride` (4; 2 with
     K = 4), the grid of `density_maps(..., stride=s)`. The official variant takes any size as the released
     code does (VGG pools floor, the decoder resizes to the skip's size) and returns maps at H x W.
     """

@@ -1,0 +1,246 @@
+"""L2SM: SPN + the learning-to-scale module (Xu et al., "Learn to Scale", ICCV 2019, sec. 3.3, 3.4 and 4.2)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..losses import MultipolarCenterLoss, assign_centers, fit_density_levels
+from ..ops.density import knn_sigma
+from ..ops.regions import grid_boxes, region_means, scale_regions, transform_region_targets, unscale_regions
+from ._common import (channels, check_images, check_targets, check_width, conv_stack, density_at, init_normal_,
+                      out_size, pad_to_multiple)
+from .spn import SPN
+
+
+@dataclass
+class L2SMOutput:
+    """What `L2SM.forward` returns (maps in people per output cell, stride 4).
+
+    final: [B, 1, ceil(H/4), ceil(W/4)], the initial density with the selected regions replaced by their
+        re-predictions (unscaled by 1/r, times r^2).
+    initial: the same grid, SPN's density D-hat.
+    scale: [B, 1, K, K], the scale map r (every region's ratio, selected or not).
+    region_means: [B, K*K], D_i, the mean initial density of each region (on the padded grid).
+    center_index: [B, K*K] int64, the density level (0..C-1) of each selected region, -1 elsewhere.
+    boxes: [N, 5] int64 (b, y0, x0, h, w), the selected regions on the padded stride-4 grid.
+    region_scale: [N], their r.
+    repredictions: [N, 1, Sh, Sw], D-hat'_i on the zoomed canvas (valid part floor(r h) x floor(r w)).
+    """
+
+    final: torch.Tensor
+    initial: torch.Tensor
+    scale: torch.Tensor
+    region_means: torch.Tensor
+    center_index: torch.Tensor
+    boxes: torch.Tensor
+    region_scale: torch.Tensor
+    repredictions: torch.Tensor
+
+
+class L2SM(nn.Module):
+    """SPN + the learning-to-scale module.
+
+    - The padded stride-4 density grid is split into K x K regions (`grid_boxes`); D_i = `region_means`.
+    - Dense regions are selected by density levels (sec. 4.2): `fit_levels` splits a dataset's region means
+      into G = `num_groups` levels (`fit_density_levels`, kept in the `density_levels` buffer) and the densest
+      C = `num_centers` levels are selected and assigned to the C centres (`assign_centers`). Until
+      `fit_levels` is called, the levels are the quantiles of the current batch's region means (so the densest
+      C/G of the batch's regions are selected).
+    - The scale map r: the five pooled pyramid features resized to K x K (adaptive average pooling for the
+      16^2, 8^2 levels, bilinear for 2^2, 1^2), concatenated, a 1x1 conv, then the positive mapping
+      r = 1 + (max_scale - 1) * sigmoid(z), so every region is zoomed in by a factor in (1, max_scale).
+    - The conv5_3 features of each selected region are zoomed (`scale_regions`, by 2r on the stride-8
+      features, so that the canvas is the stride-4 region zoomed by r), five convs (3x3 256, 128, 64, 32 +
+      ReLU, 1x1 -> 1) re-predict the density there, and `unscale_regions` puts it back with r^2, replacing
+      the initial prediction.
+
+    Input sizes: zero-padded at the bottom/right to a multiple of 8K (the K x K division of the stride-8
+    features then matches the stride-4 grid's exactly); the outputs are cropped to ceil(H/4) x ceil(W/4).
+
+    Parameters (width 1, K = 4, P = 64): 19,417,475 (SPN 17,849,921 + the scale conv 321 + the re-prediction
+    convs 1,567,233); the paper reports none.
+
+    Args:
+        pretrained, width, pyramid_channels: as `SPN`.
+        k: K (4 in the paper).
+        num_groups: G (5); num_centers: C (3; 5 on UCF_CC_50).
+        max_scale: the upper bound of r (2).
+    """
+
+    stride = 4
+
+    def __init__(self, pretrained=None, *, width: float = 1.0, pyramid_channels: int = 64, k: int = 4,
+                 num_groups: int = 5, num_centers: int = 3, max_scale: float = 2.0):
+        super().__init__()
+        width = check_width(width)
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        if not isinstance(num_groups, int) or num_groups < 1:
+            raise ValueError(f"num_groups must be an int >= 1, got {num_groups!r}")
+        if not isinstance(num_centers, int) or not 1 <= num_centers <= num_groups:
+            raise ValueError(f"num_centers must be an int in 1..num_groups={num_groups}, got {num_centers!r}")
+        if not float(max_scale) > 1:
+            raise ValueError(f"max_scale must be > 1, got {max_scale!r}")
+        self.k, self.num_groups, self.num_centers, self.max_scale = k, num_groups, num_centers, float(max_scale)
+        self.spn = SPN(pretrained, width=width, pyramid_channels=pyramid_channels)
+        p = self.spn.pyramid_channels
+        self.scale_conv = nn.Conv2d(5 * p, 1, 1)
+        c5 = self.spn.backbone.stage_channels[-1]
+        self.repredict = conv_stack([c5] + [channels(n, width) for n in (256, 128, 64, 32)])
+        self.repredict.append(nn.Conv2d(channels(32, width), 1, 1))
+        init_normal_(self.scale_conv)
+        init_normal_(self.repredict)
+        self.register_buffer("density_levels", torch.zeros(num_groups - 1, dtype=torch.float64))
+        self.register_buffer("levels_fitted", torch.tensor(False))
+
+    @property
+    def pad_multiple(self) -> int:
+        return 8 * self.k
+
+    # ----------------------------------------------------------------------------------------- levels
+
+    @torch.no_grad()
+    def fit_levels(self, source) -> torch.Tensor:
+        """Fits the G density levels over a dataset (sec. 4.2) and stores them in `density_levels`.
+
+        `source` is a tensor of region means (any shape, people per stride-4 cell, e.g. collected with
+        `ground_truth_region_means`), or an iterable of batches: a dict with "density" [B,1,H,W]
+        (full-resolution ground truth), a (images, targets) pair with such a dict, or the density tensor.
+        Returns the thresholds."""
+        if isinstance(source, torch.Tensor):
+            means = source
+        else:
+            collected = []
+            for batch in source:
+                if isinstance(batch, (list, tuple)):
+                    batch = batch[-1]
+                if isinstance(batch, dict):
+                    batch = batch["density"]
+                collected.append(self.ground_truth_region_means(batch).flatten())
+            if not collected:
+                raise ValueError("source yielded no batch")
+            means = torch.cat(collected)
+        levels = fit_density_levels(means, self.num_groups)
+        self.density_levels.copy_(levels.to(self.density_levels))
+        self.levels_fitted.fill_(True)
+        return levels
+
+    def ground_truth_region_means(self, density: torch.Tensor) -> torch.Tensor:
+        """[B, 1, H, W] full-resolution density -> [B, K*K] region means on the model's padded stride-4 grid."""
+        H, W = density.shape[-2:]
+        hp, wp = -(-H // self.pad_multiple) * self.pad_multiple, -(-W // self.pad_multiple) * self.pad_multiple
+        return region_means(density_at(density, self.stride, (hp // self.stride, wp // self.stride)), self.k)
+
+    # ---------------------------------------------------------------------------------------- forward
+
+    def _scale_map(self, pooled) -> torch.Tensor:
+        k = self.k
+        resized = [F.adaptive_avg_pool2d(q, k) if q.shape[-1] >= k
+                   else F.interpolate(q, size=(k, k), mode="bilinear", align_corners=False) for q in pooled]
+        z = self.scale_conv(torch.cat(resized, dim=1))
+        return 1.0 + (self.max_scale - 1.0) * torch.sigmoid(z)
+
+    def forward(self, images: torch.Tensor) -> L2SMOutput:
+        images = check_images(images)
+        h, w = out_size(images.shape[-2:], self.stride)
+        initial, conv5, pooled = self.spn.run(pad_to_multiple(images, self.pad_multiple))
+        B, _, H4, W4 = initial.shape
+        k = self.k
+        means = region_means(initial, k)                                   # [B, K*K]
+        levels = self.density_levels if bool(self.levels_fitted) else fit_density_levels(means, self.num_groups)
+        selected, center_index = assign_centers(means, levels, self.num_centers)
+        scale = self._scale_map(pooled)                                    # [B, 1, K, K]
+        b, region = selected.nonzero(as_tuple=True)
+        r = scale.flatten(1)[b, region]
+        grid4 = grid_boxes(H4, W4, k).to(initial.device)
+        grid8 = grid_boxes(conv5.shape[-2], conv5.shape[-1], k).to(initial.device)
+        boxes4 = torch.cat([b[:, None], grid4[region]], dim=1)
+        boxes8 = torch.cat([b[:, None], grid8[region]], dim=1)
+        canvas = self.canvas_size(H4, W4)
+        if b.numel():
+            zoomed = scale_regions(conv5, boxes8, 2.0 * r, canvas)
+            repred = self.repredict(zoomed)
+            final = unscale_regions(repred, boxes4, r, initial)
+        else:
+            repred = initial.new_zeros(0, 1, *canvas)
+            final = initial
+        return L2SMOutput(final[..., :h, :w], initial[..., :h, :w], scale, means, center_index, boxes4, r, repred)
+
+    def canvas_size(self, H4: int, W4: int):
+        """The re-prediction canvas for a padded stride-4 grid H4 x W4: the largest region zoomed by max_scale."""
+        return math.ceil(self.max_scale * (H4 // self.k)), math.ceil(self.max_scale * (W4 // self.k))
+
+    # -------------------------------------------------------------------------------------- criterion
+
+    def criterion(self, *, lambda1: float = 1.0, lambda2: float = 1.0, sigma="adaptive", alpha: float = 0.5,
+                  generator: Optional[torch.Generator] = None) -> "L2SMCriterion":
+        """Eq. 3: L = L_D + lambda1 L_r + lambda2 L_c (lambda1 = 1 as in sec. 4.2; lambda2 the weight the
+        paper studies in Fig. 5).
+
+        L_D: squared error of the initial density (sum over pixels, mean over images); L_r: squared error
+        of the re-predictions against `transform_region_targets` on the valid zoomed part of each selected
+        region (sum, mean over images); L_c: `MultipolarCenterLoss` (C centres, eq. 1 update rate `alpha`)
+        on D_i / r_i^2 of the selected regions, per image.
+        `sigma`: each head's Gaussian spread in input pixels for the zoomed targets: "adaptive" (`knn_sigma`,
+        k = 3, beta = 0.3; a lone head gets mean(H, W) / 4, as `density_maps`) or a float; it is divided by
+        the stride with the head positions, so the heads keep their own sigmas (Fig. 4).
+        The criterion owns the centres (a buffer): keep the same criterion object through training."""
+        return L2SMCriterion(self, lambda1, lambda2, sigma, alpha, generator)
+
+
+class L2SMCriterion(nn.Module):
+    """criterion(output, {"density": [B,1,H,W], "points": list of [N_i, 2]}) ->
+    {"density", "reprediction", "center", "total"}."""
+
+    def __init__(self, model: L2SM, lambda1=1.0, lambda2=1.0, sigma="adaptive", alpha=0.5, generator=None):
+        super().__init__()
+        if not (sigma == "adaptive" or (isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and sigma > 0)):
+            raise ValueError(f"sigma must be 'adaptive' or a positive float, got {sigma!r}")
+        self.stride = model.stride
+        self.lambda1, self.lambda2, self.sigma = float(lambda1), float(lambda2), sigma
+        self.center_loss = MultipolarCenterLoss(model.num_centers, alpha=alpha, generator=generator)
+
+    def _sigmas(self, points, size):
+        if self.sigma != "adaptive":
+            return float(self.sigma) / self.stride
+        lone = (size[0] + size[1]) / 2 / 4
+        return [knn_sigma(p.detach().double(), lone=lone) / self.stride for p in points]
+
+    def region_targets(self, output: L2SMOutput, targets):
+        """(D'_i [N, 1, Sh, Sw], valid [N, Sh, Sw] bool): the zoomed ground truth of the selected regions
+        (`transform_region_targets` with the heads' own sigmas, on the stride-4 grid) and the valid
+        floor(r h) x floor(r w) part of each canvas, where the loss is taken."""
+        full = targets["density"]
+        boxes, r, repred = output.boxes, output.region_scale, output.repredictions
+        points = [p.reshape(-1, 2).to(repred.device) for p in targets["points"]]
+        sig = self._sigmas(points, full.shape[-2:])
+        on_grid = [p / self.stride for p in points]
+        canvas = tuple(repred.shape[-2:])
+        target = transform_region_targets(on_grid, boxes, r.detach(), sig, canvas).to(repred.dtype)
+        rd = r.detach().double()
+        vh = torch.floor(rd * boxes[:, 3]).clamp(max=canvas[0])
+        vw = torch.floor(rd * boxes[:, 4]).clamp(max=canvas[1])
+        ii = torch.arange(canvas[0], device=repred.device)
+        jj = torch.arange(canvas[1], device=repred.device)
+        valid = (ii[None, :, None] < vh[:, None, None]) & (jj[None, None, :] < vw[:, None, None])
+        return target, valid
+
+    def forward(self, output: L2SMOutput, targets) -> dict:
+        initial = output.initial
+        B = initial.shape[0]
+        full = check_targets(targets, B, need_points=True)
+        gt = density_at(full.to(initial.dtype), self.stride, initial.shape[-2:])
+        l_d = ((initial - gt) ** 2).sum() / B
+        if output.boxes.shape[0]:
+            target, valid = self.region_targets(output, targets)
+            l_r = (((output.repredictions - target) ** 2)[:, 0] * valid.to(target.dtype)).sum() / B
+        else:
+            l_r = initial.new_zeros(())
+        l_c = self.center_loss(output.region_means, output.scale.flatten(1), output.center_index) / B
+        total = l_d + self.lambda1 * l_r + self.lambda2 * l_c
+        return {"density": l_d, "reprediction": l_r, "center": l_c, "total": total}
