@@ -893,7 +893,11 @@ def run_demo(out, *, num_images: int = 160, val_images: int = 40, size: int = 12
         max_seconds=minutes * 60.0, synthetic={"train": num_images, "val": val_images, "size": size},
     )
     net = build_model(model, width=width)
-    trainer = Trainer(net, net.criterion(), train_set, val_set, config, log=lambda msg: print(msg, file=stream))
+    # REL off: its hinge on predicted window counts is exactly zero for a flat map, and from scratch it
+    # outweighs the per-pixel density loss and pulls a small untrained model to one (it predicts the mean
+    # count; measured). On top of a pretrained backbone, as in the papers, it refines an informative map.
+    criterion = net.criterion(rel=False) if model in ("csrnet", "hmode", "hmode-official") else net.criterion()
+    trainer = Trainer(net, criterion, train_set, val_set, config, log=lambda msg: print(msg, file=stream))
     summary_run = trainer.run()
     t3 = time.perf_counter()
 

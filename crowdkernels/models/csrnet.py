@@ -44,8 +44,8 @@ class CSRNet(nn.Module):
         c = [self.frontend.stage_channels[-1]] + [channels(n, width) for n in (512, 512, 512, 256, 128, 64)]
         self.backend = conv_stack(c, k=3, dilation=2)
         self.output_layer = nn.Conv2d(c[-1], 1, 1)
-        init_normal_(self.backend)
-        init_normal_(self.output_layer)
+        init_normal_(self.backend, from_scratch=pretrained is None)
+        init_normal_(self.output_layer, from_scratch=pretrained is None)
 
     def forward(self, images: torch.Tensor) -> DensityOutput:
         images = check_images(images)

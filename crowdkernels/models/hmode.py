@@ -138,11 +138,11 @@ class HMoDE(nn.Module):
             if official:
                 g2.append(nn.ReLU(inplace=True))
             self.gate2 = g2
-        init_normal_(self.decoder)
-        init_normal_(self.heads)
+        init_normal_(self.decoder, from_scratch=pretrained is None)
+        init_normal_(self.heads, from_scratch=pretrained is None)
         if fusion == "hmode":
             for m in (self.gate1, self.gate2, self.attention):
-                init_normal_(m)
+                init_normal_(m, from_scratch=pretrained is None)
 
     # ------------------------------------------------------------------------------------------- forward
 

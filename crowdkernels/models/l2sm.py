@@ -93,8 +93,8 @@ class L2SM(nn.Module):
         c5 = self.spn.backbone.stage_channels[-1]
         self.repredict = conv_stack([c5] + [channels(n, width) for n in (256, 128, 64, 32)])
         self.repredict.append(nn.Conv2d(channels(32, width), 1, 1))
-        init_normal_(self.scale_conv)
-        init_normal_(self.repredict)
+        init_normal_(self.scale_conv, from_scratch=pretrained is None)
+        init_normal_(self.repredict, from_scratch=pretrained is None)
         self.register_buffer("density_levels", torch.zeros(num_groups - 1, dtype=torch.float64))
         self.register_buffer("levels_fitted", torch.tensor(False))
 

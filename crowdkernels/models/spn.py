@@ -60,9 +60,9 @@ class SPN(nn.Module):
         c5 = self.backbone.stage_channels[-1]
         self.regressor = conv_stack([c5 + 5 * p, channels(256, width), channels(128, width), channels(64, width)])
         self.deconv = nn.ConvTranspose2d(channels(64, width), 1, 4, stride=2, padding=1)
-        init_normal_(self.pyramid)
-        init_normal_(self.regressor)
-        init_normal_(self.deconv)
+        init_normal_(self.pyramid, from_scratch=pretrained is None)
+        init_normal_(self.regressor, from_scratch=pretrained is None)
+        init_normal_(self.deconv, from_scratch=pretrained is None)
 
     def run(self, padded: torch.Tensor):
         """On an input already padded to `pad_multiple`: (density [B,1,H/4,W/4], conv5_3 [B,C,H/8,W/8],
