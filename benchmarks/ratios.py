@@ -2,12 +2,19 @@
 
     pytest benchmarks/bench_density.py --benchmark-json=/tmp/b.json && python benchmarks/ratios.py /tmp/b.json
 
-A benchmark marks itself as the baseline with ``benchmark.extra_info["baseline"] = True``. Ratios come
+A benchmark marks itself as the baseline with ``benchmark.extra_info["baseline"] = True``, or is a
+parametrized case named eager, loop, released_structure or reference. Ratios come
 from one run, side by side, because these machines are noisy.
 """
 import json
+import re
 import sys
 from collections import defaultdict
+
+
+# the baseline ids of the parametrized benchmark files (eager composition, per-region loop, released
+# code's structure, plain reference)
+BASELINE_IDS = r"\[(eager|loop|released_structure|reference)[\]-]"
 
 
 def main(path: str) -> None:
@@ -17,6 +24,8 @@ def main(path: str) -> None:
         groups[b.get("group") or "-"].append(b)
     for group, items in sorted(groups.items()):
         base = next((b for b in items if b.get("extra_info", {}).get("baseline")), None)
+        if base is None:  # parametrized files name their baseline implementation
+            base = next((b for b in items if re.search(BASELINE_IDS, b["name"])), None)
         print(f"[{group}]")
         for b in sorted(items, key=lambda b: b["stats"]["median"], reverse=True):
             med = b["stats"]["median"]
