@@ -102,3 +102,16 @@ def test_wrong_layout_and_missing_root(tiny, tmp_path, capsys):
     assert "part_A/train_data" in err and "ground-truth" in err
     assert _train(tmp_path / "run", "--dataset", "jhu", "--epochs", "1") == 2
     assert "--root is required" in capsys.readouterr().err
+
+
+def test_full_demo_meets_its_targets(tmp_path, capsys):
+    """The main job as the README's Quick start runs it (default settings, ~40 s on 2 idle cores): the
+    trained model's held-out MAE must be at most half the mean-count baseline's. Guards against the
+    failure seen while building it: a model that learns only the mean count (MAE == baseline)."""
+    rc = cli.main(["demo", "--out", str(tmp_path / "demo")])
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert rc == 0, capsys.readouterr().out[-2000:]
+    assert metrics["ok"] and metrics["mae"] <= metrics["baseline_mae"] / 2, metrics
+    assert metrics["stopped_by"] == "finished"  # within the time budget, not cut short
+    assert (tmp_path / "demo" / "learning_curve.png").stat().st_size > 0
+    assert len(list((tmp_path / "demo" / "pictures").glob("heldout_*.png"))) >= 1
