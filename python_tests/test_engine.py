@@ -246,3 +246,61 @@ def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path):
     assert got["summary"]["history"][0]["val"]["images"] == 3
     assert got["summary"]["history"][0]["val"]["mae"] == pytest.approx(summary["history"][0]["val"]["mae"], rel=1e-4)
     assert got["summary"]["history"][0]["images"] == 8
+
+
+class _FailSome(torch.utils.data.Dataset):
+    """Images `bad` fail to load, as a corrupt file does: the sample reports an error instead."""
+
+    def __init__(self, base, bad):
+        self.base, self.bad = base, set(bad)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        if i in self.bad:
+            return {"name": f"broken_{i}", "error": f"broken_{i}.jpg: cannot identify image file"}
+        return self.base[i]
+
+
+def _ddp_worker_broken_batch(rank: int, world: int, port: int, out: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from crowdkernels.engine import distributed
+    from crowdkernels.engine.train import build_datasets
+
+    assert distributed.init_from_env("cpu")
+    try:
+        cfg = tiny_config(out, epochs=1, batch_size=2, shuffle=False, flip=False, crop=None, val_every=1,
+                          synthetic={"train": 8, "val": 3, "size": 32})
+        torch.manual_seed(0)
+        model = TinyNet(**cfg.model_kwargs)
+        train, val = build_datasets(cfg)
+        # without shuffling rank 1 draws images 1, 3, 5, 7: its whole first batch (1, 3) fails
+        tr = Trainer(model, model.criterion(), _FailSome(train, {1, 3}), val, cfg)
+        summary = tr.run()
+        torch.save({"summary": summary, "skipped": tr.skipped}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        distributed.cleanup()
+
+
+def test_ddp_rank_with_no_loadable_image_does_not_hang_the_others(tmp_path):
+    """A rank whose whole batch fails to load used to skip its step alone while the other rank waited
+    for its gradients forever. Now every rank skips that step together, and the run finishes."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(_ddp_worker_broken_batch, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("DDP ranks hung on a step that one rank had no images for")
+    r0 = torch.load(tmp_path / "ddp" / "rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "ddp" / "rank1.pt", weights_only=False)
+    assert r0["summary"]["status"] == r1["summary"]["status"] == "finished"
+    assert set(r1["skipped"]) == {"broken_1", "broken_3"}
+    # step 1 was skipped everywhere: rank 0's images 0 and 2 were not stepped on either
+    assert r0["summary"]["history"][0]["images"] == 4

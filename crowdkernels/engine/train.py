@@ -327,7 +327,7 @@ class Trainer:
                         if name not in self.skipped:
                             self.skipped[name] = reason
                             self.log(f"warning: skipping {reason}")
-                    if batch["images"] is not None:
+                    if self._all_ranks_have(batch["images"] is not None):
                         losses = self._step(ddp_model, batch, optimizer, scaler)
                         n = float(batch["images"].shape[0])
                         for k, v in losses.items():
@@ -382,6 +382,19 @@ class Trainer:
             flag = bool(dist_utils.all_reduce_sum(torch.tensor([float(flag)])).item() > 0)
             self.stop.requested = flag
         return flag
+
+    def _all_ranks_have(self, have_batch: bool) -> bool:
+        """Whether every process has a batch to step on. Under DDP a rank whose whole batch failed to load
+        must not skip the step alone: the others would wait for its gradients forever. So all ranks skip
+        that step together (its images are already reported as skipped)."""
+        if not dist_utils.is_distributed():
+            return have_batch
+        missing = dist_utils.all_reduce_sum(torch.tensor([0.0 if have_batch else 1.0]))
+        if float(missing.item()) > 0:
+            if have_batch:
+                self.log("warning: another process has no loadable image in this step; every process skips it")
+            return False
+        return True
 
     def _step(self, model, batch, optimizer, scaler) -> dict:
         images = batch["images"].to(self.device, non_blocking=True)
