@@ -311,5 +311,38 @@ CK_HOST_DEVICE double pixel_weight(const Window& w, double gy, double gx) {
   return (v < w.thresh) ? 0.0 : w.scale * v;
 }
 
+// ------------------------------------------------------------------------------------------ op checks
+// The last line of defence for callers reaching the ops through torch.ops directly (the Python layer
+// raises ValueError/TypeError naming the argument first); shared by the CPU and CUDA entry points.
+inline void check_points_offsets(const at::Tensor& points, const at::Tensor& offsets) {
+  CK_CHECK_DIM(points, 2);
+  TORCH_CHECK(points.size(1) == 2, "points must be [T, 2], got [", points.size(0), ", ", points.size(1), "]");
+  CK_CHECK_DIM(offsets, 1);
+  CK_CHECK_DTYPE(offsets, at::kLong);
+  TORCH_CHECK(offsets.numel() >= 1, "offsets must have B + 1 >= 1 entries");
+  CK_CHECK_DEVICE(offsets, points);
+}
+
+inline void check_knn_args(const at::Tensor& points, const at::Tensor& offsets, int64_t k) {
+  check_points_offsets(points, offsets);
+  TORCH_CHECK(k >= 1 && k <= kMaxK, "k must be in [1, ", kMaxK, "], got ", k);
+}
+
+inline void check_splat_args(const at::Tensor& points, const at::Tensor& offsets, const at::Tensor& sigma,
+                             int64_t height, int64_t width, int64_t style, double truncate, int64_t kernel_size,
+                             int64_t stride) {
+  check_points_offsets(points, offsets);
+  CK_CHECK_FLOATING(points);
+  CK_CHECK_DIM(sigma, 1);
+  TORCH_CHECK(sigma.size(0) == points.size(0), "sigma must have one value per point (", points.size(0), "), got ",
+              sigma.size(0));
+  CK_CHECK_DEVICE(sigma, points);
+  TORCH_CHECK(height >= 1 && width >= 1, "height and width must be >= 1, got ", height, " x ", width);
+  TORCH_CHECK(style >= kExact && style <= kMatlab, "style must be 0, 1 or 2, got ", style);
+  TORCH_CHECK(stride >= 1, "stride must be >= 1, got ", stride);
+  TORCH_CHECK(kernel_size >= 1, "kernel_size must be >= 1, got ", kernel_size);
+  TORCH_CHECK(truncate > 0, "truncate must be > 0, got ", truncate);
+}
+
 }  // namespace density
 }  // namespace ck

@@ -12,15 +12,6 @@ namespace ck {
 namespace density {
 namespace {
 
-void check_common(const at::Tensor& points, const at::Tensor& offsets) {
-  CK_CHECK_DIM(points, 2);
-  TORCH_CHECK(points.size(1) == 2, "points must be [T, 2], got [", points.size(0), ", ", points.size(1), "]");
-  CK_CHECK_DIM(offsets, 1);
-  CK_CHECK_DTYPE(offsets, at::kLong);
-  TORCH_CHECK(offsets.numel() >= 1, "offsets must have B + 1 >= 1 entries");
-  CK_CHECK_DEVICE(offsets, points);
-}
-
 void check_offsets(const int64_t* off, int64_t B, int64_t T) {
   TORCH_CHECK(off[0] == 0 && off[B] == T, "offsets must run from 0 to the number of points (", T, ")");
   for (int64_t b = 0; b < B; ++b) TORCH_CHECK(off[b] <= off[b + 1], "offsets must be non-decreasing");
@@ -30,8 +21,7 @@ void check_offsets(const int64_t* off, int64_t B, int64_t T) {
 
 at::Tensor knn_sigma_cpu(const at::Tensor& points_in, const at::Tensor& offsets_in, int64_t k, double beta,
                          double lone) {
-  check_common(points_in, offsets_in);
-  TORCH_CHECK(k >= 1 && k <= kMaxK, "k must be in [1, ", kMaxK, "], got ", k);
+  check_knn_args(points_in, offsets_in, k);
   const at::Tensor points = points_in.to(at::kDouble).contiguous();
   const at::Tensor offsets = offsets_in.contiguous();
   const int64_t T = points.size(0), B = offsets.numel() - 1;
@@ -229,17 +219,7 @@ void splat_cpu_impl(const double* pts, const int64_t* off, const double* sigma, 
 at::Tensor density_splat_cpu(const at::Tensor& points_in, const at::Tensor& offsets_in, const at::Tensor& sigma_in,
                              int64_t height, int64_t width, int64_t style, double truncate, int64_t kernel_size,
                              int64_t stride, bool deterministic) {
-  check_common(points_in, offsets_in);
-  CK_CHECK_FLOATING(points_in);
-  CK_CHECK_DIM(sigma_in, 1);
-  TORCH_CHECK(sigma_in.size(0) == points_in.size(0), "sigma must have one value per point (", points_in.size(0),
-              "), got ", sigma_in.size(0));
-  CK_CHECK_DEVICE(sigma_in, points_in);
-  TORCH_CHECK(height >= 1 && width >= 1, "height and width must be >= 1, got ", height, " x ", width);
-  TORCH_CHECK(style >= kExact && style <= kMatlab, "style must be 0, 1 or 2, got ", style);
-  TORCH_CHECK(stride >= 1, "stride must be >= 1, got ", stride);
-  TORCH_CHECK(kernel_size >= 1, "kernel_size must be >= 1, got ", kernel_size);
-  TORCH_CHECK(truncate > 0, "truncate must be > 0, got ", truncate);
+  check_splat_args(points_in, offsets_in, sigma_in, height, width, style, truncate, kernel_size, stride);
   (void)deterministic;  // the CPU kernel is always deterministic
 
   const at::Tensor points = points_in.to(at::kDouble).contiguous();

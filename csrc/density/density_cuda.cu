@@ -126,21 +126,11 @@ __global__ void fixed_to_float_kernel(const unsigned long long* __restrict__ fix
     out[j] = static_cast<scalar_t>((double)fixed[j] / kFixedScale);
 }
 
-void check_inputs(const at::Tensor& points, const at::Tensor& offsets) {
-  CK_CHECK_DIM(points, 2);
-  TORCH_CHECK(points.size(1) == 2, "points must be [T, 2]");
-  CK_CHECK_DIM(offsets, 1);
-  CK_CHECK_DTYPE(offsets, at::kLong);
-  TORCH_CHECK(offsets.numel() >= 1, "offsets must have B + 1 >= 1 entries");
-  CK_CHECK_DEVICE(offsets, points);
-}
-
 }  // namespace
 
 at::Tensor knn_sigma_cuda(const at::Tensor& points_in, const at::Tensor& offsets_in, int64_t k, double beta,
                           double lone) {
-  check_inputs(points_in, offsets_in);
-  TORCH_CHECK(k >= 1 && k <= kMaxK, "k must be in [1, ", kMaxK, "], got ", k);
+  check_knn_args(points_in, offsets_in, k);
   const c10::cuda::CUDAGuard guard(points_in.device());
   const at::Tensor points = points_in.to(at::kDouble).contiguous();
   const at::Tensor offsets = offsets_in.contiguous();
@@ -180,14 +170,7 @@ at::Tensor knn_sigma_cuda(const at::Tensor& points_in, const at::Tensor& offsets
 at::Tensor density_splat_cuda(const at::Tensor& points_in, const at::Tensor& offsets_in, const at::Tensor& sigma_in,
                               int64_t height, int64_t width, int64_t style, double truncate, int64_t kernel_size,
                               int64_t stride, bool deterministic) {
-  check_inputs(points_in, offsets_in);
-  CK_CHECK_FLOATING(points_in);
-  CK_CHECK_DIM(sigma_in, 1);
-  TORCH_CHECK(sigma_in.size(0) == points_in.size(0), "sigma must have one value per point");
-  CK_CHECK_DEVICE(sigma_in, points_in);
-  TORCH_CHECK(height >= 1 && width >= 1, "height and width must be >= 1");
-  TORCH_CHECK(style >= kExact && style <= kMatlab, "style must be 0, 1 or 2, got ", style);
-  TORCH_CHECK(stride >= 1 && kernel_size >= 1 && truncate > 0, "stride, kernel_size and truncate must be positive");
+  check_splat_args(points_in, offsets_in, sigma_in, height, width, style, truncate, kernel_size, stride);
   const c10::cuda::CUDAGuard guard(points_in.device());
   const at::Tensor points = points_in.to(at::kDouble).contiguous();
   const at::Tensor offsets = offsets_in.contiguous();
