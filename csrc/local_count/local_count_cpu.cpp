@@ -198,6 +198,13 @@ std::tuple<at::Tensor, at::Tensor> local_counts_backward_cpu(const std::optional
         const int64_t b = row / H, y = row % H;
         scalar_t* gprow = gp ? gp + row * W : nullptr;
         scalar_t* gtrow = gt ? gt + row * W : nullptr;
+        // Without a squared-error gradient the rows of one window row are all alike: copy the previous
+        // one (this task wrote it) instead of ~W / window_w short fills per row. Same values, same bits.
+        if (!gse && row > begin && y % window_h != 0 && y < covered_h) {
+          if (gprow) std::copy(gprow - W, gprow, gprow);
+          if (gtrow) std::copy(gtrow - W, gtrow, gtrow);
+          continue;
+        }
         int64_t x = 0;
         if (y < covered_h) {
           const int64_t r0 = b * R + (y / window_h) * nw;
