@@ -31,6 +31,24 @@ def hard_region_ranking(target_counts: torch.Tensor, sq_error: torch.Tensor, num
         return hard.gather(1, by_count)
 
 
+_PAIR_MASKS: dict = {}
+
+
+def _pair_mask_as(S: int, T: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`_pair_mask` in `dtype`, built once per (S, T, device, dtype) in eager mode: six small ops fewer per
+    loss call (under torch.compile it is simply traced). Callers must not modify it in place."""
+    if torch.compiler.is_compiling():
+        return _pair_mask(S, T, device).to(dtype)
+    key = (S, T, device, dtype)
+    mask = _PAIR_MASKS.get(key)
+    if mask is None:
+        if len(_PAIR_MASKS) >= 64:
+            _PAIR_MASKS.clear()
+        with torch.no_grad():
+            mask = _PAIR_MASKS[key] = _pair_mask(S, T, device).to(dtype)
+    return mask
+
+
 def _pair_mask(S: int, T: int, device) -> torch.Tensor:
     """mask[j, k] is True where k comes after j in the same interleaved sub-list (k - j a positive
     multiple of T): the pairs whose hinge max(0, x_k - x_j) pairs="all" counts."""
@@ -103,9 +121,9 @@ def relative_local_count_loss(
         # x_j and x_{j+T} are neighbours in the same sub-list, for every j: one shifted difference.
         per_image = torch.relu(x[:, T:] - x[:, :-T]).sum(dim=1)  # empty (0) when S <= T
     else:
-        mask = _pair_mask(x.shape[1], T, x.device)
+        mask = _pair_mask_as(x.shape[1], T, x.device, x.dtype)
         # diff[b, j, k] = x_k - x_j
-        per_image = (torch.relu(x[:, None, :] - x[:, :, None]) * mask.to(x.dtype)).sum(dim=(1, 2))
+        per_image = (torch.relu(x[:, None, :] - x[:, :, None]) * mask).sum(dim=(1, 2))
     return reduce(per_image, reduction)
 
 
