@@ -132,6 +132,11 @@ at::Tensor scale_regions_cpu(const at::Tensor& features_in, const at::Tensor& bo
     const T* feat = features.data_ptr<T>();
     T* o_all = out.data_ptr<T>();
     at::parallel_for(0, N * C, grain_for(Sh * Sw), [&](int64_t begin, int64_t end) {
+      // Separable: each source row the box's output rows read is first interpolated along x, then each
+      // output row blends two of those. `bilinear` is (1 - ly) * row(i0) + ly * row(i1) with the very same
+      // row expressions, so the result has the same bits, with ~vh/rows fewer x interpolations and a
+      // vectorizable y blend.
+      std::vector<T> hx;
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / C, c = t % C;
         const Box& b = bx[n];
@@ -140,15 +145,24 @@ at::Tensor scale_regions_cpu(const at::Tensor& features_in, const at::Tensor& bo
         const AxisSample<T>* ys = tab.ys.data() + tab.yoff[n];
         const AxisSample<T>* xs = tab.xs.data() + tab.xoff[n];
         const int64_t vh = tab.rows(n), vw = tab.cols(n);
-        for (int64_t i = 0; i < vh; ++i) {
-          const T* r0 = f + ys[i].i0 * W;
-          const T* r1 = f + ys[i].i1 * W;
-          const T ly = ys[i].l;
-          T* orow = o + i * Sw;
-          for (int64_t j = 0; j < vw; ++j) {
-            const AxisSample<T>& x = xs[j];
-            orow[j] = bilinear(r0[x.i0], r0[x.i1], r1[x.i0], r1[x.i1], ly, x.l);
+        if (vh > 0 && vw > 0) {
+          const int64_t ylo = ys[0].i0, yhi = ys[vh - 1].i1;  // source rows ys reads (non-decreasing)
+          hx.resize(static_cast<size_t>((yhi - ylo + 1) * vw));
+          for (int64_t y = ylo; y <= yhi; ++y) {
+            const T* frow = f + y * W;
+            T* h = hx.data() + (y - ylo) * vw;
+            for (int64_t j = 0; j < vw; ++j) {
+              const AxisSample<T>& x = xs[j];
+              h[j] = (T(1) - x.l) * frow[x.i0] + x.l * frow[x.i1];
+            }
           }
+        }
+        for (int64_t i = 0; i < vh; ++i) {
+          const T* h0 = hx.data() + (ys[i].i0 - ys[0].i0) * vw;
+          const T* h1 = hx.data() + (ys[i].i1 - ys[0].i0) * vw;
+          const T ly = ys[i].l, my = T(1) - ly;
+          T* orow = o + i * Sw;
+          for (int64_t j = 0; j < vw; ++j) orow[j] = my * h0[j] + ly * h1[j];
           std::fill(orow + vw, orow + Sw, T(0));
         }
         std::fill(o + vh * Sw, o + Sh * Sw, T(0));
