@@ -10,10 +10,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
 
 #include "common/common.h"
 #include "regions/regions.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace ck {
 namespace regions {
@@ -98,6 +103,21 @@ int64_t grain_for(int64_t elements_per_task) {
   return std::max<int64_t>(1, 262144 / std::max<int64_t>(1, elements_per_task));
 }
 
+// Asks Linux for transparent huge pages on the 2 MiB-aligned inside of a large, freshly allocated output
+// (the kernels below write it all, first touch): with 4 KiB pages the page faults of a 79 MB scale_regions
+// canvas cost more than the sampling (28 ms vs 8 ms to first-touch it on a 2-core VM). A hint only: the
+// contents and the results are unchanged, and it does nothing where THP is off or unavailable.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const size_t bytes = t.numel() * t.element_size();
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t b = (p + kHuge - 1) & ~(kHuge - 1), e = (p + bytes) & ~(kHuge - 1);
+  if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
+#endif
+}
+
 int64_t mean_box_area(const std::vector<Box>& boxes) {
   int64_t area = 0;
   for (const Box& b : boxes) area += b.h * b.w;
@@ -125,6 +145,7 @@ at::Tensor scale_regions_cpu(const at::Tensor& features_in, const at::Tensor& bo
   const int64_t N = static_cast<int64_t>(bx.size());
   at::Tensor out = ck::new_output({N, C, Sh, Sw}, features.options());
   if (out.numel() == 0) return out;
+  advise_huge_pages(out);
 
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "scale_regions_cpu", [&] {
     using T = scalar_t;
@@ -132,6 +153,11 @@ at::Tensor scale_regions_cpu(const at::Tensor& features_in, const at::Tensor& bo
     const T* feat = features.data_ptr<T>();
     T* o_all = out.data_ptr<T>();
     at::parallel_for(0, N * C, grain_for(Sh * Sw), [&](int64_t begin, int64_t end) {
+      // Separable: each source row the box's output rows read is first interpolated along x, then each
+      // output row blends two of those. `bilinear` is (1 - ly) * row(i0) + ly * row(i1) with the very same
+      // row expressions, so the result has the same bits, with ~vh/rows fewer x interpolations and a
+      // vectorizable y blend.
+      std::vector<T> hx;
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / C, c = t % C;
         const Box& b = bx[n];
@@ -140,15 +166,24 @@ at::Tensor scale_regions_cpu(const at::Tensor& features_in, const at::Tensor& bo
         const AxisSample<T>* ys = tab.ys.data() + tab.yoff[n];
         const AxisSample<T>* xs = tab.xs.data() + tab.xoff[n];
         const int64_t vh = tab.rows(n), vw = tab.cols(n);
-        for (int64_t i = 0; i < vh; ++i) {
-          const T* r0 = f + ys[i].i0 * W;
-          const T* r1 = f + ys[i].i1 * W;
-          const T ly = ys[i].l;
-          T* orow = o + i * Sw;
-          for (int64_t j = 0; j < vw; ++j) {
-            const AxisSample<T>& x = xs[j];
-            orow[j] = bilinear(r0[x.i0], r0[x.i1], r1[x.i0], r1[x.i1], ly, x.l);
+        if (vh > 0 && vw > 0) {
+          const int64_t ylo = ys[0].i0, yhi = ys[vh - 1].i1;  // source rows ys reads (non-decreasing)
+          hx.resize(static_cast<size_t>((yhi - ylo + 1) * vw));
+          for (int64_t y = ylo; y <= yhi; ++y) {
+            const T* frow = f + y * W;
+            T* h = hx.data() + (y - ylo) * vw;
+            for (int64_t j = 0; j < vw; ++j) {
+              const AxisSample<T>& x = xs[j];
+              h[j] = (T(1) - x.l) * frow[x.i0] + x.l * frow[x.i1];
+            }
           }
+        }
+        for (int64_t i = 0; i < vh; ++i) {
+          const T* h0 = hx.data() + (ys[i].i0 - ys[0].i0) * vw;
+          const T* h1 = hx.data() + (ys[i].i1 - ys[0].i0) * vw;
+          const T ly = ys[i].l, my = T(1) - ly;
+          T* orow = o + i * Sw;
+          for (int64_t j = 0; j < vw; ++j) orow[j] = my * h0[j] + ly * h1[j];
           std::fill(orow + vw, orow + Sw, T(0));
         }
         std::fill(o + vh * Sw, o + Sh * Sw, T(0));
@@ -176,6 +211,7 @@ std::tuple<at::Tensor, at::Tensor> scale_regions_backward_cpu(const at::Tensor& 
   const int64_t Sh = grad.size(2), Sw = grad.size(3);
   at::Tensor grad_features = ck::new_output({B, C, H, W}, features.options());
   at::Tensor grad_scale = ck::new_output({N}, scale.options());
+  advise_huge_pages(grad_features);
 
   // The boxes of each image in index order (a stable counting sort): the fixed order in which the task of
   // (image, channel) accumulates them.
