@@ -394,13 +394,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_backward_cpu(
         if (bilinear) {
           for (int64_t x = 0; x < W; ++x) scatter_row(fp, true, tx[x], d[x]);
         } else if (fx > 0) {
-          // Column c reads the run x = c*fx .. c*fx+fx-1: the same sums, in the same order, as below.
+          // Column c reads the run x = c*fx .. c*fx+fx-1: the same sums, in the same order, as below
+          // (fp starts at +0, so ((0 + d0) + d1) ... is what adding the run's sum to it gives; a sum that
+          // starts at +0 is never -0). Column-inner loops vectorize.
           const int64_t w = geo.w[geom[p]];
-          for (int64_t c = 0; c < w; ++c) {
-            T acc = 0;
-            for (int64_t t = 0; t < fx; ++t) acc += d[c * fx + t];
-            fp[c] += acc;
-          }
+          for (int64_t t = 0; t < fx; ++t)
+            for (int64_t c = 0; c < w; ++c) fp[c] += d[c * fx + t];
         } else {
           // Nearest maps runs of consecutive x to one column: add each run in a register, in x order
           // (the same bits as adding element by element into the zeroed row, without the store chain).
