@@ -110,6 +110,27 @@ void check_inputs(const at::Tensor& experts, at::IntArrayRef sizes, const at::Te
               "groups must index experts 0..", K - 1);
 }
 
+// Nearest gather of one row: dst[x] = src[ix[x]] for x < W, with straight copies when every source
+// column repeats fx times (fx = 1, 2, 4: the common power-of-two upsamplings).
+template <typename T>
+void gather_row(T* __restrict__ dst, const T* __restrict__ src, const int64_t* ix, int64_t fx, int64_t W) {
+  if (fx == 1) {
+    std::copy(src, src + W, dst);
+  } else if (fx == 2) {
+    for (int64_t c = 0; c < W / 2; ++c) dst[2 * c] = dst[2 * c + 1] = src[c];
+  } else if (fx == 4) {
+    for (int64_t c = 0; c < W / 4; ++c) {
+      const T v = src[c];
+      dst[4 * c] = v;
+      dst[4 * c + 1] = v;
+      dst[4 * c + 2] = v;
+      dst[4 * c + 3] = v;
+    }
+  } else {
+    for (int64_t x = 0; x < W; ++x) dst[x] = src[ix[x]];
+  }
+}
+
 // Samples every input along output row y of image b into rows of `buf` (channel stride RS): the K experts,
 // then G1 (M*N rows) and G2 (M rows), softmaxed. With nearest upsampling the gates are softmaxed once per
 // native gate pixel, on a cached native row (many output rows and columns share one gate pixel), and then
@@ -142,12 +163,7 @@ struct RowSampler {
         if (ekey[k] == key) continue;
         const T* src = E + b * g.S + g.offset[k] + sy * g.w[k];
         T* dst = erow() + k * RS;
-        if (g.fx[k] == 1) {
-          std::copy(src, src + W, dst);
-        } else {
-          const int64_t* ix = g.ix[k].data();
-          for (int64_t x = 0; x < W; ++x) dst[x] = src[ix[x]];
-        }
+        gather_row(dst, src, g.ix[k].data(), g.fx[k], W);
         ekey[k] = key;
       }
       native_softmax_row(G1, b, y, K, MN, N, nat1, key1, g1row());
@@ -192,9 +208,7 @@ struct RowSampler {
         for (int64_t first = 0; first < channels; first += n) softmax(nat + first * w + xx, n, w);
       key = b * h + sy;
     }
-    const int64_t* ix = g.ix[p].data();
-    for (int64_t c = 0; c < channels; ++c)
-      for (int64_t x = 0; x < W; ++x) dst[c * RS + x] = nat[c * w + ix[x]];
+    for (int64_t c = 0; c < channels; ++c) gather_row(dst + c * RS, nat + c * w, g.ix[p].data(), g.fx[p], W);
   }
 };
 
