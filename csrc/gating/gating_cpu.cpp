@@ -378,19 +378,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_backward_cpu(
       std::fill(r.gf_row, r.gf_row + W, T(0));
       return r;
     };
+    // Copies n elements at stride sx (an expanded gradient has stride 0: a fill; contiguous: a copy).
+    auto strided_row = [](T* dst, const T* src, int64_t sx, int64_t n) {
+      if (sx == 1) {
+        std::copy(src, src + n, dst);
+      } else if (sx == 0) {
+        std::fill(dst, dst + n, src[0]);
+      } else {
+        for (int64_t x = 0; x < n; ++x) dst[x] = src[x * sx];
+      }
+    };
     auto fold_row = [&](RowFolder& r, int64_t b, int64_t y, T* f) {
       const int64_t RS = geo.RS;
       r.rs.load(b, y);
       if (gf) {
         const T* src = gf + b * gf_t.stride(0) + y * gf_t.stride(2);
-        const int64_t sx = gf_t.stride(3);
-        for (int64_t x = 0; x < W; ++x) r.gf_row[x] = src[x * sx];
+        strided_row(r.gf_row, src, gf_t.stride(3), W);
       }
       if (ggm) {
         const int64_t sx = ggm_t.stride(3);
         for (int64_t i = 0; i < M; ++i) {
           const T* src = ggm + b * ggm_t.stride(0) + i * ggm_t.stride(1) + y * ggm_t.stride(2);
-          for (int64_t x = 0; x < W; ++x) r.ggm_rows[i * RS + x] = src[x * sx];
+          strided_row(r.ggm_rows + i * RS, src, sx, W);
         }
       }
       const T* e = r.rs.erow();
