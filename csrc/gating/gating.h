@@ -82,7 +82,10 @@ CK_HOST_DEVICE void softmax(T* v, int64_t n, int64_t s = 1) {
   for (int64_t i = 1; i < n; ++i) mx = v[i * s] > mx ? v[i * s] : mx;
   T sum = 0;
   for (int64_t i = 0; i < n; ++i) {
-    v[i * s] = exp(v[i * s] - mx);
+    // exp(+-0) is exactly 1: the channel(s) holding the max skip the call (same bits; a NaN difference,
+    // e.g. inf - inf, is not 0 and still goes through exp).
+    const T d = v[i * s] - mx;
+    v[i * s] = d == static_cast<T>(0) ? static_cast<T>(1) : static_cast<T>(exp(d));
     sum += v[i * s];
   }
   const T inv = static_cast<T>(1) / sum;

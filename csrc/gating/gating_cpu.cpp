@@ -35,6 +35,10 @@ struct Geometry {
   std::vector<int64_t> h, w;      // [K + 2]
   std::vector<int64_t> offset;    // [K]: expert k's first column in the packed [B, S] tensor
   std::vector<std::vector<Taps<T>>> ty, tx;  // [K + 2][H], [K + 2][W]
+  // Nearest only: the source column of every output column, as a plain index array ([K + 2][W]), and the
+  // integer factor f when output column x reads source column x / f exactly (W = f * w), else 0.
+  std::vector<std::vector<int64_t>> ix;
+  std::vector<int64_t> fx;
 };
 
 template <typename T>
@@ -70,6 +74,17 @@ Geometry<T> make_geometry(const at::Tensor& experts, at::IntArrayRef sizes, cons
     for (int64_t y = 0; y < H; ++y) g.ty[p].push_back(taps<T>(bilinear, y, g.h[p], H));
     for (int64_t x = 0; x < W; ++x) g.tx[p].push_back(taps<T>(bilinear, x, g.w[p], W));
   }
+  g.ix.resize(g.K + 2);
+  g.fx.assign(g.K + 2, 0);
+  for (int64_t p = 0; p < g.K + 2; ++p) {
+    for (int64_t x = 0; x < W; ++x) g.ix[p].push_back(g.tx[p][x].i0);
+    if (!bilinear && W % g.w[p] == 0) {
+      const int64_t f = W / g.w[p];
+      bool exact = true;
+      for (int64_t x = 0; x < W; ++x) exact = exact && g.ix[p][x] == x / f;
+      if (exact) g.fx[p] = f;
+    }
+  }
   return g;
 }
 
@@ -95,6 +110,27 @@ void check_inputs(const at::Tensor& experts, at::IntArrayRef sizes, const at::Te
               "groups must index experts 0..", K - 1);
 }
 
+// Nearest gather of one row: dst[x] = src[ix[x]] for x < W, with straight copies when every source
+// column repeats fx times (fx = 1, 2, 4: the common power-of-two upsamplings).
+template <typename T>
+void gather_row(T* __restrict__ dst, const T* __restrict__ src, const int64_t* ix, int64_t fx, int64_t W) {
+  if (fx == 1) {
+    std::copy(src, src + W, dst);
+  } else if (fx == 2) {
+    for (int64_t c = 0; c < W / 2; ++c) dst[2 * c] = dst[2 * c + 1] = src[c];
+  } else if (fx == 4) {
+    for (int64_t c = 0; c < W / 4; ++c) {
+      const T v = src[c];
+      dst[4 * c] = v;
+      dst[4 * c + 1] = v;
+      dst[4 * c + 2] = v;
+      dst[4 * c + 3] = v;
+    }
+  } else {
+    for (int64_t x = 0; x < W; ++x) dst[x] = src[ix[x]];
+  }
+}
+
 // Samples every input along output row y of image b into rows of `buf` (channel stride RS): the K experts,
 // then G1 (M*N rows) and G2 (M rows), softmaxed. With nearest upsampling the gates are softmaxed once per
 // native gate pixel, on a cached native row (many output rows and columns share one gate pixel), and then
@@ -109,6 +145,9 @@ struct RowSampler {
   T* nat1;
   T* nat2;
   int64_t key1 = -1, key2 = -1;  // b * h + source row of the native gate rows held in nat1 / nat2
+  // Nearest only: b * h + source row of the expert rows held in erow() (consecutive output rows that read
+  // the same source row skip the gather; nothing else writes the sampler's rows).
+  std::vector<int64_t> ekey;
 
   T* erow() const { return buf; }
   T* g1row() const { return buf + g.K * g.RS; }
@@ -117,6 +156,20 @@ struct RowSampler {
 
   void load(int64_t b, int64_t y) {
     const int64_t W = g.W, RS = g.RS, K = g.K, M = g.M, N = g.N, MN = M * N;
+    if (!g.bilinear) {
+      if (static_cast<int64_t>(ekey.size()) != K) ekey.assign(K, -1);
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t sy = g.ty[k][y].i0, key = b * g.h[k] + sy;
+        if (ekey[k] == key) continue;
+        const T* src = E + b * g.S + g.offset[k] + sy * g.w[k];
+        T* dst = erow() + k * RS;
+        gather_row(dst, src, g.ix[k].data(), g.fx[k], W);
+        ekey[k] = key;
+      }
+      native_softmax_row(G1, b, y, K, MN, N, nat1, key1, g1row());
+      native_softmax_row(G2, b, y, K + 1, M, M, nat2, key2, g2row());
+      return;
+    }
     for (int64_t k = 0; k < K; ++k) {
       const T* plane = E + b * g.S + g.offset[k];
       const Taps<T> ty = g.ty[k][y];
@@ -137,8 +190,6 @@ struct RowSampler {
       for (int64_t x = 0; x < W; ++x) softmax_gates(g1row() + x, g2row() + x, M, N, RS);
       return;
     }
-    native_softmax_row(G1, b, y, K, MN, N, nat1, key1, g1row());
-    native_softmax_row(G2, b, y, K + 1, M, M, nat2, key2, g2row());
   }
 
   // Nearest only: softmax (over runs of `n` channels) of the native gate row that output row y reads, then
@@ -146,7 +197,9 @@ struct RowSampler {
   void native_softmax_row(const T* G, int64_t b, int64_t y, int64_t p, int64_t channels, int64_t n, T* nat,
                           int64_t& key, T* dst) {
     const int64_t h = g.h[p], w = g.w[p], sy = g.ty[p][y].i0, W = g.W, RS = g.RS;
-    if (key != b * h + sy) {
+    // The gathered rows in dst are still those of this native row when the key is unchanged.
+    if (key == b * h + sy) return;
+    {
       for (int64_t c = 0; c < channels; ++c) {
         const T* src = G + ((b * channels + c) * h + sy) * w;
         std::copy(src, src + w, nat + c * w);
@@ -155,9 +208,7 @@ struct RowSampler {
         for (int64_t first = 0; first < channels; first += n) softmax(nat + first * w + xx, n, w);
       key = b * h + sy;
     }
-    const Taps<T>* tx = g.tx[p].data();
-    for (int64_t c = 0; c < channels; ++c)
-      for (int64_t x = 0; x < W; ++x) dst[c * RS + x] = nat[c * w + tx[x].i0];
+    for (int64_t c = 0; c < channels; ++c) gather_row(dst + c * RS, nat + c * w, g.ix[p].data(), g.fx[p], W);
   }
 };
 
@@ -327,19 +378,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_backward_cpu(
       std::fill(r.gf_row, r.gf_row + W, T(0));
       return r;
     };
+    // Copies n elements at stride sx (an expanded gradient has stride 0: a fill; contiguous: a copy).
+    auto strided_row = [](T* dst, const T* src, int64_t sx, int64_t n) {
+      if (sx == 1) {
+        std::copy(src, src + n, dst);
+      } else if (sx == 0) {
+        std::fill(dst, dst + n, src[0]);
+      } else {
+        for (int64_t x = 0; x < n; ++x) dst[x] = src[x * sx];
+      }
+    };
     auto fold_row = [&](RowFolder& r, int64_t b, int64_t y, T* f) {
       const int64_t RS = geo.RS;
       r.rs.load(b, y);
       if (gf) {
         const T* src = gf + b * gf_t.stride(0) + y * gf_t.stride(2);
-        const int64_t sx = gf_t.stride(3);
-        for (int64_t x = 0; x < W; ++x) r.gf_row[x] = src[x * sx];
+        strided_row(r.gf_row, src, gf_t.stride(3), W);
       }
       if (ggm) {
         const int64_t sx = ggm_t.stride(3);
         for (int64_t i = 0; i < M; ++i) {
           const T* src = ggm + b * ggm_t.stride(0) + i * ggm_t.stride(1) + y * ggm_t.stride(2);
-          for (int64_t x = 0; x < W; ++x) r.ggm_rows[i * RS + x] = src[x * sx];
+          strided_row(r.ggm_rows + i * RS, src, sx, W);
         }
       }
       const T* e = r.rs.erow();
@@ -353,8 +413,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_backward_cpu(
         const Taps<T>* tx = geo.tx[geom[p]].data();
         const T* d = r.de + p * RS;  // de, dl1 and dl2 are consecutive rows, in plane order
         T* fp = f + col[p];
+        const int64_t fx = geo.fx[geom[p]];
         if (bilinear) {
           for (int64_t x = 0; x < W; ++x) scatter_row(fp, true, tx[x], d[x]);
+        } else if (fx > 0) {
+          // Column c reads the run x = c*fx .. c*fx+fx-1: the same sums, in the same order, as below
+          // (fp starts at +0, so ((0 + d0) + d1) ... is what adding the run's sum to it gives; a sum that
+          // starts at +0 is never -0). Column-inner loops vectorize.
+          const int64_t w = geo.w[geom[p]];
+          for (int64_t t = 0; t < fx; ++t)
+            for (int64_t c = 0; c < w; ++c) fp[c] += d[c * fx + t];
         } else {
           // Nearest maps runs of consecutive x to one column: add each run in a register, in x order
           // (the same bits as adding element by element into the zeroed row, without the store chain).
