@@ -10,15 +10,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdint>
 #include <vector>
 
 #include "common/common.h"
 #include "regions/regions.h"
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace ck {
 namespace regions {
@@ -103,21 +98,6 @@ int64_t grain_for(int64_t elements_per_task) {
   return std::max<int64_t>(1, 262144 / std::max<int64_t>(1, elements_per_task));
 }
 
-// Asks Linux for transparent huge pages on the 2 MiB-aligned inside of a large, freshly allocated output
-// (the kernels below write it all, first touch): with 4 KiB pages the page faults of a 79 MB scale_regions
-// canvas cost more than the sampling (28 ms vs 8 ms to first-touch it on a 2-core VM). A hint only: the
-// contents and the results are unchanged, and it does nothing where THP is off or unavailable.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const size_t bytes = t.numel() * t.element_size();
-  if (bytes < 4 * kHuge) return;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t b = (p + kHuge - 1) & ~(kHuge - 1), e = (p + bytes) & ~(kHuge - 1);
-  if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
-#endif
-}
-
 int64_t mean_box_area(const std::vector<Box>& boxes) {
   int64_t area = 0;
   for (const Box& b : boxes) area += b.h * b.w;
@@ -145,7 +125,6 @@ at::Tensor scale_regions_cpu(const at::Tensor& features_in, const at::Tensor& bo
   const int64_t N = static_cast<int64_t>(bx.size());
   at::Tensor out = ck::new_output({N, C, Sh, Sw}, features.options());
   if (out.numel() == 0) return out;
-  advise_huge_pages(out);
 
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "scale_regions_cpu", [&] {
     using T = scalar_t;
@@ -211,7 +190,6 @@ std::tuple<at::Tensor, at::Tensor> scale_regions_backward_cpu(const at::Tensor& 
   const int64_t Sh = grad.size(2), Sw = grad.size(3);
   at::Tensor grad_features = ck::new_output({B, C, H, W}, features.options());
   at::Tensor grad_scale = ck::new_output({N}, scale.options());
-  advise_huge_pages(grad_features);
 
   // The boxes of each image in index order (a stable counting sort): the fixed order in which the task of
   // (image, channel) accumulates them.
