@@ -134,5 +134,12 @@ def test_compositions_agree():
             loss = step()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     assert torch.allclose(results[0][0], results[1][0], rtol=1e-5)
-    for g0, g1 in zip(results[0][1], results[1][1]):
-        assert torch.allclose(g0, g1, rtol=1e-4, atol=1e-6)
+    # Norm-wise, against the whole gradient's scale: the two compositions sum in different orders, and
+    # some gradients are round-off by nature (a conv bias feeding BatchNorm has a true gradient of 0),
+    # so an elementwise tolerance would compare noise with noise.
+    g0 = torch.cat([g.reshape(-1) for g in results[0][1]])
+    g1 = torch.cat([g.reshape(-1) for g in results[1][1]])
+    assert (g0 - g1).norm() <= 1e-5 * g1.norm()
+    scale = g1.abs().max()
+    for a, b in zip(results[0][1], results[1][1]):
+        assert (a - b).abs().max() <= 1e-5 * scale
