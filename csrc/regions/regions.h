@@ -35,15 +35,10 @@ struct AxisSample {
   T dsrc_dr;  // 0 where src is clamped
 };
 
-// scale_regions: src = (d + 0.5) / r - 0.5 over a region of n pixels. `inv_r` is 1/r rounded to T, as
-// PyTorch's upsample kernels round their scale, so that the valid part matches F.interpolate bit for bit
-// on the CPU in float64.
+// The two neighbours and weight of a source coordinate, clamped as F.interpolate clamps: below 0 to 0 and
+// at or past the last sample to it, where the derivative dsrc (d src / d r) is 0. Shared by both axis maps.
 template <typename T>
-CK_HOST_DEVICE AxisSample<T> upsample_axis(int64_t d, T inv_r, int64_t n) {
-  const T pos = static_cast<T>(d) + T(0.5);
-  T src = inv_r * pos - T(0.5);
-  // d(src)/d(r) = -(d + 0.5) / r^2 = -(d + 0.5) * inv_r^2
-  T dsrc = -pos * inv_r * inv_r;
+CK_HOST_DEVICE AxisSample<T> clamped_axis_sample(T src, T dsrc, int64_t n) {
   if (src < T(0)) {
     src = T(0);
     dsrc = T(0);
@@ -62,28 +57,25 @@ CK_HOST_DEVICE AxisSample<T> upsample_axis(int64_t d, T inv_r, int64_t n) {
   return s;
 }
 
+// scale_regions: src = (d + 0.5) / r - 0.5 over a region of n pixels. `inv_r` is 1/r rounded to T, as
+// PyTorch's upsample kernels round their scale, so that the valid part matches F.interpolate bit for bit
+// on the CPU in float64.
+template <typename T>
+CK_HOST_DEVICE AxisSample<T> upsample_axis(int64_t d, T inv_r, int64_t n) {
+  const T pos = static_cast<T>(d) + T(0.5);
+  const T src = inv_r * pos - T(0.5);
+  // d(src)/d(r) = -(d + 0.5) / r^2 = -(d + 0.5) * inv_r^2
+  const T dsrc = -pos * inv_r * inv_r;
+  return clamped_axis_sample(src, dsrc, n);
+}
+
 // unscale_regions: src = (d + 0.5) * r - 0.5 over the valid part of n samples of the prediction canvas.
 template <typename T>
 CK_HOST_DEVICE AxisSample<T> downsample_axis(int64_t d, T r, int64_t n) {
   const T pos = static_cast<T>(d) + T(0.5);
-  T src = r * pos - T(0.5);
-  T dsrc = pos;
-  if (src < T(0)) {
-    src = T(0);
-    dsrc = T(0);
-  }
-  AxisSample<T> s;
-  s.i0 = static_cast<int64_t>(src);
-  if (s.i0 >= n - 1) {
-    s.i0 = s.i1 = n - 1;
-    s.l = T(0);
-    s.dsrc_dr = T(0);
-    return s;
-  }
-  s.i1 = s.i0 + 1;
-  s.l = src - static_cast<T>(s.i0);
-  s.dsrc_dr = dsrc;
-  return s;
+  const T src = r * pos - T(0.5);
+  const T dsrc = pos;
+  return clamped_axis_sample(src, dsrc, n);
 }
 
 // The bilinear sample of the 2x2 neighbourhood (v00 at (y.i0, x.i0), v01 at (y.i0, x.i1), ...).
