@@ -57,6 +57,18 @@ def _pair_mask(S: int, T: int, device) -> torch.Tensor:
     return (gap > 0) & (gap % T == 0)
 
 
+def _check_options(num_hard, num_sublists, pairs, edge, reduction) -> None:
+    """The checks shared by `relative_local_count_loss` and `RelativeLocalCountLoss` (which checks at
+    construction, so a bad option fails where it is written, not at the first forward)."""
+    check_positive_int(num_hard, "num_hard")
+    check_positive_int(num_sublists, "num_sublists")
+    if pairs not in PAIRS:
+        raise ValueError(f"pairs must be one of {PAIRS}, got {pairs!r}")
+    if edge not in EDGES:
+        raise ValueError(f"edge must be one of {EDGES}, got {edge!r}")
+    check_reduction(reduction)
+
+
 def relative_local_count_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -106,13 +118,7 @@ def relative_local_count_loss(
         loss = F.mse_loss(density, gt, reduction="sum") + relative_local_count_loss(density, gt)
         loss.backward()
     """
-    check_positive_int(num_hard, "num_hard")
-    check_positive_int(num_sublists, "num_sublists")
-    if pairs not in PAIRS:
-        raise ValueError(f"pairs must be one of {PAIRS}, got {pairs!r}")
-    if edge not in EDGES:
-        raise ValueError(f"edge must be one of {EDGES}, got {edge!r}")
-    check_reduction(reduction)
+    _check_options(num_hard, num_sublists, pairs, edge, reduction)
     pred_counts, target_counts, sq_error = local_counts(pred, target, region, edge=edge)
     order = hard_region_ranking(target_counts, sq_error, num_hard)
     x = pred_counts.gather(1, order)  # [B, S], L_X in ranking order
@@ -142,13 +148,7 @@ class RelativeLocalCountLoss(nn.Module):
     def __init__(self, region: Region = 0.125, num_hard: int = 9, num_sublists: int = 3,
                  pairs: str = "adjacent", edge: str = "keep", reduction: str = "mean"):
         super().__init__()
-        check_positive_int(num_hard, "num_hard")
-        check_positive_int(num_sublists, "num_sublists")
-        if pairs not in PAIRS:
-            raise ValueError(f"pairs must be one of {PAIRS}, got {pairs!r}")
-        if edge not in EDGES:
-            raise ValueError(f"edge must be one of {EDGES}, got {edge!r}")
-        check_reduction(reduction)
+        _check_options(num_hard, num_sublists, pairs, edge, reduction)
         self.region, self.num_hard, self.num_sublists = region, num_hard, num_sublists
         self.pairs, self.edge, self.reduction = pairs, edge, reduction
 
