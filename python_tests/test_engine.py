@@ -213,12 +213,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str):
+def _join_gloo_group(rank: int, world: int, port: int):
+    """This spawned process joins a CPU (gloo) group of `world` processes on loopback, as torchrun would."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from crowdkernels.engine import distributed
 
     assert distributed.init_from_env("cpu")
+    return distributed
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str):
+    distributed = _join_gloo_group(rank, world, port)
     try:
         cfg = tiny_config(out, epochs=1, batch_size=2, shuffle=False, flip=False, crop=None, val_every=1,
                           synthetic={"train": 8, "val": 3, "size": 32})
@@ -264,12 +270,9 @@ class _FailSome(torch.utils.data.Dataset):
 
 
 def _ddp_worker_broken_batch(rank: int, world: int, port: int, out: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    from crowdkernels.engine import distributed
     from crowdkernels.engine.train import build_datasets
 
-    assert distributed.init_from_env("cpu")
+    distributed = _join_gloo_group(rank, world, port)
     try:
         cfg = tiny_config(out, epochs=1, batch_size=2, shuffle=False, flip=False, crop=None, val_every=1,
                           synthetic={"train": 8, "val": 3, "size": 32})
