@@ -23,6 +23,14 @@ TORCH_LIBRARY(crowdkernels, m) {
   // points[offsets[b]:offsets[b+1]]). Returns [T] float64: beta * mean distance to the k nearest
   // others of the same image (fewer when the image has <= k points), `lone` where it has no other point.
   m.def("knn_sigma(Tensor points, Tensor offsets, int k, float beta, float lone) -> Tensor");
+  // The point set a style splats: style 0 (exact) keeps the in-image points (0 <= x < width,
+  // 0 <= y < height) in order; style 1 (csrnet) also moves each to its pixel (floor) and keeps the first
+  // of the points sharing a pixel, listed row-major per image (np.nonzero's order, as the classic recipe
+  // rasterizes); style 2 (matlab) keeps every point. Returns (points [T', 2] in points' dtype,
+  // offsets [B + 1], index [T'] int64: the input row of each kept point, to gather per-point sigmas).
+  m.def(
+      "density_prepare(Tensor points, Tensor offsets, int height, int width, int style) -> "
+      "(Tensor, Tensor, Tensor)");
   // Splats one Gaussian per point. style: 0 exact (renormalized in-image window), 1 csrnet (scipy
   // gaussian_filter, mode='constant'), 2 matlab (fspecial kernel_size window). Returns [B, ceil(H/s),
   // ceil(W/s)] in points' dtype.

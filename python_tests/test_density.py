@@ -377,12 +377,54 @@ def test_cuda_matches_cpu_and_deterministic_mode_is_bit_reproducible(style):
     torch.testing.assert_close(a.cpu(), cpu.float(), rtol=0, atol=1e-5)
 
 
+# ------------------------------------------------------------------------------ density_prepare
+def _prepare_inputs(seed, dtype):
+    """Three images' points with duplicates (same pixel, and exactly coincident), points on and past the
+    borders, and an empty image."""
+    size = (23, 31)
+    parts = []
+    for j, n in enumerate((60, 0, 45)):
+        p = _random_points(n, size, seed=seed + j, outside=7 if n else 0)
+        if n:
+            p[:5] = p[5]  # coincident
+            p[10:14] = torch.floor(p[14]) + torch.rand(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))  # same pixel
+            p[20] = torch.tensor([0.0, 0.0], dtype=torch.float64)
+            p[21] = torch.tensor([size[1] - 1e-3, size[0] - 1e-3], dtype=torch.float64)
+            p[22] = torch.tensor([float(size[1]), 3.0], dtype=torch.float64)  # x == W: outside
+        parts.append(p)
+    offsets = torch.tensor([0] + np.cumsum([len(p) for p in parts]).tolist())
+    return torch.cat(parts).to(dtype), offsets, size
+
+
+@pytest.mark.skipif(not _ext.compiled(), reason="crowdkernels._C is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("style", STYLES)
+def test_prepare_matches_reference_and_vectorized(style, dtype):
+    from crowdkernels.ops import density as D
+
+    code = STYLES.index(style)
+    for seed in (1, 2, 3):
+        pts, offsets, (H, W) = _prepare_inputs(seed, dtype)
+        want = R.density_prepare_reference(pts, offsets, H, W, code)
+        with _ext.poisoned_outputs():
+            got = torch.ops.crowdkernels.density_prepare(pts, offsets, H, W, code)
+        vec = D._prepare_vectorized(pts, offsets, H, W, style)
+        for g, v, w in zip(got, vec, want):
+            assert g.dtype == w.dtype and torch.equal(g, w)
+            assert v.dtype == w.dtype and torch.equal(v, w)
+        if style == "csrnet":  # at most one point per pixel per image, all integral
+            assert torch.equal(got[0], torch.floor(got[0])) and len(got[0]) < len(pts) - 10
+
+
 # ------------------------------------------------------------------------------ registration
 @pytest.mark.skipif(not _ext.compiled(), reason="crowdkernels._C is not built")
 def test_opcheck(device):
     pts = _random_points(40, (20, 30), seed=1).to(device)
     offsets = torch.tensor([0, 25, 25, 40], device=device)
     torch.library.opcheck(torch.ops.crowdkernels.knn_sigma.default, (pts, offsets, 3, 0.3, 1.5))
+    if device == "cpu":  # density_prepare has a C++ CPU kernel; other devices run tensor ops
+        for style in (0, 1, 2):
+            torch.library.opcheck(torch.ops.crowdkernels.density_prepare.default, (pts * 1.2, offsets, 20, 30, style))
     sig = torch.rand(40, dtype=torch.float64, device=device) + 0.5
     for style in (0, 1, 2):
         torch.library.opcheck(

@@ -126,6 +126,38 @@ def _knn(points: torch.Tensor, offsets: torch.Tensor, k: int, beta: float, lone:
     return torch.cat(parts) if parts else points.new_zeros(0)
 
 
+def _prepare_vectorized(points, offsets, height, width, style):
+    """density_prepare with tensor ops alone (no per-image loop), for devices without a compiled kernel:
+    the same contract as the C++ op and reference.density_prepare_reference."""
+    device = points.device
+    B = offsets.shape[0] - 1
+    batch = torch.repeat_interleave(torch.arange(B, device=device), offsets.diff())
+    index = torch.arange(points.shape[0], device=device)
+    if style != "matlab":
+        keep = (points[:, 0] >= 0) & (points[:, 0] < width) & (points[:, 1] >= 0) & (points[:, 1] < height)
+        index, batch = index[keep], batch[keep]
+    if style == "csrnet" and index.shape[0]:
+        pix = torch.floor(points[index])
+        key = (batch * height + pix[:, 1].long()) * width + pix[:, 0].long()
+        uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)
+        first = torch.full((uniq.shape[0],), points.shape[0], dtype=torch.long, device=device)
+        first.scatter_reduce_(0, inverse, torch.arange(index.shape[0], device=device), reduce="amin")
+        index, batch = index[first], batch[first]
+    out = points[index]
+    if style == "csrnet":
+        out = torch.floor(out)
+    counts = torch.bincount(batch, minlength=B)
+    return out, torch.cat([offsets.new_zeros(1), torch.cumsum(counts, 0)]), index
+
+
+def _prepare(points, offsets, height, width, style):
+    """[T, 2] points of B images -> the (points, offsets, index) that `style` splats; see density_prepare
+    in csrc/crowdkernels.cpp."""
+    if _ext.kernel_for(points.device, "density_prepare") != "reference":
+        return torch.ops.crowdkernels.density_prepare(points, offsets, height, width, _STYLE_CODE[style])
+    return _prepare_vectorized(points, offsets, height, width, style)
+
+
 def _splat(points, offsets, sigma, height, width, style, truncate, kernel_size, stride, deterministic):
     """[T, 2] points (the output dtype) of B images -> [B, ceil(H/s), ceil(W/s)]."""
     if _ext.kernel_for(points.device, "density_splat") != "reference":
@@ -149,6 +181,11 @@ if _ext.compiled():
     @torch.library.register_fake("crowdkernels::knn_sigma")
     def _knn_fake(points, offsets, k, beta, lone):
         return points.new_empty((points.shape[0],), dtype=torch.float64)
+
+    @torch.library.register_fake("crowdkernels::density_prepare")
+    def _prepare_fake(points, offsets, height, width, style):
+        n = torch.library.get_ctx().new_dynamic_size()
+        return points.new_empty((n, 2)), offsets.new_empty(offsets.shape), offsets.new_empty((n,))
 
     @torch.library.register_fake("crowdkernels::density_splat")
     def _splat_fake(points, offsets, sigma, height, width, style, truncate, kernel_size, stride, deterministic):
@@ -256,36 +293,15 @@ def density_maps(
         if B
         else torch.zeros(0, 2, dtype=out_dtype, device=device)
     )
-    # Image b owns pts[offsets[b]:offsets[b+1]]; known on the host from the list, no device work needed
-    # unless points are dropped or merged below.
+    # Image b owns pts[offsets[b]:offsets[b+1]]. exact and csrnet then drop (and csrnet merges) points
+    # in one pass of density_prepare: per-image tensor ops here cost more than the kernels on CPU.
     bounds = [0]
     for n in counts:
         bounds.append(bounds[-1] + n)
-    batch = None
+    offsets = torch.tensor(bounds, dtype=torch.int64, device=device)
     if style in ("exact", "csrnet") and pts.shape[0]:
-        # dropped, not clipped: a head outside the image is not in it
-        keep = (pts[:, 0] >= 0) & (pts[:, 0] < W) & (pts[:, 1] >= 0) & (pts[:, 1] < H)
-        if not bool(keep.all()):
-            batch = torch.repeat_interleave(torch.arange(B, device=device), torch.tensor(counts, device=device))
-            pts, batch = pts[keep], batch[keep]
-            sig = sig[keep] if isinstance(sig, torch.Tensor) else sig
-    if style == "csrnet" and pts.shape[0]:
-        # The classic recipe rasterizes heads to pixels (int(y), int(x)): coincident heads collapse into
-        # one (the first keeps its sigma), listed in np.nonzero's row-major order.
-        if batch is None:
-            batch = torch.repeat_interleave(torch.arange(B, device=device), torch.tensor(counts, device=device))
-        pix = torch.floor(pts)
-        key = (batch * H + pix[:, 1].long()) * W + pix[:, 0].long()
-        uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)
-        first = torch.full((uniq.shape[0],), pts.shape[0], dtype=torch.long, device=device)
-        first.scatter_reduce_(0, inverse, torch.arange(pts.shape[0], device=device), reduce="amin")
-        pts, batch = pix[first], batch[first]
-        sig = sig[first] if isinstance(sig, torch.Tensor) else sig
-    if batch is None:
-        offsets = torch.tensor(bounds, dtype=torch.int64, device=device)
-    else:
-        offsets = torch.zeros(B + 1, dtype=torch.int64, device=device)
-        offsets[1:] = torch.cumsum(torch.bincount(batch, minlength=B), 0)
+        pts, offsets, index = _prepare(pts, offsets, H, W, style)
+        sig = sig[index] if isinstance(sig, torch.Tensor) else sig
     pts = pts.contiguous()
 
     if sig is None:

@@ -91,6 +91,36 @@ def sum_pool_reference(density: torch.Tensor, stride: int) -> torch.Tensor:
     return padded.reshape(*density.shape[:-2], Hs, stride, Ws, stride).sum(dim=(-3, -1))
 
 
+def density_prepare_reference(points: torch.Tensor, offsets: torch.Tensor, height: int, width: int, style: int):
+    """The point set each style splats (DESIGN.md "Density maps"), image by image.
+
+    points: [T, 2] (x, y) of B images, offsets: [B + 1]. style 0 (exact): the in-image points, in order
+    (a head outside the image is not in it); 1 (csrnet): those moved to their pixel (floor), the first of
+    the points sharing a pixel kept, row-major per image as the classic recipe's np.nonzero lists them;
+    2 (matlab): every point. Returns (points [T', 2], offsets [B + 1], index [T']: kept input rows).
+    """
+    bounds = offsets.tolist()
+    rows, out_off = [], [0]
+    for b in range(len(bounds) - 1):
+        kept = []
+        for i in range(bounds[b], bounds[b + 1]):
+            x, y = float(points[i, 0]), float(points[i, 1])
+            if style == 2 or (0 <= x < width and 0 <= y < height):
+                kept.append(i)
+        if style == 1:
+            first = {}
+            for i in kept:
+                first.setdefault(math.floor(float(points[i, 1])) * width + math.floor(float(points[i, 0])), i)
+            kept = [first[key] for key in sorted(first)]
+        rows += kept
+        out_off.append(len(rows))
+    index = torch.tensor(rows, dtype=torch.int64, device=points.device)
+    kept_pts = points[index]
+    if style == 1:
+        kept_pts = torch.floor(kept_pts)
+    return kept_pts, torch.tensor(out_off, dtype=torch.int64, device=points.device), index
+
+
 def density_map_reference(points, size, *, sigma="adaptive", k=3, beta=0.3, truncate=4.0, style="exact",
                           kernel_size=15, stride=1) -> torch.Tensor:
     """The density map of one image, from the definitions in DESIGN.md, as float64 [ceil(H/s), ceil(W/s)].

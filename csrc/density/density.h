@@ -210,8 +210,10 @@ CK_HOST_DEVICE double gauss_run(double c, int64_t lo, int64_t hi, double a, doub
   return sum;
 }
 
+// With defer_exact_norm, style exact leaves scale unset (NaN): a caller that computes the two weight runs
+// anyway sets scale = 1 / (sum_y * sum_x) from their sums, the same gauss_run values, so the same bits.
 CK_HOST_DEVICE Window make_window(int64_t style, double x, double y, double sigma, int64_t H, int64_t W,
-                                  double truncate, int64_t kernel_size) {
+                                  double truncate, int64_t kernel_size, bool defer_exact_norm = false) {
   Window w;
   w.a = sigma > 0 ? 0.5 / (sigma * sigma) : INFINITY;
   w.thresh = -1.0;
@@ -268,7 +270,9 @@ CK_HOST_DEVICE Window make_window(int64_t style, double x, double y, double sigm
   w.x1 = min_i64(px + r, W - 1);
   if (style == kExact) {
     // renormalized over the in-image part: every in-image point contributes exactly 1
-    w.scale = 1.0 / (gauss_run(w.cy, w.y0, w.y1, w.a, nullptr) * gauss_run(w.cx, w.x0, w.x1, w.a, nullptr));
+    w.scale = defer_exact_norm
+                  ? NAN
+                  : 1.0 / (gauss_run(w.cy, w.y0, w.y1, w.a, nullptr) * gauss_run(w.cx, w.x0, w.x1, w.a, nullptr));
   } else {
     // scipy: 1-D weights normalized over the full window [-R, R] (R unclipped), so with mode='constant'
     // the mass past the border is lost

@@ -4,8 +4,13 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
+#include <tuple>
+#include <utility>
 #include <vector>
 
+#include "common/parallel.h"
+#include "common/simd.h"
 #include "density/density.h"
 
 namespace ck {
@@ -73,12 +78,82 @@ at::Tensor knn_sigma_cpu(const at::Tensor& points_in, const at::Tensor& offsets_
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> density_prepare_cpu(const at::Tensor& points_in,
+                                                                    const at::Tensor& offsets_in, int64_t height,
+                                                                    int64_t width, int64_t style) {
+  check_points_offsets(points_in, offsets_in);
+  CK_CHECK_FLOATING(points_in);
+  TORCH_CHECK(height >= 1 && width >= 1, "height and width must be >= 1, got ", height, " x ", width);
+  TORCH_CHECK(style >= kExact && style <= kMatlab, "style must be 0, 1 or 2, got ", style);
+  const at::Tensor points = points_in.to(at::kDouble).contiguous();
+  const at::Tensor offsets = offsets_in.contiguous();
+  const int64_t T = points.size(0), B = offsets.numel() - 1;
+  const double* pts = points.data_ptr<double>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  check_offsets(off, B, T);
+
+  // per image, the kept input rows in output order
+  std::vector<std::vector<int64_t>> kept(B);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<std::pair<int64_t, int64_t>> keyed;  // (pixel key, input row)
+    for (int64_t b = b0; b < b1; ++b) {
+      std::vector<int64_t>& rows = kept[b];
+      rows.reserve(off[b + 1] - off[b]);
+      for (int64_t i = off[b]; i < off[b + 1]; ++i) {
+        const double x = pts[2 * i], y = pts[2 * i + 1];
+        if (style == kMatlab || (x >= 0 && x < (double)width && y >= 0 && y < (double)height)) rows.push_back(i);
+      }
+      if (style != kCsrnet) continue;
+      keyed.clear();
+      for (int64_t i : rows)
+        keyed.emplace_back((int64_t)floor(pts[2 * i + 1]) * width + (int64_t)floor(pts[2 * i]), i);
+      std::sort(keyed.begin(), keyed.end());  // by pixel, then by input row: the first one comes first
+      rows.clear();
+      for (size_t j = 0; j < keyed.size(); ++j)
+        if (j == 0 || keyed[j].first != keyed[j - 1].first) rows.push_back(keyed[j].second);
+    }
+  });
+
+  at::Tensor out_off = ck::new_output({B + 1}, offsets.options());
+  int64_t* o = out_off.data_ptr<int64_t>();
+  o[0] = 0;
+  for (int64_t b = 0; b < B; ++b) o[b + 1] = o[b] + (int64_t)kept[b].size();
+  const int64_t Tk = o[B];
+  at::Tensor index = ck::new_output({Tk}, offsets.options());
+  at::Tensor out = ck::new_output({Tk, 2}, points.options());
+  int64_t* idx = index.data_ptr<int64_t>();
+  double* q = out.data_ptr<double>();
+  for (int64_t b = 0; b < B; ++b) {
+    for (size_t j = 0; j < kept[b].size(); ++j) {
+      const int64_t i = kept[b][j], r = o[b] + (int64_t)j;
+      idx[r] = i;
+      q[2 * r] = style == kCsrnet ? floor(pts[2 * i]) : pts[2 * i];
+      q[2 * r + 1] = style == kCsrnet ? floor(pts[2 * i + 1]) : pts[2 * i + 1];
+    }
+  }
+  return std::make_tuple(out.to(points_in.scalar_type()), out_off, index);
+}
+
 namespace {
 
 // Accumulates one band of output rows, [row0, row1) at full resolution, from the points listed for it,
-// in list order. This is the hot loop. It is compiled twice through target_clones (baseline x86-64 and
-// AVX2+FMA, picked at load time), so the wheel stays portable like torch's own, and the row loop inlines
-// inside each clone instead of paying an indirect call per row.
+// in list order. This is the hot loop. It is compiled twice by function multiversioning (baseline x86-64,
+// and AVX2+FMA; see CK_TARGET_AVX2), so the wheel stays portable like torch's own, and the row loop
+// inlines inside each version instead of paying an indirect call per row.
+// 32 bytes of float32 or float64 lanes: one AVX2 register, two SSE2 ones in the baseline build.
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(32)));
+  static constexpr int64_t lanes = 8;
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(32)));
+  static constexpr int64_t lanes = 4;
+};
+
 template <typename acc_t>
 __attribute__((always_inline)) inline void band_impl(const Window* __restrict__ win, const acc_t* __restrict__ wy,
                                                      const int64_t* __restrict__ wy_off, const acc_t* __restrict__ wx,
@@ -88,20 +163,44 @@ __attribute__((always_inline)) inline void band_impl(const Window* __restrict__ 
   for (int64_t s = 0; s < nlist; ++s) {
     const int64_t i = list[s];
     const Window& w = win[i];
-    const acc_t* gy = wy + wy_off[i] - w.y0;
-    const acc_t* gx = wx + wx_off[i] - w.x0;
     const int64_t ra = std::max(w.y0, row0), rb = std::min(w.y1, row1 - 1);
-    for (int64_t r = ra; r <= rb; ++r) {
-      acc_t* __restrict__ dst = acc + (r / stride - orow0) * Ws;
-      if (thresholded[i]) {
-        // rare (matlab windows wide against sigma): fspecial's threshold, exactly, in float64
+    if (thresholded[i]) {
+      // rare (matlab windows wide against sigma): fspecial's threshold, exactly, in float64
+      for (int64_t r = ra; r <= rb; ++r) {
+        acc_t* __restrict__ dst = acc + (r / stride - orow0) * Ws;
         const double g_r = gauss((double)r - w.cy, w.a);
         for (int64_t c = w.x0; c <= w.x1; ++c)
           dst[c / stride] += static_cast<acc_t>(pixel_weight(w, g_r, gauss((double)c - w.cx, w.a)));
-      } else if (stride == 1) {
+      }
+      continue;
+    }
+    const acc_t* gy = wy + wy_off[i] - w.y0;
+    const acc_t* gx = wx + wx_off[i] - w.x0;
+    if (stride == 1) {
+      // The common case, kept free of integer divisions (one per row cost as much as the row's FMAs), in
+      // whole 32-byte vectors: each window's x-weights are zero-padded to a whole number of vectors, so
+      // the row needs no scalar tail unless the padding would pass the end of the output row (adding
+      // 0 * f changes no element: the band starts at +0 and weights are finite).
+      using V = typename Vec<acc_t>::type;
+      constexpr int64_t L = Vec<acc_t>::lanes;
+      const int64_t n = w.x1 - w.x0 + 1;
+      const int64_t nv = w.x0 + (n + L - 1) / L * L <= Ws ? (n + L - 1) / L : n / L;
+      const acc_t* __restrict__ src = gx + w.x0;
+      acc_t* __restrict__ dst = acc + (ra - orow0) * Ws + w.x0;
+      for (int64_t r = ra; r <= rb; ++r, dst += Ws) {
         const acc_t f = gy[r];
-        for (int64_t c = w.x0; c <= w.x1; ++c) dst[c] += f * gx[c];
-      } else {
+        for (int64_t v = 0; v < nv; ++v) {
+          V d, x;
+          std::memcpy(&d, dst + v * L, sizeof(V));
+          std::memcpy(&x, src + v * L, sizeof(V));
+          d += f * x;
+          std::memcpy(dst + v * L, &d, sizeof(V));
+        }
+        for (int64_t c = nv * L; c < n; ++c) dst[c] += f * src[c];
+      }
+    } else {
+      for (int64_t r = ra; r <= rb; ++r) {
+        acc_t* __restrict__ dst = acc + (r / stride - orow0) * Ws;
         const acc_t f = gy[r];
         for (int64_t c = w.x0; c <= w.x1; ++c) dst[c / stride] += f * gx[c];
       }
@@ -109,21 +208,17 @@ __attribute__((always_inline)) inline void band_impl(const Window* __restrict__ 
   }
 }
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define CK_MULTIVERSION __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define CK_MULTIVERSION
-#endif
 #define CK_BAND_ARGS(T)                                                                                          \
   const Window *win, const T *wy, const int64_t *wy_off, const T *wx, const int64_t *wx_off, const char *thr,  \
       const int64_t *list, int64_t nlist, int64_t row0, int64_t row1, int64_t orow0, int64_t stride, int64_t Ws, \
       T *acc
-CK_MULTIVERSION void accumulate_band(CK_BAND_ARGS(float)) {
-  band_impl<float>(win, wy, wy_off, wx, wx_off, thr, list, nlist, row0, row1, orow0, stride, Ws, acc);
-}
-CK_MULTIVERSION void accumulate_band(CK_BAND_ARGS(double)) {
-  band_impl<double>(win, wy, wy_off, wx, wx_off, thr, list, nlist, row0, row1, orow0, stride, Ws, acc);
-}
+#define CK_BAND_CALL(T) band_impl<T>(win, wy, wy_off, wx, wx_off, thr, list, nlist, row0, row1, orow0, stride, Ws, acc)
+#if CK_HAS_FMV
+CK_TARGET_AVX2 void accumulate_band(CK_BAND_ARGS(float)) { CK_BAND_CALL(float); }
+CK_TARGET_AVX2 void accumulate_band(CK_BAND_ARGS(double)) { CK_BAND_CALL(double); }
+#endif
+CK_TARGET_DEFAULT void accumulate_band(CK_BAND_ARGS(float)) { CK_BAND_CALL(float); }
+CK_TARGET_DEFAULT void accumulate_band(CK_BAND_ARGS(double)) { CK_BAND_CALL(double); }
 
 // Accumulates in the output's precision: float32 maps in float32 (twice the SIMD lanes, and what the
 // classic script does), float64 maps in float64. Window normalization is always computed in float64.
@@ -136,12 +231,15 @@ void splat_cpu_impl(const double* pts, const int64_t* off, const double* sigma, 
   std::vector<Window> win(T);
   at::parallel_for(0, T, 512, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i)
-      win[i] = make_window(style, pts[2 * i], pts[2 * i + 1], sigma[i], H, W, truncate, kernel_size);
+      win[i] = make_window(style, pts[2 * i], pts[2 * i + 1], sigma[i], H, W, truncate, kernel_size,
+                           /*defer_exact_norm=*/true);
   });
   std::vector<int64_t> wy_off(T + 1, 0), wx_off(T + 1, 0);
   for (int64_t i = 0; i < T; ++i) {
     wy_off[i + 1] = wy_off[i] + std::max<int64_t>(win[i].y1 - win[i].y0 + 1, 0);
-    wx_off[i + 1] = wx_off[i] + std::max<int64_t>(win[i].x1 - win[i].x0 + 1, 0);
+    // zero-padded to whole vectors (see band_impl)
+    const int64_t nx = std::max<int64_t>(win[i].x1 - win[i].x0 + 1, 0), L = Vec<scalar_t>::lanes;
+    wx_off[i + 1] = wx_off[i] + (nx + L - 1) / L * L;
   }
   using acc_t = scalar_t;
   std::vector<acc_t> wy(wy_off[T]), wx(wx_off[T]);
@@ -153,8 +251,10 @@ void splat_cpu_impl(const double* pts, const int64_t* off, const double* sigma, 
       // the 1-D factors by the same recurrence as the normalization, the scale folded into the rows
       gyd.resize(std::max<int64_t>(w.y1 - w.y0 + 1, 0));
       gxd.resize(std::max<int64_t>(w.x1 - w.x0 + 1, 0));
-      gauss_run(w.cy, w.y0, w.y1, w.a, gyd.data());
-      gauss_run(w.cx, w.x0, w.x1, w.a, gxd.data());
+      const double sy = gauss_run(w.cy, w.y0, w.y1, w.a, gyd.data());
+      const double sx = gauss_run(w.cx, w.x0, w.x1, w.a, gxd.data());
+      // deferred above: the same runs, the same bits (an out-of-image point keeps its empty window, scale 0)
+      if (style == kExact && w.y0 <= w.y1 && w.x0 <= w.x1) win[i].scale = 1.0 / (sy * sx);
       double gy_min = INFINITY, gx_min = INFINITY;
       for (size_t r = 0; r < gyd.size(); ++r) {
         wy[wy_off[i] + r] = static_cast<acc_t>(w.scale * gyd[r]);
@@ -197,20 +297,17 @@ void splat_cpu_impl(const double* pts, const int64_t* off, const double* sigma, 
     }
   }
 
-  // 3. every band accumulated in float64 by one task, then written out whole (every element written)
-  at::parallel_for(0, B * bands, 8, [&](int64_t t0, int64_t t1) {
-    std::vector<acc_t> acc(kBandRows * Ws);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / bands, band = t % bands;
-      const int64_t orow0 = band * kBandRows, orow1 = std::min(orow0 + kBandRows, Hs);  // output rows
-      const int64_t row0 = orow0 * stride, row1 = std::min(orow1 * stride, H);            // full-res rows
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      accumulate_band(win.data(), wy.data(), wy_off.data(), wx.data(), wx_off.data(), thresholded.data(),
-                      band_points.data() + band_start[t], band_start[t + 1] - band_start[t], row0, row1, orow0,
-                      stride, Ws, acc.data());
-      scalar_t* o = out + (b * Hs + orow0) * Ws;
-      std::copy(acc.begin(), acc.begin() + (orow1 - orow0) * Ws, o);
-    }
+  // 3. every band zeroed and accumulated in place by one task (every element written), in the output's
+  // precision; a band stays in L1/L2 while its points are added
+  ck::parallel_dynamic(B * bands, [&](int64_t t) {
+    const int64_t b = t / bands, band = t % bands;
+    const int64_t orow0 = band * kBandRows, orow1 = std::min(orow0 + kBandRows, Hs);  // output rows
+    const int64_t row0 = orow0 * stride, row1 = std::min(orow1 * stride, H);            // full-res rows
+    scalar_t* o = out + (b * Hs + orow0) * Ws;
+    std::fill(o, o + (orow1 - orow0) * Ws, scalar_t(0));
+    accumulate_band(win.data(), wy.data(), wy_off.data(), wx.data(), wx_off.data(), thresholded.data(),
+                    band_points.data() + band_start[t], band_start[t + 1] - band_start[t], row0, row1, orow0,
+                    stride, Ws, o);
   });
 }
 
@@ -242,4 +339,5 @@ at::Tensor density_splat_cpu(const at::Tensor& points_in, const at::Tensor& offs
 TORCH_LIBRARY_IMPL(crowdkernels, CPU, m) {
   m.impl("knn_sigma", &ck::density::knn_sigma_cpu);
   m.impl("density_splat", &ck::density::density_splat_cpu);
+  m.impl("density_prepare", &ck::density::density_prepare_cpu);
 }
