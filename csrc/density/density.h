@@ -210,10 +210,13 @@ CK_HOST_DEVICE double gauss_run(double c, int64_t lo, int64_t hi, double a, doub
   return sum;
 }
 
-// With defer_exact_norm, style exact leaves scale unset (NaN): a caller that computes the two weight runs
-// anyway sets scale = 1 / (sum_y * sum_x) from their sums, the same gauss_run values, so the same bits.
+// scipy.ndimage.gaussian_filter's radius, int(truncate * sigma + 0.5), as a double (it can be huge).
+CK_HOST_DEVICE double window_radius(double sigma, double truncate) { return floor(truncate * sigma + 0.5); }
+
+// With defer_norm, styles exact and csrnet leave scale unset (NaN) for a caller that tabulates the
+// Gaussian anyway and normalizes from its table (the CPU kernel); matlab always sets it.
 CK_HOST_DEVICE Window make_window(int64_t style, double x, double y, double sigma, int64_t H, int64_t W,
-                                  double truncate, int64_t kernel_size, bool defer_exact_norm = false) {
+                                  double truncate, int64_t kernel_size, bool defer_norm = false) {
   Window w;
   w.a = sigma > 0 ? 0.5 / (sigma * sigma) : INFINITY;
   w.thresh = -1.0;
@@ -254,7 +257,7 @@ CK_HOST_DEVICE Window make_window(int64_t style, double x, double y, double sigm
   const int64_t py = (int64_t)floor(y), px = (int64_t)floor(x);
   w.cy = (double)py;
   w.cx = (double)px;
-  const double rr = floor(truncate * sigma + 0.5);
+  const double rr = window_radius(sigma, truncate);
   const int64_t r = (int64_t)fmin(rr, (double)(H + W));  // beyond the image the window is clipped anyway
   if (py < 0 || py >= H || px < 0 || px >= W) {  // not in the image: contributes nothing
     w.y0 = 0;
@@ -270,15 +273,19 @@ CK_HOST_DEVICE Window make_window(int64_t style, double x, double y, double sigm
   w.x1 = min_i64(px + r, W - 1);
   if (style == kExact) {
     // renormalized over the in-image part: every in-image point contributes exactly 1
-    w.scale = defer_exact_norm
+    w.scale = defer_norm
                   ? NAN
                   : 1.0 / (gauss_run(w.cy, w.y0, w.y1, w.a, nullptr) * gauss_run(w.cx, w.x0, w.x1, w.a, nullptr));
   } else {
     // scipy: 1-D weights normalized over the full window [-R, R] (R unclipped), so with mode='constant'
     // the mass past the border is lost
-    const int64_t R = (int64_t)rr;
-    const double n = 2.0 * gauss_run(0.0, 0, R, w.a, nullptr) - 1.0;  // sum over [-R, R]
-    w.scale = 1.0 / (n * n);
+    if (defer_norm) {
+      w.scale = NAN;
+    } else {
+      const int64_t R = (int64_t)rr;
+      const double n = 2.0 * gauss_run(0.0, 0, R, w.a, nullptr) - 1.0;  // sum over [-R, R]
+      w.scale = 1.0 / (n * n);
+    }
   }
   return w;
 }

@@ -229,10 +229,10 @@ void splat_cpu_impl(const double* pts, const int64_t* off, const double* sigma, 
 
   // 1. each point's window and its two 1-D weight vectors (scale folded into the row weights)
   std::vector<Window> win(T);
-  at::parallel_for(0, T, 512, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, T, 256, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i)
       win[i] = make_window(style, pts[2 * i], pts[2 * i + 1], sigma[i], H, W, truncate, kernel_size,
-                           /*defer_exact_norm=*/true);
+                           /*defer_norm=*/true);
   });
   std::vector<int64_t> wy_off(T + 1, 0), wx_off(T + 1, 0);
   for (int64_t i = 0; i < T; ++i) {
@@ -244,24 +244,46 @@ void splat_cpu_impl(const double* pts, const int64_t* off, const double* sigma, 
   using acc_t = scalar_t;
   std::vector<acc_t> wy(wy_off[T]), wx(wx_off[T]);
   std::vector<char> thresholded(T, 0);
-  at::parallel_for(0, T, 512, [&](int64_t i0, int64_t i1) {
-    std::vector<double> gyd, gxd;
+  at::parallel_for(0, T, 256, [&](int64_t i0, int64_t i1) {
+    std::vector<double> gyd, gxd, table;
     for (int64_t i = i0; i < i1; ++i) {
-      const Window& w = win[i];
-      // the 1-D factors by the same recurrence as the normalization, the scale folded into the rows
-      gyd.resize(std::max<int64_t>(w.y1 - w.y0 + 1, 0));
-      gxd.resize(std::max<int64_t>(w.x1 - w.x0 + 1, 0));
-      const double sy = gauss_run(w.cy, w.y0, w.y1, w.a, gyd.data());
-      const double sx = gauss_run(w.cx, w.x0, w.x1, w.a, gxd.data());
-      // deferred above: the same runs, the same bits (an out-of-image point keeps its empty window, scale 0)
-      if (style == kExact && w.y0 <= w.y1 && w.x0 <= w.x1) win[i].scale = 1.0 / (sy * sx);
+      Window& w = win[i];
+      if (w.y0 > w.y1 || w.x0 > w.x1) continue;  // an out-of-image point: no weights
+      acc_t* gy = wy.data() + wy_off[i];
+      acc_t* gx = wx.data() + wx_off[i];
+      if (style != kMatlab) {
+        // Integral centres: both axes read one table g(d) = exp(-a d^2), d = 0..R, one recurrence per
+        // point instead of one per axis (the chained multiplies of gauss_run bound this phase).
+        const double rr = window_radius(sigma[i], truncate);
+        const int64_t R = (int64_t)std::fmin(rr, (double)(H + W));  // as make_window clips the window
+        table.resize(R + 1);
+        const double tsum = gauss_run(0.0, 0, R, w.a, table.data());
+        const int64_t cy = (int64_t)w.cy, cx = (int64_t)w.cx;
+        if (style == kExact) {  // renormalized over the in-image part of the window
+          double sy = 0.0, sx = 0.0;
+          for (int64_t r = w.y0; r <= w.y1; ++r) sy += table[std::abs(r - cy)];
+          for (int64_t c = w.x0; c <= w.x1; ++c) sx += table[std::abs(c - cx)];
+          w.scale = 1.0 / (sy * sx);
+        } else {  // scipy normalizes over the full [-R, R], so mass past the border is lost
+          const double n = (rr <= (double)(H + W) ? 2.0 * tsum : 2.0 * gauss_run(0.0, 0, (int64_t)rr, w.a, nullptr)) - 1.0;
+          w.scale = 1.0 / (n * n);
+        }
+        for (int64_t r = w.y0; r <= w.y1; ++r) gy[r - w.y0] = static_cast<acc_t>(w.scale * table[std::abs(r - cy)]);
+        for (int64_t c = w.x0; c <= w.x1; ++c) gx[c - w.x0] = static_cast<acc_t>(table[std::abs(c - cx)]);
+        continue;
+      }
+      // matlab: centres on half pixels for even (border-clipped) windows, and fspecial's threshold
+      gyd.resize(w.y1 - w.y0 + 1);
+      gxd.resize(w.x1 - w.x0 + 1);
+      gauss_run(w.cy, w.y0, w.y1, w.a, gyd.data());
+      gauss_run(w.cx, w.x0, w.x1, w.a, gxd.data());
       double gy_min = INFINITY, gx_min = INFINITY;
       for (size_t r = 0; r < gyd.size(); ++r) {
-        wy[wy_off[i] + r] = static_cast<acc_t>(w.scale * gyd[r]);
+        gy[r] = static_cast<acc_t>(w.scale * gyd[r]);
         gy_min = std::min(gy_min, gyd[r]);
       }
       for (size_t c = 0; c < gxd.size(); ++c) {
-        wx[wx_off[i] + c] = static_cast<acc_t>(gxd[c]);
+        gx[c] = static_cast<acc_t>(gxd[c]);
         gx_min = std::min(gx_min, gxd[c]);
       }
       thresholded[i] = (w.thresh > 0 && gy_min * gx_min < w.thresh) ? 1 : 0;
