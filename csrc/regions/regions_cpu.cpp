@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/common.h"
+#include "common/simd.h"
 #include "regions/regions.h"
 
 namespace ck {
@@ -110,6 +111,117 @@ void check_features(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 4, name, " must be 4-D, got ", t.dim(), "-D");
 }
 
+// ---------------------------------------------------------------------- scale_regions_backward, per task
+// One (image, channel) task of scale_regions_backward: zero the gradient plane, then add every box of the
+// image, in index order. Per box, with Y [vh x h] and X [vw x w] the two interpolation matrices (two
+// weights a row), the forward is O = Y F X^T, so
+//   dL/dF = Y^T G X            (G: the valid vh x vw part of the incoming gradient), and
+//   dL/dr = sum_ij G_ij (dy_i/dr * dO/dy + dx_j/dr * dO/dx), with, for A = F X^T (rows of F interpolated
+//   along x) and A' = F X'^T (their x differences f[i1] - f[i0]),
+//     dO/dy (i, j) = A[y.i1, j] - A[y.i0, j]  and  dO/dx (i, j) = (1 - ly) A'[y.i0, j] + ly A'[y.i1, j],
+// which is bilinear_dr's sum regrouped by rows. Computed in that separable order, every inner loop runs
+// along a row of vw outputs (vectorizable) except the final scatter along x, done once per source row
+// instead of once per output pixel. The same sums in another order than the CUDA kernel's: the two agree
+// to rounding, and this order is fixed, so the CPU result does not depend on the thread count.
+struct BackwardScratch {
+  std::vector<float> f32[3];
+  std::vector<double> f64[3];
+  template <typename T>
+  std::vector<T>* get();
+};
+template <>
+std::vector<float>* BackwardScratch::get<float>() { return f32; }
+template <>
+std::vector<double>* BackwardScratch::get<double>() { return f64; }
+
+template <typename T>
+__attribute__((always_inline)) inline void scale_backward_task_impl(
+    const T* __restrict__ fimg, const T* __restrict__ g_all, T* __restrict__ gimg, const Box* bx, const int64_t* order,
+    int64_t k0, int64_t k1, const Tables<T>& tab, int64_t c, int64_t C, int64_t H, int64_t W, int64_t Sh, int64_t Sw,
+    double* __restrict__ partial, BackwardScratch& scratch) {
+  std::fill(gimg, gimg + H * W, T(0));
+  std::vector<T>* buf = scratch.get<T>();
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t n = order[k];
+    const Box& box = bx[n];
+    const AxisSample<T>* ys = tab.ys.data() + tab.yoff[n];
+    const AxisSample<T>* xs = tab.xs.data() + tab.xoff[n];
+    const int64_t vh = tab.rows(n), vw = tab.cols(n);
+    if (vh == 0 || vw == 0) {
+      partial[n * C + c] = 0.0;
+      continue;
+    }
+    const T* f = fimg + box.y0 * W + box.x0;
+    T* gf = gimg + box.y0 * W + box.x0;
+    const T* g = g_all + (n * C + c) * Sh * Sw;
+    const int64_t ylo = ys[0].i0, rows = ys[vh - 1].i1 - ylo + 1;  // the source rows read (ys non-decreasing)
+    buf[0].resize(rows * vw);
+    buf[1].resize(rows * vw);
+    buf[2].assign(rows * vw, T(0));
+    T* __restrict__ A = buf[0].data();
+    T* __restrict__ Ad = buf[1].data();
+    T* __restrict__ U = buf[2].data();  // Y^T G, row by source row
+    for (int64_t y = 0; y < rows; ++y) {
+      const T* frow = f + (ylo + y) * W;
+      for (int64_t j = 0; j < vw; ++j) {
+        const AxisSample<T>& x = xs[j];
+        A[y * vw + j] = (T(1) - x.l) * frow[x.i0] + x.l * frow[x.i1];
+        Ad[y * vw + j] = (frow[x.i1] - frow[x.i0]) * x.dsrc_dr;
+      }
+    }
+    double dr = 0.0;
+    for (int64_t i = 0; i < vh; ++i) {
+      const AxisSample<T>& y = ys[i];
+      const T ly = y.l, my = T(1) - ly;
+      const T* __restrict__ grow = g + i * Sw;
+      const T* a0 = A + (y.i0 - ylo) * vw;
+      const T* a1 = A + (y.i1 - ylo) * vw;
+      const T* d0 = Ad + (y.i0 - ylo) * vw;
+      const T* d1 = Ad + (y.i1 - ylo) * vw;
+      T* u0 = U + (y.i0 - ylo) * vw;
+      T* u1 = U + (y.i1 - ylo) * vw;
+      T sy = T(0), sx = T(0);
+      for (int64_t j = 0; j < vw; ++j) {
+        const T gv = grow[j];
+        sy += gv * (a1[j] - a0[j]);
+        sx += gv * (my * d0[j] + ly * d1[j]);
+      }
+      if (u0 == u1) {
+        for (int64_t j = 0; j < vw; ++j) u0[j] += grow[j];  // clamped row: my + ly == 1 on one row
+      } else {
+        for (int64_t j = 0; j < vw; ++j) {
+          u0[j] += my * grow[j];
+          u1[j] += ly * grow[j];
+        }
+      }
+      dr += static_cast<double>(y.dsrc_dr * sy + sx);
+    }
+    for (int64_t y = 0; y < rows; ++y) {  // (Y^T G) X: the scatter along x
+      const T* u = U + y * vw;
+      T* grow = gf + (ylo + y) * W;
+      for (int64_t j = 0; j < vw; ++j) {
+        const AxisSample<T>& x = xs[j];
+        grow[x.i0] += (T(1) - x.l) * u[j];
+        grow[x.i1] += x.l * u[j];
+      }
+    }
+    partial[n * C + c] = dr;
+  }
+}
+
+#define CK_SBT_ARGS(T)                                                                                         \
+  const T *fimg, const T *g_all, T *gimg, const Box *bx, const int64_t *order, int64_t k0, int64_t k1,           \
+      const Tables<T> &tab, int64_t c, int64_t C, int64_t H, int64_t W, int64_t Sh, int64_t Sw, double *partial, \
+      BackwardScratch &scratch
+#define CK_SBT_CALL(T) \
+  scale_backward_task_impl<T>(fimg, g_all, gimg, bx, order, k0, k1, tab, c, C, H, W, Sh, Sw, partial, scratch)
+#if CK_HAS_FMV
+CK_TARGET_AVX2 void scale_backward_task(CK_SBT_ARGS(float)) { CK_SBT_CALL(float); }
+CK_TARGET_AVX2 void scale_backward_task(CK_SBT_ARGS(double)) { CK_SBT_CALL(double); }
+#endif
+CK_TARGET_DEFAULT void scale_backward_task(CK_SBT_ARGS(float)) { CK_SBT_CALL(float); }
+CK_TARGET_DEFAULT void scale_backward_task(CK_SBT_ARGS(double)) { CK_SBT_CALL(double); }
+
 // --------------------------------------------------------------------------------------- scale_regions
 
 at::Tensor scale_regions_cpu(const at::Tensor& features_in, const at::Tensor& boxes_in, const at::Tensor& scale_in,
@@ -140,6 +252,11 @@ at::Tensor scale_regions_cpu(const at::Tensor& features_in, const at::Tensor& bo
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / C, c = t % C;
         const Box& b = bx[n];
+        if (t + 1 < end) {  // the next task's crop, while this one is computed
+          const Box& q = bx[(t + 1) / C];
+          ck::prefetch_block(feat + ((q.b * C + (t + 1) % C) * H + q.y0) * W + q.x0, q.h, W * sizeof(T),
+                             q.w * sizeof(T));
+        }
         const T* f = feat + ((b.b * C + c) * H + b.y0) * W + b.x0;
         T* o = o_all + t * Sh * Sw;
         const AxisSample<T>* ys = tab.ys.data() + tab.yoff[n];
@@ -209,43 +326,18 @@ std::tuple<at::Tensor, at::Tensor> scale_regions_backward_cpu(const at::Tensor& 
     T* gf_all = grad_features.data_ptr<T>();
     std::vector<double> partial(N * C, 0.0);  // d loss / d r of (box, channel)
     at::parallel_for(0, B * C, grain_for(H * W), [&](int64_t begin, int64_t end) {
+      BackwardScratch scratch;
       for (int64_t t = begin; t < end; ++t) {
         const int64_t b = t / C, c = t % C;
-        T* gimg = gf_all + t * H * W;
-        std::fill(gimg, gimg + H * W, T(0));
-        for (int64_t k = start[b]; k < start[b + 1]; ++k) {
-          const int64_t n = order[k];
-          const Box& box = bx[n];
-          const T* f = feat + t * H * W + box.y0 * W + box.x0;
-          T* gf = gimg + box.y0 * W + box.x0;
-          const T* g = g_all + (n * C + c) * Sh * Sw;
-          const AxisSample<T>* ys = tab.ys.data() + tab.yoff[n];
-          const AxisSample<T>* xs = tab.xs.data() + tab.xoff[n];
-          const int64_t vh = tab.rows(n), vw = tab.cols(n);
-          double dr = 0.0;
-          for (int64_t i = 0; i < vh; ++i) {
-            const AxisSample<T>& y = ys[i];
-            const T* f0 = f + y.i0 * W;
-            const T* f1 = f + y.i1 * W;
-            T* g0 = gf + y.i0 * W;
-            T* g1 = gf + y.i1 * W;
-            const T* grow = g + i * Sw;
-            T row_dr = T(0);
-            for (int64_t j = 0; j < vw; ++j) {
-              const AxisSample<T>& x = xs[j];
-              const T gv = grow[j];
-              T w[4];
-              bilinear_weights(y.l, x.l, w);
-              g0[x.i0] += gv * w[0];
-              g0[x.i1] += gv * w[1];
-              g1[x.i0] += gv * w[2];
-              g1[x.i1] += gv * w[3];
-              row_dr += gv * bilinear_dr(f0[x.i0], f0[x.i1], f1[x.i0], f1[x.i1], y.l, x.l, y.dsrc_dr, x.dsrc_dr);
-            }
-            dr += static_cast<double>(row_dr);
+        if (t + 1 < end) {  // the next plane's crops, while this one is computed
+          const int64_t nb = (t + 1) / C;
+          for (int64_t k = start[nb]; k < start[nb + 1]; ++k) {
+            const Box& q = bx[order[k]];
+            ck::prefetch_block(feat + ((t + 1) * H + q.y0) * W + q.x0, q.h, W * sizeof(T), q.w * sizeof(T));
           }
-          partial[n * C + c] = dr;
         }
+        scale_backward_task(feat + t * H * W, g_all, gf_all + t * H * W, bx.data(), order.data(), start[b],
+                            start[b + 1], tab, c, C, H, W, Sh, Sw, partial.data(), scratch);
       }
     });
     T* gs = grad_scale.data_ptr<T>();
