@@ -17,6 +17,14 @@
 #define CK_TARGET_DEFAULT
 #endif
 
+// On a multiversioned wrapper: inline everything it calls, so that a shared helper too big for the
+// inliner's taste is compiled into each version instead of being called in its baseline form.
+#if defined(__GNUC__)
+#define CK_FLATTEN __attribute__((flatten))
+#else
+#define CK_FLATTEN
+#endif
+
 
 #include <algorithm>
 #include <cstdint>

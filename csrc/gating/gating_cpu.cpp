@@ -18,11 +18,34 @@
 #include <vector>
 
 #include "common/common.h"
+#include "common/simd.h"
 #include "gating/gating.h"
 
 namespace ck {
 namespace gating {
 namespace {
+
+// The per-pixel maths of gating.h (shared with the CUDA kernels), compiled twice for the CPU: baseline
+// x86-64 and AVX2+FMA, picked at load time from the CPU's feature bits (see common/simd.h). Their
+// channel-major loops over a row of pixels are what vectorizes.
+#define CK_FF_ARGS(T)                                                                                         \
+  const T *e, const T *g1, const T *g2, T *gm, T *final_, const int64_t *groups, int64_t M, int64_t N, int64_t s, \
+      int64_t gs, int64_t n
+#define CK_FF_CALL(T) fuse_forward<T>(e, g1, g2, gm, final_, groups, M, N, s, gs, n)
+#define CK_FB_ARGS(T)                                                                                             \
+  const T *e, const T *g1, const T *g2, const T *gm, const int64_t *groups, int64_t K, int64_t M, int64_t N,        \
+      const T *gf, const T *ggm, int64_t ggs, const T *gimp, T *de, T *dl1, T *dl2, int64_t s, int64_t n, T *tmp
+#define CK_FB_CALL(T) fuse_backward<T>(e, g1, g2, gm, groups, K, M, N, gf, ggm, ggs, gimp, de, dl1, dl2, s, n, tmp)
+#if CK_HAS_FMV
+CK_TARGET_AVX2 CK_FLATTEN void fuse_forward_cpu(CK_FF_ARGS(float)) { CK_FF_CALL(float); }
+CK_TARGET_AVX2 CK_FLATTEN void fuse_forward_cpu(CK_FF_ARGS(double)) { CK_FF_CALL(double); }
+CK_TARGET_AVX2 CK_FLATTEN void fuse_backward_cpu(CK_FB_ARGS(float)) { CK_FB_CALL(float); }
+CK_TARGET_AVX2 CK_FLATTEN void fuse_backward_cpu(CK_FB_ARGS(double)) { CK_FB_CALL(double); }
+#endif
+CK_TARGET_DEFAULT CK_FLATTEN void fuse_forward_cpu(CK_FF_ARGS(float)) { CK_FF_CALL(float); }
+CK_TARGET_DEFAULT CK_FLATTEN void fuse_forward_cpu(CK_FF_ARGS(double)) { CK_FF_CALL(double); }
+CK_TARGET_DEFAULT CK_FLATTEN void fuse_backward_cpu(CK_FB_ARGS(float)) { CK_FB_CALL(float); }
+CK_TARGET_DEFAULT CK_FLATTEN void fuse_backward_cpu(CK_FB_ARGS(double)) { CK_FB_CALL(double); }
 
 // Where every input lives and how it maps onto the output grid. Index g < K is expert g, K is gate1, K+1 gate2.
 template <typename T>
@@ -279,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_forward_cpu(const at::Tens
         const int64_t b = row / H, y = row % H;
         rs.load(b, y);
         T* gm = gmo + (b * M * H + y) * W;
-        fuse_forward(e, g1, g2, gm, out + row * W, grp, M, N, geo.RS, H * W, W);
+        fuse_forward_cpu(e, g1, g2, gm, out + row * W, grp, M, N, geo.RS, H * W, W);
         for (int64_t c = 0; c < MN; ++c) imp_rows[row * MN + c] = row_sum(g1 + c * geo.RS, W);
       }
     });
@@ -405,8 +428,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_backward_cpu(
       const T* e = r.rs.erow();
       const T* g1 = r.rs.g1row();
       const T* g2 = r.rs.g2row();
-      fuse_forward(e, g1, g2, r.gm, r.tmp, grp, M, N, RS, RS, W);  // final itself is not needed
-      fuse_backward(e, g1, g2, r.gm, grp, K, M, N, r.gf_row, ggm ? r.ggm_rows : nullptr, RS,
+      fuse_forward_cpu(e, g1, g2, r.gm, r.tmp, grp, M, N, RS, RS, W);  // final itself is not needed
+      fuse_backward_cpu(e, g1, g2, r.gm, grp, K, M, N, r.gf_row, ggm ? r.ggm_rows : nullptr, RS,
                     gimp ? gimp + b * MN : nullptr, r.de, r.dl1, r.dl2, RS, W, r.tmp);
       std::fill(f, f + width_sum, T(0));
       for (int64_t p = 0; p < P; ++p) {
