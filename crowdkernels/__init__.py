@@ -4,7 +4,7 @@
     >>> pts = torch.tensor([[10.5, 20.2], [30.0, 12.7]])
     >>> d = ck.density_map(pts, (64, 64))        # geometry-adaptive Gaussian density map, sums to 2
 """
-from ._ext import backends
+from ._ext import backends, cpu_cache_info, empty_cache, set_cpu_cache_limit
 
 # ---- density maps (issue 2)
 from .ops.density import density_map, density_maps, knn_sigma

@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "common/output_pool.h"
+
 #include <atomic>
 #include <string>
 
@@ -119,4 +121,15 @@ bool poison_outputs() { return g_poison.load(); }
 
 static void set_poison(bool enabled) { ck::g_poison.store(enabled); }
 
-TORCH_LIBRARY_FRAGMENT(crowdkernels, m) { m.def("_set_poison(bool enabled) -> ()", &set_poison); }
+static std::vector<int64_t> cpu_cache_info() { return ck::pool_info(); }
+static void cpu_cache_limit(int64_t bytes) { ck::pool_set_limit(bytes); }
+static void cpu_cache_empty() { ck::pool_empty(); }
+
+TORCH_LIBRARY_FRAGMENT(crowdkernels, m) {
+  m.def("_set_poison(bool enabled) -> ()", &set_poison);
+  // The CPU output pool (csrc/common/output_pool.h): [cached bytes, limit, hits, misses]; set the limit;
+  // free every cached buffer.
+  m.def("_cpu_cache_info() -> int[]", &cpu_cache_info);
+  m.def("_cpu_cache_limit(int bytes) -> ()", &cpu_cache_limit);
+  m.def("_cpu_cache_empty() -> ()", &cpu_cache_empty);
+}

@@ -416,6 +416,59 @@ def test_prepare_matches_reference_and_vectorized(style, dtype):
             assert torch.equal(got[0], torch.floor(got[0])) and len(got[0]) < len(pts) - 10
 
 
+# ------------------------------------------------------------------------------ CPU output pool
+@pytest.mark.skipif(not _ext.compiled(), reason="crowdkernels._C is not built")
+def test_cpu_output_pool_reuses_memory_and_keeps_live_maps_intact():
+    size = (600, 800)  # 1.9 MB float32 maps: pooled (>= 1 MiB)
+    pts = _random_points(300, size, seed=4).float()
+    ck.empty_cache()
+    first = ck.density_map(pts, size)
+    want = first.clone()
+    ptr = first.data_ptr()
+    view = first.numpy()  # a NumPy view keeps the memory alive: it must not be handed out again
+    del first
+    info = ck.cpu_cache_info()
+    assert info["cached_bytes"] == 0
+    second = ck.density_map(pts, size)
+    assert second.data_ptr() != ptr and np.array_equal(view, want.numpy())
+    del view, second  # both buffers go back to the pool
+    assert ck.cpu_cache_info()["cached_bytes"] >= 2 * 600 * 800 * 4
+    hits = ck.cpu_cache_info()["hits"]
+    third = ck.density_map(pts, size)
+    assert ck.cpu_cache_info()["hits"] == hits + 1  # reused, already mapped
+    assert torch.equal(third, want)  # stale contents never leak into a new map
+    with _ext.poisoned_outputs():  # pooled buffers are poisoned like any other output
+        del third
+        assert torch.equal(ck.density_map(pts, size), want)
+    # a bounded cache: the limit frees the excess at once, 0 turns the pool off
+    old = ck.cpu_cache_info()["limit_bytes"]
+    try:
+        ck.set_cpu_cache_limit(0)
+        assert ck.cpu_cache_info()["cached_bytes"] == 0
+        m = ck.density_map(pts, size)
+        del m
+        assert ck.cpu_cache_info()["cached_bytes"] == 0
+    finally:
+        ck.set_cpu_cache_limit(old)
+    with pytest.raises(ValueError, match="nbytes"):
+        ck.set_cpu_cache_limit(-1)
+    ck.empty_cache()
+    assert ck.cpu_cache_info()["cached_bytes"] == 0
+
+
+@pytest.mark.skipif(not _ext.compiled(), reason="crowdkernels._C is not built")
+def test_cpu_output_pool_in_forked_workers():
+    """DataLoader workers fork: each starts with an empty pool of its own and still computes maps."""
+    size = (600, 800)
+    pts = _random_points(200, size, seed=5).float()
+    want = ck.density_map(pts, size).sum().item()
+    ds = [pts] * 4
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2,
+                                         collate_fn=lambda p: ck.density_map(p, size).sum(),
+                                         multiprocessing_context="fork")
+    assert [round(float(v), 3) for v in loader] == [round(want, 3)] * 4
+
+
 # ------------------------------------------------------------------------------ registration
 @pytest.mark.skipif(not _ext.compiled(), reason="crowdkernels._C is not built")
 def test_opcheck(device):

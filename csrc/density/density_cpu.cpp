@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/output_pool.h"
 #include "common/parallel.h"
 #include "common/simd.h"
 #include "density/density.h"
@@ -347,7 +348,8 @@ at::Tensor density_splat_cpu(const at::Tensor& points_in, const at::Tensor& offs
   const int64_t T = points.size(0), B = offsets.numel() - 1;
   check_offsets(offsets.data_ptr<int64_t>(), B, T);
   const int64_t Hs = (height + stride - 1) / stride, Ws = (width + stride - 1) / stride;
-  at::Tensor out = ck::new_output({B, Hs, Ws}, points_in.options());
+  // pooled: a dataset loop then reuses the previous maps' memory instead of faulting in fresh pages
+  at::Tensor out = ck::new_pooled_output({B, Hs, Ws}, points_in.options());
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "density_splat_cpu", [&] {
     splat_cpu_impl<scalar_t>(points.data_ptr<double>(), offsets.data_ptr<int64_t>(), sigma.data_ptr<double>(), B, T,
                              height, width, style, truncate, kernel_size, stride, out.data_ptr<scalar_t>());
