@@ -118,6 +118,28 @@ CK_HOST_DEVICE void scan_cell(int64_t c, int64_t self, double px, double py, con
   }
 }
 
+// True when no point outside the ring [xlo, xhi] x [ylo, yhi] of cells can be nearer than kth2 (the K-th
+// best squared distance so far): the distance from the point to the nearest cell not yet scanned (a side
+// at the grid's edge has none) is at least sqrt(kth2).
+CK_HOST_DEVICE bool ring_done(const Grid& g, double px, double py, int64_t xlo, int64_t xhi, int64_t ylo, int64_t yhi,
+                              double kth2) {
+  const double inf = INFINITY;
+  const double b0 = xlo > 0 ? px - (g.ox + (double)xlo * g.cell) : inf;
+  const double b1 = xhi < g.gx - 1 ? (g.ox + (double)(xhi + 1) * g.cell) - px : inf;
+  const double b2 = ylo > 0 ? py - (g.oy + (double)ylo * g.cell) : inf;
+  const double b3 = yhi < g.gy - 1 ? (g.oy + (double)(yhi + 1) * g.cell) - py : inf;
+  // shrink by a hair: cell assignment rounds, and a neighbour exactly at the bound must not be missed
+  const double bound = fmin(fmin(b0, b1), fmin(b2, b3)) * (1.0 - 1e-12) - 1e-9 * g.cell;
+  return bound > 0 && kth2 <= bound * bound;
+}
+
+// beta * mean of the square roots of best[0..K), summed in ascending order (order-independent result).
+CK_HOST_DEVICE double mean_sqrt(const double* best, int K, double beta) {
+  double sum = 0.0;
+  for (int i = 0; i < K; ++i) sum += sqrt(best[i]);
+  return beta * sum / (double)K;
+}
+
 // Exact geometry-adaptive sigma of point `self` (L2SM sec. 3.2): beta * mean distance to its K nearest
 // others, where K = min(k, n - 1). Rings of cells are scanned outwards from the point's cell until the
 // K-th best distance is no larger than the distance to anything not yet scanned. The K distances are
@@ -141,21 +163,44 @@ CK_HOST_DEVICE double knn_sigma_one(int64_t self, const double* pts, const Grid&
       }
     }
     if (xlo <= 0 && ylo <= 0 && xhi >= g.gx - 1 && yhi >= g.gy - 1) break;  // the whole grid is scanned
-    if (cnt == K) {
-      // Distance from the point to the nearest cell not yet scanned; a side at the grid's edge has none.
-      const double inf = INFINITY;
-      const double b0 = xlo > 0 ? px - (g.ox + (double)xlo * g.cell) : inf;
-      const double b1 = xhi < g.gx - 1 ? (g.ox + (double)(xhi + 1) * g.cell) - px : inf;
-      const double b2 = ylo > 0 ? py - (g.oy + (double)ylo * g.cell) : inf;
-      const double b3 = yhi < g.gy - 1 ? (g.oy + (double)(yhi + 1) * g.cell) - py : inf;
-      // shrink by a hair: cell assignment rounds, and a neighbour exactly at the bound must not be missed
-      const double bound = fmin(fmin(b0, b1), fmin(b2, b3)) * (1.0 - 1e-12) - 1e-9 * g.cell;
-      if (bound > 0 && best[K - 1] <= bound * bound) break;
-    }
+    if (cnt == K && ring_done(g, px, py, xlo, xhi, ylo, yhi, best[K - 1])) break;
   }
-  double sum = 0.0;
-  for (int i = 0; i < K; ++i) sum += sqrt(best[i]);
-  return beta * sum / (double)K;
+  return mean_sqrt(best, K, beta);
+}
+
+// The same query over points stored in cell order (sx, sy: their coordinates; `self` is the point's
+// position in that order): the cells of one grid row inside a ring are then one contiguous run of points,
+// read sequentially. Same candidates, same distances, same result; the CPU kernel's layout.
+CK_HOST_DEVICE double knn_sigma_sorted(int64_t self, const double* sx, const double* sy, const Grid& g,
+                                       const int64_t* cell_start, int K, double beta) {
+  double best[kMaxK];
+  int cnt = 0;
+  const double px = sx[self], py = sy[self];
+  const int64_t cx = cell_x(g, px), cy = cell_y(g, py);
+  auto scan = [&](int64_t c0, int64_t c1) {  // cells [c0, c1] of one grid row
+    const int64_t end = cell_start[c1 + 1];
+    for (int64_t s = cell_start[c0]; s < end; ++s) {
+      const double dx = sx[s] - px, dy = sy[s] - py;
+      const double d2 = dx * dx + dy * dy;
+      if (s != self && (cnt < K || d2 < best[K - 1])) push_candidate(best, cnt, K, d2);
+    }
+  };
+  for (int64_t r = 0;; ++r) {
+    const int64_t xlo = cx - r, xhi = cx + r, ylo = cy - r, yhi = cy + r;
+    const int64_t xa = max_i64(xlo, 0), xb = min_i64(xhi, g.gx - 1);
+    for (int64_t y = max_i64(ylo, 0); y <= min_i64(yhi, g.gy - 1); ++y) {
+      const int64_t row = g.base + y * g.gx;
+      if (y == ylo || y == yhi) {
+        scan(row + xa, row + xb);
+      } else {
+        if (xlo >= 0) scan(row + xlo, row + xlo);
+        if (xhi < g.gx) scan(row + xhi, row + xhi);
+      }
+    }
+    if (xlo <= 0 && ylo <= 0 && xhi >= g.gx - 1 && yhi >= g.gy - 1) break;
+    if (cnt == K && ring_done(g, px, py, xlo, xhi, ylo, yhi, best[K - 1])) break;
+  }
+  return mean_sqrt(best, K, beta);
 }
 
 // ------------------------------------------------------------------------------------------ splatting

@@ -63,17 +63,25 @@ at::Tensor knn_sigma_cpu(const at::Tensor& points_in, const at::Tensor& offsets_
   });
   for (int64_t i = 0; i < T; ++i) ++cell_start[cell[i] + 1];
   for (int64_t c = 0; c < total_cells; ++c) cell_start[c + 1] += cell_start[c];
+  // the points' coordinates in cell order, so a query reads the cells of a grid row as one run
+  std::vector<double> sx(T), sy(T);
   {
     std::vector<int64_t> cursor(cell_start.begin(), cell_start.end() - 1);
-    for (int64_t i = 0; i < T; ++i) order[cursor[cell[i]]++] = i;
+    for (int64_t i = 0; i < T; ++i) {
+      const int64_t s = cursor[cell[i]]++;
+      order[s] = i;
+      sx[s] = pts[2 * i];
+      sy[s] = pts[2 * i + 1];
+    }
   }
 
-  // 3. one exact query per point
-  at::parallel_for(0, T, 512, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
+  // 3. one exact query per point, in cell order (neighbouring queries read the same cells)
+  at::parallel_for(0, T, 256, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t i = order[s];
       const int64_t b = image_of(off, B, i);
       const int64_t K = std::min<int64_t>(k, off[b + 1] - off[b] - 1);
-      sig[i] = K < 1 ? lone : knn_sigma_one(i, pts, grids[b], cell_start.data(), order.data(), (int)K, beta);
+      sig[i] = K < 1 ? lone : knn_sigma_sorted(s, sx.data(), sy.data(), grids[b], cell_start.data(), (int)K, beta);
     }
   });
   return out;
