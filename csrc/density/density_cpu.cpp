@@ -271,8 +271,13 @@ void splat_cpu_impl(const double* pts, const int64_t* off, const double* sigma, 
   using acc_t = scalar_t;
   std::vector<acc_t> wy(wy_off[T]), wx(wx_off[T]);
   std::vector<char> thresholded(T, 0);
-  at::parallel_for(0, T, 256, [&](int64_t i0, int64_t i1) {
-    std::vector<double> gyd, gxd, table, prefix;
+  // Chunks of 64 points handed out dynamically: a window's cost grows with its sigma, and points come
+  // sorted by row, so the near (bottom, large-sigma) half of a perspective image would keep one thread
+  // busy long after the other finished under a static split.
+  constexpr int64_t kChunk = 64;
+  ck::parallel_dynamic(T > 256 ? (T + kChunk - 1) / kChunk : (T > 0 ? 1 : 0), [&](int64_t chunk) {
+    thread_local std::vector<double> gyd, gxd, table, prefix;
+    const int64_t i0 = T > 256 ? chunk * kChunk : 0, i1 = T > 256 ? std::min(i0 + kChunk, T) : T;
     for (int64_t i = i0; i < i1; ++i) {
       Window& w = win[i];
       if (w.y0 > w.y1 || w.x0 > w.x1) continue;  // an out-of-image point: no weights
