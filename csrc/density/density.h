@@ -384,17 +384,22 @@ inline void check_knn_args(const at::Tensor& points, const at::Tensor& offsets, 
   TORCH_CHECK(k >= 1 && k <= kMaxK, "k must be in [1, ", kMaxK, "], got ", k);
 }
 
+inline void check_prepare_args(const at::Tensor& points, const at::Tensor& offsets, int64_t height, int64_t width,
+                               int64_t style) {
+  check_points_offsets(points, offsets);
+  CK_CHECK_FLOATING(points);
+  TORCH_CHECK(height >= 1 && width >= 1, "height and width must be >= 1, got ", height, " x ", width);
+  TORCH_CHECK(style >= kExact && style <= kMatlab, "style must be 0, 1 or 2, got ", style);
+}
+
 inline void check_splat_args(const at::Tensor& points, const at::Tensor& offsets, const at::Tensor& sigma,
                              int64_t height, int64_t width, int64_t style, double truncate, int64_t kernel_size,
                              int64_t stride) {
-  check_points_offsets(points, offsets);
-  CK_CHECK_FLOATING(points);
+  check_prepare_args(points, offsets, height, width, style);
   CK_CHECK_DIM(sigma, 1);
   TORCH_CHECK(sigma.size(0) == points.size(0), "sigma must have one value per point (", points.size(0), "), got ",
               sigma.size(0));
   CK_CHECK_DEVICE(sigma, points);
-  TORCH_CHECK(height >= 1 && width >= 1, "height and width must be >= 1, got ", height, " x ", width);
-  TORCH_CHECK(style >= kExact && style <= kMatlab, "style must be 0, 1 or 2, got ", style);
   TORCH_CHECK(stride >= 1, "stride must be >= 1, got ", stride);
   TORCH_CHECK(kernel_size >= 1, "kernel_size must be >= 1, got ", kernel_size);
   TORCH_CHECK(truncate > 0, "truncate must be > 0, got ", truncate);

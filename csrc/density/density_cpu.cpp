@@ -18,9 +18,26 @@ namespace ck {
 namespace density {
 namespace {
 
-void check_offsets(const int64_t* off, int64_t B, int64_t T) {
-  TORCH_CHECK(off[0] == 0 && off[B] == T, "offsets must run from 0 to the number of points (", T, ")");
-  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(off[b] <= off[b + 1], "offsets must be non-decreasing");
+// B images' points, as every CPU entry point reads them: float64 coordinates (points[T, 2]) and checked
+// offsets[B + 1] (image b owns points offsets[b] .. offsets[b + 1]).
+struct PointSets {
+  at::Tensor points, offsets;  // contiguous; the tensors own what pts and off point into
+  int64_t T, B;
+  const double* pts;
+  const int64_t* off;
+};
+
+PointSets read_point_sets(const at::Tensor& points_in, const at::Tensor& offsets_in) {
+  PointSets ps;
+  ps.points = points_in.to(at::kDouble).contiguous();
+  ps.offsets = offsets_in.contiguous();
+  ps.T = ps.points.size(0);
+  ps.B = ps.offsets.numel() - 1;
+  ps.pts = ps.points.data_ptr<double>();
+  ps.off = ps.offsets.data_ptr<int64_t>();
+  TORCH_CHECK(ps.off[0] == 0 && ps.off[ps.B] == ps.T, "offsets must run from 0 to the number of points (", ps.T, ")");
+  for (int64_t b = 0; b < ps.B; ++b) TORCH_CHECK(ps.off[b] <= ps.off[b + 1], "offsets must be non-decreasing");
+  return ps;
 }
 
 }  // namespace
@@ -28,14 +45,12 @@ void check_offsets(const int64_t* off, int64_t B, int64_t T) {
 at::Tensor knn_sigma_cpu(const at::Tensor& points_in, const at::Tensor& offsets_in, int64_t k, double beta,
                          double lone) {
   check_knn_args(points_in, offsets_in, k);
-  const at::Tensor points = points_in.to(at::kDouble).contiguous();
-  const at::Tensor offsets = offsets_in.contiguous();
-  const int64_t T = points.size(0), B = offsets.numel() - 1;
-  const double* pts = points.data_ptr<double>();
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  check_offsets(off, B, T);
+  const PointSets ps = read_point_sets(points_in, offsets_in);
+  const int64_t T = ps.T, B = ps.B;
+  const double* pts = ps.pts;
+  const int64_t* off = ps.off;
 
-  at::Tensor out = ck::new_output({T}, points.options());
+  at::Tensor out = ck::new_output({T}, ps.points.options());
   double* sig = out.data_ptr<double>();
 
   // 1. one grid per image over its bounding box
@@ -108,16 +123,11 @@ static void radix_sort_by_key(std::vector<std::pair<int64_t, int64_t>>& v, std::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> density_prepare_cpu(const at::Tensor& points_in,
                                                                     const at::Tensor& offsets_in, int64_t height,
                                                                     int64_t width, int64_t style) {
-  check_points_offsets(points_in, offsets_in);
-  CK_CHECK_FLOATING(points_in);
-  TORCH_CHECK(height >= 1 && width >= 1, "height and width must be >= 1, got ", height, " x ", width);
-  TORCH_CHECK(style >= kExact && style <= kMatlab, "style must be 0, 1 or 2, got ", style);
-  const at::Tensor points = points_in.to(at::kDouble).contiguous();
-  const at::Tensor offsets = offsets_in.contiguous();
-  const int64_t T = points.size(0), B = offsets.numel() - 1;
-  const double* pts = points.data_ptr<double>();
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  check_offsets(off, B, T);
+  check_prepare_args(points_in, offsets_in, height, width, style);
+  const PointSets ps = read_point_sets(points_in, offsets_in);
+  const int64_t B = ps.B;
+  const double* pts = ps.pts;
+  const int64_t* off = ps.off;
 
   // per image, the kept input rows in output order
   std::vector<std::vector<int64_t>> kept(B);
@@ -141,13 +151,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> density_prepare_cpu(const at::Ten
     }
   });
 
-  at::Tensor out_off = ck::new_output({B + 1}, offsets.options());
+  at::Tensor out_off = ck::new_output({B + 1}, ps.offsets.options());
   int64_t* o = out_off.data_ptr<int64_t>();
   o[0] = 0;
   for (int64_t b = 0; b < B; ++b) o[b + 1] = o[b] + (int64_t)kept[b].size();
   const int64_t Tk = o[B];
-  at::Tensor index = ck::new_output({Tk}, offsets.options());
-  at::Tensor out = ck::new_output({Tk, 2}, points.options());
+  at::Tensor index = ck::new_output({Tk}, ps.offsets.options());
+  at::Tensor out = ck::new_output({Tk, 2}, ps.points.options());
   int64_t* idx = index.data_ptr<int64_t>();
   double* q = out.data_ptr<double>();
   for (int64_t b = 0; b < B; ++b) {
@@ -384,16 +394,14 @@ at::Tensor density_splat_cpu(const at::Tensor& points_in, const at::Tensor& offs
   check_splat_args(points_in, offsets_in, sigma_in, height, width, style, truncate, kernel_size, stride);
   (void)deterministic;  // the CPU kernel is always deterministic
 
-  const at::Tensor points = points_in.to(at::kDouble).contiguous();
-  const at::Tensor offsets = offsets_in.contiguous();
+  const PointSets ps = read_point_sets(points_in, offsets_in);
   const at::Tensor sigma = sigma_in.to(at::kDouble).contiguous();
-  const int64_t T = points.size(0), B = offsets.numel() - 1;
-  check_offsets(offsets.data_ptr<int64_t>(), B, T);
+  const int64_t T = ps.T, B = ps.B;
   const int64_t Hs = (height + stride - 1) / stride, Ws = (width + stride - 1) / stride;
   // pooled: a dataset loop then reuses the previous maps' memory instead of faulting in fresh pages
   at::Tensor out = ck::new_pooled_output({B, Hs, Ws}, points_in.options());
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "density_splat_cpu", [&] {
-    splat_cpu_impl<scalar_t>(points.data_ptr<double>(), offsets.data_ptr<int64_t>(), sigma.data_ptr<double>(), B, T,
+    splat_cpu_impl<scalar_t>(ps.pts, ps.off, sigma.data_ptr<double>(), B, T,
                              height, width, style, truncate, kernel_size, stride, out.data_ptr<scalar_t>());
   });
   return out;

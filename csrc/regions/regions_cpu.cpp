@@ -123,24 +123,13 @@ void check_features(const at::Tensor& t, const char* name) {
 // along a row of vw outputs (vectorizable) except the final scatter along x, done once per source row
 // instead of once per output pixel. The same sums in another order than the CUDA kernel's: the two agree
 // to rounding, and this order is fixed, so the CPU result does not depend on the thread count.
-struct BackwardScratch {
-  std::vector<float> f32[3];
-  std::vector<double> f64[3];
-  template <typename T>
-  std::vector<T>* get();
-};
-template <>
-std::vector<float>* BackwardScratch::get<float>() { return f32; }
-template <>
-std::vector<double>* BackwardScratch::get<double>() { return f64; }
-
 template <typename T>
 __attribute__((always_inline)) inline void scale_backward_task_impl(
     const T* __restrict__ fimg, const T* __restrict__ g_all, T* __restrict__ gimg, const Box* bx, const int64_t* order,
     int64_t k0, int64_t k1, const Tables<T>& tab, int64_t c, int64_t C, int64_t H, int64_t W, int64_t Sh, int64_t Sw,
-    double* __restrict__ partial, BackwardScratch& scratch) {
+    double* __restrict__ partial) {
   std::fill(gimg, gimg + H * W, T(0));
-  std::vector<T>* buf = scratch.get<T>();
+  thread_local std::vector<T> buf[3];  // per-thread scratch: A, A' and U below, reused across tasks
   for (int64_t k = k0; k < k1; ++k) {
     const int64_t n = order[k];
     const Box& box = bx[n];
@@ -211,10 +200,9 @@ __attribute__((always_inline)) inline void scale_backward_task_impl(
 
 #define CK_SBT_ARGS(T)                                                                                         \
   const T *fimg, const T *g_all, T *gimg, const Box *bx, const int64_t *order, int64_t k0, int64_t k1,           \
-      const Tables<T> &tab, int64_t c, int64_t C, int64_t H, int64_t W, int64_t Sh, int64_t Sw, double *partial, \
-      BackwardScratch &scratch
+      const Tables<T> &tab, int64_t c, int64_t C, int64_t H, int64_t W, int64_t Sh, int64_t Sw, double *partial
 #define CK_SBT_CALL(T) \
-  scale_backward_task_impl<T>(fimg, g_all, gimg, bx, order, k0, k1, tab, c, C, H, W, Sh, Sw, partial, scratch)
+  scale_backward_task_impl<T>(fimg, g_all, gimg, bx, order, k0, k1, tab, c, C, H, W, Sh, Sw, partial)
 #if CK_HAS_FMV
 CK_TARGET_AVX2 void scale_backward_task(CK_SBT_ARGS(float)) { CK_SBT_CALL(float); }
 CK_TARGET_AVX2 void scale_backward_task(CK_SBT_ARGS(double)) { CK_SBT_CALL(double); }
@@ -326,7 +314,6 @@ std::tuple<at::Tensor, at::Tensor> scale_regions_backward_cpu(const at::Tensor& 
     T* gf_all = grad_features.data_ptr<T>();
     std::vector<double> partial(N * C, 0.0);  // d loss / d r of (box, channel)
     at::parallel_for(0, B * C, grain_for(H * W), [&](int64_t begin, int64_t end) {
-      BackwardScratch scratch;
       for (int64_t t = begin; t < end; ++t) {
         const int64_t b = t / C, c = t % C;
         if (t + 1 < end) {  // the next plane's crops, while this one is computed
@@ -337,7 +324,7 @@ std::tuple<at::Tensor, at::Tensor> scale_regions_backward_cpu(const at::Tensor& 
           }
         }
         scale_backward_task(feat + t * H * W, g_all, gf_all + t * H * W, bx.data(), order.data(), start[b],
-                            start[b + 1], tab, c, C, H, W, Sh, Sw, partial.data(), scratch);
+                            start[b + 1], tab, c, C, H, W, Sh, Sw, partial.data());
       }
     });
     T* gs = grad_scale.data_ptr<T>();
