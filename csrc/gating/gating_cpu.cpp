@@ -47,6 +47,97 @@ CK_TARGET_DEFAULT CK_FLATTEN void fuse_forward_cpu(CK_FF_ARGS(double)) { CK_FF_C
 CK_TARGET_DEFAULT CK_FLATTEN void fuse_backward_cpu(CK_FB_ARGS(float)) { CK_FB_CALL(float); }
 CK_TARGET_DEFAULT CK_FLATTEN void fuse_backward_cpu(CK_FB_ARGS(double)) { CK_FB_CALL(double); }
 
+// Softmax (eq. 1's G1 and G2) over each run of n consecutive channels, at np pixels: src and dst (which
+// may be the same array) hold channel c of pixel x at [c * cs + x]. The loops run across pixels in tiles,
+// so they vectorize, exp included (ck::exp_le0). Same maths as gating.h's softmax: max subtracted, then
+// scaled by 1 / sum.
+template <typename T>
+void softmax_runs(const T* src, T* dst, int64_t channels, int64_t n, int64_t cs, int64_t np) {
+  constexpr int64_t L = 64;
+  T mx[L], sum[L];
+  for (int64_t x0 = 0; x0 < np; x0 += L) {
+    const int64_t len = std::min(L, np - x0);
+    for (int64_t first = 0; first < channels; first += n) {
+      const T* in = src + first * cs + x0;
+      T* out = dst + first * cs + x0;
+      for (int64_t x = 0; x < len; ++x) mx[x] = in[x];
+      for (int64_t j = 1; j < n; ++j)
+        for (int64_t x = 0; x < len; ++x) mx[x] = in[j * cs + x] > mx[x] ? in[j * cs + x] : mx[x];
+      for (int64_t x = 0; x < len; ++x) sum[x] = 0;
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t x = 0; x < len; ++x) {
+          const T e = ck::exp_le0(in[j * cs + x] - mx[x]);
+          out[j * cs + x] = e;
+          sum[x] += e;
+        }
+      for (int64_t x = 0; x < len; ++x) sum[x] = static_cast<T>(1) / sum[x];
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t x = 0; x < len; ++x) out[j * cs + x] *= sum[x];
+    }
+  }
+}
+#define CK_SM_ARGS(T) const T *src, T *dst, int64_t channels, int64_t n, int64_t cs, int64_t np
+#if CK_HAS_FMV
+CK_TARGET_AVX2 CK_FLATTEN void softmax_runs_cpu(CK_SM_ARGS(float)) { softmax_runs(src, dst, channels, n, cs, np); }
+CK_TARGET_AVX2 CK_FLATTEN void softmax_runs_cpu(CK_SM_ARGS(double)) { softmax_runs(src, dst, channels, n, cs, np); }
+#endif
+CK_TARGET_DEFAULT CK_FLATTEN void softmax_runs_cpu(CK_SM_ARGS(float)) { softmax_runs(src, dst, channels, n, cs, np); }
+CK_TARGET_DEFAULT CK_FLATTEN void softmax_runs_cpu(CK_SM_ARGS(double)) { softmax_runs(src, dst, channels, n, cs, np); }
+
+// The horizontal adjoint of sampling one output row: f[c] (zeroed by the caller) receives the sum over the
+// row's pixels x, in increasing x, of what d[x] sends to native column c (w columns; tx: the taps; fx: the
+// integer factor when column c is read by exactly x = c*fx .. c*fx+fx-1, else 0).
+template <typename T>
+void fold_columns(const T* __restrict__ d, T* __restrict__ f, const Taps<T>* tx, int64_t fx, int64_t w, int64_t W,
+                  bool bilinear) {
+  if (bilinear) {
+    for (int64_t x = 0; x < W; ++x) scatter_row(f, true, tx[x], d[x]);
+  } else if (fx == 1) {
+    for (int64_t c = 0; c < w; ++c) f[c] += d[c];
+  } else if (fx == 2) {
+    for (int64_t c = 0; c < w; ++c) f[c] += d[2 * c] + d[2 * c + 1];
+  } else if (fx == 4) {
+    for (int64_t c = 0; c < w; ++c) f[c] += ((d[4 * c] + d[4 * c + 1]) + d[4 * c + 2]) + d[4 * c + 3];
+  } else if (fx > 0) {
+    for (int64_t c = 0; c < w; ++c) {
+      T acc = d[c * fx];
+      for (int64_t t = 1; t < fx; ++t) acc += d[c * fx + t];
+      f[c] += acc;
+    }
+  } else {
+    // Nearest maps runs of consecutive x to one column: add each run in a register, in x order.
+    int64_t cur = tx[0].i0;
+    T acc = 0;
+    for (int64_t x = 0; x < W; ++x) {
+      if (tx[x].i0 != cur) {
+        f[cur] += acc;
+        acc = 0;
+        cur = tx[x].i0;
+      }
+      acc += d[x];
+    }
+    f[cur] += acc;
+  }
+}
+
+template <typename T>
+void add_scaled(T* __restrict__ dst, T w, const T* __restrict__ src, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) dst[c] += w * src[c];
+}
+
+#define CK_FC_ARGS(T) const T *d, T *f, const Taps<T> *tx, int64_t fx, int64_t w, int64_t W, bool bilinear
+#define CK_AS_ARGS(T) T *dst, T w, const T *src, int64_t n
+#if CK_HAS_FMV
+CK_TARGET_AVX2 CK_FLATTEN void fold_columns_cpu(CK_FC_ARGS(float)) { fold_columns(d, f, tx, fx, w, W, bilinear); }
+CK_TARGET_AVX2 CK_FLATTEN void fold_columns_cpu(CK_FC_ARGS(double)) { fold_columns(d, f, tx, fx, w, W, bilinear); }
+CK_TARGET_AVX2 CK_FLATTEN void add_scaled_cpu(CK_AS_ARGS(float)) { add_scaled(dst, w, src, n); }
+CK_TARGET_AVX2 CK_FLATTEN void add_scaled_cpu(CK_AS_ARGS(double)) { add_scaled(dst, w, src, n); }
+#endif
+CK_TARGET_DEFAULT CK_FLATTEN void fold_columns_cpu(CK_FC_ARGS(float)) { fold_columns(d, f, tx, fx, w, W, bilinear); }
+CK_TARGET_DEFAULT CK_FLATTEN void fold_columns_cpu(CK_FC_ARGS(double)) { fold_columns(d, f, tx, fx, w, W, bilinear); }
+CK_TARGET_DEFAULT CK_FLATTEN void add_scaled_cpu(CK_AS_ARGS(float)) { add_scaled(dst, w, src, n); }
+CK_TARGET_DEFAULT CK_FLATTEN void add_scaled_cpu(CK_AS_ARGS(double)) { add_scaled(dst, w, src, n); }
+
 // Where every input lives and how it maps onto the output grid. Index g < K is expert g, K is gate1, K+1 gate2.
 template <typename T>
 struct Geometry {
@@ -62,6 +153,7 @@ struct Geometry {
   // integer factor f when output column x reads source column x / f exactly (W = f * w), else 0.
   std::vector<std::vector<int64_t>> ix;
   std::vector<int64_t> fx;
+  std::vector<T> cx1;  // Nearest only: how many output columns read each native column of gate1
 };
 
 template <typename T>
@@ -108,6 +200,9 @@ Geometry<T> make_geometry(const at::Tensor& experts, at::IntArrayRef sizes, cons
       if (exact) g.fx[p] = f;
     }
   }
+  g.cx1.assign(g.w[g.K], T(0));
+  if (!bilinear)
+    for (int64_t x = 0; x < W; ++x) g.cx1[g.ix[g.K][x]] += 1;
   return g;
 }
 
@@ -155,9 +250,11 @@ void gather_row(T* __restrict__ dst, const T* __restrict__ src, const int64_t* i
 }
 
 // Samples every input along output row y of image b into rows of `buf` (channel stride RS): the K experts,
-// then G1 (M*N rows) and G2 (M rows), softmaxed. With nearest upsampling the gates are softmaxed once per
-// native gate pixel, on a cached native row (many output rows and columns share one gate pixel), and then
-// gathered; with bilinear the interpolated logits are softmaxed at every output pixel.
+// then G1 (M*N rows) and G2 (M rows), softmaxed. With nearest upsampling, softmax commutes with sampling
+// (which only copies logits), so the gates are softmaxed once per native pixel, image by image, into `nat`,
+// whose rows are then gathered; each image's softmax is a pure function of its logits, so a thread that
+// starts mid-image computes the same bits as the one that owns the image's start. With bilinear the
+// interpolated logits are softmaxed at every output pixel.
 template <typename T>
 struct RowSampler {
   const Geometry<T>& g;
@@ -165,12 +262,15 @@ struct RowSampler {
   const T* G1;
   const T* G2;
   T* buf;
-  T* nat1;
-  T* nat2;
-  int64_t key1 = -1, key2 = -1;  // b * h + source row of the native gate rows held in nat1 / nat2
+  T* nat;              // Nearest only: G1 [M*N, hg1*wg1], then G2 [M, hg2*wg2], of image natb
+  int64_t natb = -1;
+  int64_t key1 = -1, key2 = -1;  // Nearest only: b * h + source row of the gate rows gathered in buf
   // Nearest only: b * h + source row of the expert rows held in erow() (consecutive output rows that read
   // the same source row skip the gather; nothing else writes the sampler's rows).
   std::vector<int64_t> ekey;
+  // Nearest only: the sum over output pixels of row y of each G1 channel (importance's per-row terms): the
+  // native row weighted by how many output columns read each native column.
+  std::vector<T> imp;
 
   T* erow() const { return buf; }
   T* g1row() const { return buf + g.K * g.RS; }
@@ -189,8 +289,24 @@ struct RowSampler {
         gather_row(dst, src, g.ix[k].data(), g.fx[k], W);
         ekey[k] = key;
       }
-      native_softmax_row(G1, b, y, K, MN, N, nat1, key1, g1row());
-      native_softmax_row(G2, b, y, K + 1, M, M, nat2, key2, g2row());
+      const int64_t hw1 = g.h[K] * g.w[K], hw2 = g.h[K + 1] * g.w[K + 1];
+      if (natb != b) {
+        softmax_runs_cpu(G1 + b * MN * hw1, nat, MN, N, hw1, hw1);
+        softmax_runs_cpu(G2 + b * M * hw2, nat + MN * hw1, M, M, hw2, hw2);
+        natb = b;
+      }
+      if (gather_gate_rows(nat, b, y, K, MN, key1, g1row())) {
+        imp.resize(MN);
+        const int64_t w = g.w[K];
+        const T* cnt = g.cx1.data();
+        for (int64_t c = 0; c < MN; ++c) {
+          const T* src = nat + c * hw1 + g.ty[K][y].i0 * w;
+          T acc = 0;
+          for (int64_t col = 0; col < w; ++col) acc += cnt[col] * src[col];
+          imp[c] = acc;
+        }
+      }
+      gather_gate_rows(nat + MN * hw1, b, y, K + 1, M, key2, g2row());
       return;
     }
     for (int64_t k = 0; k < K; ++k) {
@@ -210,46 +326,37 @@ struct RowSampler {
         T* dst = g1row() + c * RS;
         for (int64_t x = 0; x < W; ++x) dst[x] = sample(plane, g.w[p], true, ty, tx[x]);
       }
-      for (int64_t x = 0; x < W; ++x) softmax_gates(g1row() + x, g2row() + x, M, N, RS);
+      softmax_runs_cpu(g1row(), g1row(), MN, N, RS, W);
+      softmax_runs_cpu(g2row(), g2row(), M, M, RS, W);
       return;
     }
   }
 
-  // Nearest only: softmax (over runs of `n` channels) of the native gate row that output row y reads, then
-  // gathered along the row. `channels` rows of geometry p.
-  void native_softmax_row(const T* G, int64_t b, int64_t y, int64_t p, int64_t channels, int64_t n, T* nat,
-                          int64_t& key, T* dst) {
-    const int64_t h = g.h[p], w = g.w[p], sy = g.ty[p][y].i0, W = g.W, RS = g.RS;
-    // The gathered rows in dst are still those of this native row when the key is unchanged.
-    if (key == b * h + sy) return;
-    {
-      for (int64_t c = 0; c < channels; ++c) {
-        const T* src = G + ((b * channels + c) * h + sy) * w;
-        std::copy(src, src + w, nat + c * w);
-      }
-      for (int64_t xx = 0; xx < w; ++xx)
-        for (int64_t first = 0; first < channels; first += n) softmax(nat + first * w + xx, n, w);
-      key = b * h + sy;
-    }
-    for (int64_t c = 0; c < channels; ++c) gather_row(dst + c * RS, nat + c * w, g.ix[p].data(), g.fx[p], W);
+  // Nearest only: gathers along the row the `channels` native rows (geometry p, planes of image b's native
+  // softmax `G`) that output row y reads. False when they are already there.
+  bool gather_gate_rows(const T* G, int64_t b, int64_t y, int64_t p, int64_t channels, int64_t& key, T* dst) {
+    const int64_t h = g.h[p], w = g.w[p], sy = g.ty[p][y].i0;
+    if (key == b * h + sy) return false;
+    key = b * h + sy;
+    for (int64_t c = 0; c < channels; ++c)
+      gather_row(dst + c * g.RS, G + (c * h + sy) * w, g.ix[p].data(), g.fx[p], g.W);
+    return true;
   }
 };
 
-// Per-chunk scratch through the torch allocator (so memory profilers see it): `rows` rows of W, plus the
-// two native gate rows RowSampler caches.
+// Per-chunk scratch through the torch allocator (so memory profilers see it): `rows` rows of RS, then
+// (nearest) one image's native gate softmaxes.
 template <typename T>
 at::Tensor make_scratch(const Geometry<T>& g, int64_t rows, const at::TensorOptions& options) {
-  const int64_t K = g.K, MN = g.M * g.N;
-  return at::empty({rows * g.RS + MN * g.w[K] + g.M * g.w[K + 1]}, options);
+  const int64_t nat = g.bilinear ? 0 : g.M * g.N * g.h[g.K] * g.w[g.K] + g.M * g.h[g.K + 1] * g.w[g.K + 1];
+  return at::empty({rows * g.RS + nat}, options);
 }
 
 template <typename T>
 RowSampler<T> make_sampler(const Geometry<T>& g, const at::Tensor& experts, const at::Tensor& gate1,
                            const at::Tensor& gate2, at::Tensor& scratch, int64_t rows) {
   T* base = scratch.data_ptr<T>();
-  T* nat1 = base + rows * g.RS;
-  return RowSampler<T>{g, experts.data_ptr<T>(), gate1.data_ptr<T>(), gate2.data_ptr<T>(), base, nat1,
-                       nat1 + g.M * g.N * g.w[g.K]};
+  return RowSampler<T>{g, experts.data_ptr<T>(), gate1.data_ptr<T>(), gate2.data_ptr<T>(), base, base + rows * g.RS};
 }
 
 // Sum of v[0..n) with 8 interleaved partial sums (vectorizable, and the same order on every call).
@@ -281,12 +388,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_forward_cpu(const at::Tens
   auto group_maps = ck::new_output({B, M, H, W}, experts.options());
   auto importance = ck::new_output({B, M, N}, experts.options());
 
+
   AT_DISPATCH_FLOATING_TYPES(experts.scalar_type(), "gating_forward_cpu", [&] {
     using T = scalar_t;
     const auto geo = make_geometry<T>(experts, expert_sizes, gate1, gate2, groups, H, W, bilinear);
     const int64_t MN = M * N;
     const int64_t* grp = groups.data_ptr<int64_t>();
-    // Scratch through the torch allocator, so that memory profilers see it like any tensor.
+    // Per-row partial sums of G1 (importance), summed over rows in a fixed order below. Scratch through the
+    // torch allocator, so that memory profilers see it like any tensor.
     const auto imp_rows_t = at::empty({B * H, MN}, experts.options());
     T* imp_rows = imp_rows_t.data_ptr<T>();
     T* out = final_.data_ptr<T>();
@@ -303,7 +412,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_forward_cpu(const at::Tens
         rs.load(b, y);
         T* gm = gmo + (b * M * H + y) * W;
         fuse_forward_cpu(e, g1, g2, gm, out + row * W, grp, M, N, geo.RS, H * W, W);
-        for (int64_t c = 0; c < MN; ++c) imp_rows[row * MN + c] = row_sum(g1 + c * geo.RS, W);
+        for (int64_t c = 0; c < MN; ++c) imp_rows[row * MN + c] = bilinear ? row_sum(g1 + c * geo.RS, W) : rs.imp[c];
       }
     });
     T* imp = importance.data_ptr<T>();
@@ -435,40 +544,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_backward_cpu(
       for (int64_t p = 0; p < P; ++p) {
         const Taps<T>* tx = geo.tx[geom[p]].data();
         const T* d = r.de + p * RS;  // de, dl1 and dl2 are consecutive rows, in plane order
-        T* fp = f + col[p];
-        const int64_t fx = geo.fx[geom[p]];
-        if (bilinear) {
-          for (int64_t x = 0; x < W; ++x) scatter_row(fp, true, tx[x], d[x]);
-        } else if (fx > 0) {
-          // Column c reads the run x = c*fx .. c*fx+fx-1: the same sums, in the same order, as below
-          // (fp starts at +0, so ((0 + d0) + d1) ... is what adding the run's sum to it gives; a sum that
-          // starts at +0 is never -0). Column-inner loops vectorize.
-          const int64_t w = geo.w[geom[p]];
-          for (int64_t t = 0; t < fx; ++t)
-            for (int64_t c = 0; c < w; ++c) fp[c] += d[c * fx + t];
-        } else {
-          // Nearest maps runs of consecutive x to one column: add each run in a register, in x order
-          // (the same bits as adding element by element into the zeroed row, without the store chain).
-          int64_t cur = tx[0].i0;
-          T acc = 0;
-          for (int64_t x = 0; x < W; ++x) {
-            if (tx[x].i0 != cur) {
-              fp[cur] += acc;
-              acc = 0;
-              cur = tx[x].i0;
-            }
-            acc += d[x];
-          }
-          fp[cur] += acc;
-        }
+        T* fp = f + col[p];  // zeroed above
+        fold_columns_cpu(d, fp, tx, geo.fx[geom[p]], geo.w[geom[p]], W, bilinear);
       }
     };
     // The vertical adjoint: native row r of plane p receives w0 * fold row y where tap 0 of y is r, then
     // w1 * fold row y where tap 1 is (bilinear), for y in increasing order. Both schedules below add in
     // exactly this order, so they give the same bits.
-    auto add_scaled = [](T* dst, T w, const T* src, int64_t n) {
-      for (int64_t c = 0; c < n; ++c) dst[c] += w * src[c];
-    };
+    auto add_scaled = [](T* dst, T w, const T* src, int64_t n) { add_scaled_cpu(dst, w, src, n); };
 
     if (B >= at::get_num_threads()) {
       // Enough images for every thread: each image is owned by one thread, which streams its output rows
