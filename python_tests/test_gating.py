@@ -115,6 +115,27 @@ def test_sampling_is_f_interpolate(device, mode, dtype):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extreme_logits(device, mode, dtype):
+    # The CPU softmax has its own exp (vectorizable, clamped at -87 / -708): gaps of thousands, -inf logits
+    # and gaps right at the clamps must still give the softmax torch gives. (-inf only with nearest: bilinear
+    # interpolation of -inf with a zero weight is NaN in F.interpolate too.)
+    experts, g1, g2, groups = make_inputs([(6, 8), (3, 4), (2, 2)], None, (3, 4), (3, 4), dtype=dtype,
+                                          device=device)
+    g1 = g1 * 500
+    g1[:, 2, 1, :] = g1[:, 3, 1, :] - torch.tensor([86.9, 87.1, 707.9, 708.1], dtype=dtype, device=device)
+    g2 = g2 * 500
+    if mode == "nearest":
+        g1[:, 0, 0, 0] = -float("inf")
+        g2[:, 1, 2, 3] = -float("inf")
+    got = ck.hierarchical_gating(experts, g1, g2, groups=groups, size=(11, 13), upsample=mode)
+    want = reference.hierarchical_gating(experts, g1, g2, groups, (11, 13), mode)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert all(torch.isfinite(t).all() for t in got)
+    assert_close_all(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_gradcheck_cpp(mode):
     experts, g1, g2, groups = make_inputs([(3, 4), (2, 3), (2, 2)], None, (2, 2), (1, 3), B=1)
     leaves = [t.requires_grad_() for t in [*experts, g1, g2]]

@@ -148,9 +148,22 @@ def _check_float(name, t):
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
+_DEFAULT_GROUPS: dict = {}
+
+
+def _default_groups(K, device):
+    # Built once per (K, device): a fresh tensor (and a host-to-device copy) on every call would cost more
+    # than the CPU kernel's checks. Callers never write to it.
+    key = (K, device)
+    if key not in _DEFAULT_GROUPS:
+        _DEFAULT_GROUPS[key] = torch.tensor(list(itertools.combinations(range(K), 2)), dtype=torch.long,
+                                            device=device)
+    return _DEFAULT_GROUPS[key]
+
+
 def _check_groups(groups, K, device):
     if groups is None:
-        return torch.tensor(list(itertools.combinations(range(K), 2)), dtype=torch.long, device=device)
+        return _default_groups(K, device)
     if not isinstance(groups, torch.Tensor):
         try:
             groups = torch.tensor(groups)

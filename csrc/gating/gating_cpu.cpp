@@ -224,8 +224,12 @@ void check_inputs(const at::Tensor& experts, at::IntArrayRef sizes, const at::Te
   TORCH_CHECK(gate1.size(0) == experts.size(0) && gate2.size(0) == experts.size(0), "batch sizes differ");
   TORCH_CHECK(gate1.size(1) == M * N, "gate1 must have M*N = ", M * N, " channels, got ", gate1.size(1));
   TORCH_CHECK(gate2.size(1) == M, "gate2 must have M = ", M, " channels, got ", gate2.size(1));
-  TORCH_CHECK(groups.numel() == 0 || (groups.min().item<int64_t>() >= 0 && groups.max().item<int64_t>() < K),
-              "groups must index experts 0..", K - 1);
+  // A loop, not groups.min()/max(): four dispatched ops per call cost more than the check (groups is tiny).
+  TORCH_CHECK(groups.is_cpu(), "groups must be on the CPU with the other inputs, got ", groups.device());
+  const auto grp = groups.contiguous();
+  const int64_t* gi = grp.data_ptr<int64_t>();
+  for (int64_t i = 0; i < grp.numel(); ++i)
+    TORCH_CHECK(gi[i] >= 0 && gi[i] < K, "groups must index experts 0..", K - 1, ", got ", gi[i]);
 }
 
 // Nearest gather of one row: dst[x] = src[ix[x]] for x < W, with straight copies when every source
