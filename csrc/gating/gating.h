@@ -126,27 +126,47 @@ CK_HOST_DEVICE void fuse_forward(const T* __restrict__ e, const T* __restrict__ 
 // (channel stride s, like the outputs de[K], dl1[M*N], dl2[M]).
 // gf[n]: d loss / d final; ggm[M] (channel stride ggs; may be null): d loss / d group maps; gimp[M*N] (may
 // be null): d loss / d importance (every pixel's G1_ij adds to importance[i, j], so each pixel receives it
-// whole). de: d loss / d sampled experts; dl1, dl2: d loss / d sampled logits. tmp: 2 * n scratch.
+// whole). de: d loss / d sampled experts; dl1, dl2: d loss / d sampled logits, or, with gate_grads, d loss /
+// d G1 and d loss / d G2 (the softmax backward left to the caller: with nearest sampling it is linear in
+// them at each native gate pixel, so it can run once there, see softmax_backward). tmp: 2 * n scratch.
 template <typename T>
 CK_HOST_DEVICE void fuse_backward(const T* __restrict__ e, const T* __restrict__ g1, const T* __restrict__ g2,
                                   const T* __restrict__ gm, const int64_t* groups, int64_t K, int64_t M,
                                   int64_t N, const T* __restrict__ gf, const T* __restrict__ ggm, int64_t ggs,
                                   const T* gimp, T* __restrict__ de, T* __restrict__ dl1, T* __restrict__ dl2,
-                                  int64_t s, int64_t n, T* __restrict__ tmp) {
+                                  int64_t s, int64_t n, T* __restrict__ tmp, bool gate_grads = false) {
   T* __restrict__ dot = tmp;
   T* __restrict__ dgm = tmp + n;
   for (int64_t k = 0; k < K; ++k)
     for (int64_t x = 0; x < n; ++x) de[k * s + x] = 0;
   // Softmax backward: dl = g * (dg - sum(g * dg)); at level 2, dG2_i = gf * gm_i.
-  for (int64_t x = 0; x < n; ++x) dot[x] = 0;
-  for (int64_t i = 0; i < M; ++i)
-    for (int64_t x = 0; x < n; ++x) dot[x] += g2[i * s + x] * gm[i * s + x];
-  for (int64_t i = 0; i < M; ++i)
-    for (int64_t x = 0; x < n; ++x) dl2[i * s + x] = g2[i * s + x] * gf[x] * (gm[i * s + x] - dot[x]);
+  if (gate_grads) {
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t x = 0; x < n; ++x) dl2[i * s + x] = gf[x] * gm[i * s + x];
+  } else {
+    for (int64_t x = 0; x < n; ++x) dot[x] = 0;
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t x = 0; x < n; ++x) dot[x] += g2[i * s + x] * gm[i * s + x];
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t x = 0; x < n; ++x) dl2[i * s + x] = g2[i * s + x] * gf[x] * (gm[i * s + x] - dot[x]);
+  }
   for (int64_t i = 0; i < M; ++i) {
     for (int64_t x = 0; x < n; ++x) dgm[x] = gf[x] * g2[i * s + x];
     if (ggm)
       for (int64_t x = 0; x < n; ++x) dgm[x] += ggm[i * ggs + x];
+    if (gate_grads) {
+      for (int64_t j = 0; j < N; ++j) {
+        const int64_t c = i * N + j;
+        const T gi = gimp ? gimp[c] : static_cast<T>(0);
+        const T* ek = e + groups[c] * s;
+        T* dek = de + groups[c] * s;
+        for (int64_t x = 0; x < n; ++x) {
+          dl1[c * s + x] = dgm[x] * ek[x] + gi;
+          dek[x] += dgm[x] * g1[c * s + x];
+        }
+      }
+      continue;
+    }
     for (int64_t x = 0; x < n; ++x) dot[x] = 0;
     for (int64_t j = 0; j < N; ++j) {
       const int64_t c = i * N + j;
@@ -164,6 +184,23 @@ CK_HOST_DEVICE void fuse_backward(const T* __restrict__ e, const T* __restrict__
         dek[x] += dgm[x] * g1[c * s + x];
         dl1[c * s + x] = g1[c * s + x] * (dl1[c * s + x] - dot[x]);
       }
+    }
+  }
+}
+
+// The softmax backward of softmax_runs' layout, in place: dg (d loss / d softmax output) becomes
+// d loss / d logits = g * (dg - sum over the run of g * dg), for each run of n of `channels` channels at np
+// pixels (channel c of pixel x at [c * cs + x]; g: the softmax output).
+template <typename T>
+CK_HOST_DEVICE void softmax_backward(const T* __restrict__ g, T* __restrict__ dg, int64_t channels, int64_t n,
+                                     int64_t cs, int64_t np) {
+  for (int64_t first = 0; first < channels; first += n) {
+    const T* gr = g + first * cs;
+    T* d = dg + first * cs;
+    for (int64_t x = 0; x < np; ++x) {
+      T dot = 0;
+      for (int64_t j = 0; j < n; ++j) dot += gr[j * cs + x] * d[j * cs + x];
+      for (int64_t j = 0; j < n; ++j) d[j * cs + x] = gr[j * cs + x] * (d[j * cs + x] - dot);
     }
   }
 }

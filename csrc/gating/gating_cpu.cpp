@@ -34,8 +34,10 @@ namespace {
 #define CK_FF_CALL(T) fuse_forward<T>(e, g1, g2, gm, final_, groups, M, N, s, gs, n)
 #define CK_FB_ARGS(T)                                                                                             \
   const T *e, const T *g1, const T *g2, const T *gm, const int64_t *groups, int64_t K, int64_t M, int64_t N,        \
-      const T *gf, const T *ggm, int64_t ggs, const T *gimp, T *de, T *dl1, T *dl2, int64_t s, int64_t n, T *tmp
-#define CK_FB_CALL(T) fuse_backward<T>(e, g1, g2, gm, groups, K, M, N, gf, ggm, ggs, gimp, de, dl1, dl2, s, n, tmp)
+      const T *gf, const T *ggm, int64_t ggs, const T *gimp, T *de, T *dl1, T *dl2, int64_t s, int64_t n, T *tmp, \
+      bool gate_grads
+#define CK_FB_CALL(T) \
+  fuse_backward<T>(e, g1, g2, gm, groups, K, M, N, gf, ggm, ggs, gimp, de, dl1, dl2, s, n, tmp, gate_grads)
 #if CK_HAS_FMV
 CK_TARGET_AVX2 CK_FLATTEN void fuse_forward_cpu(CK_FF_ARGS(float)) { CK_FF_CALL(float); }
 CK_TARGET_AVX2 CK_FLATTEN void fuse_forward_cpu(CK_FF_ARGS(double)) { CK_FF_CALL(double); }
@@ -137,6 +139,14 @@ CK_TARGET_DEFAULT CK_FLATTEN void fold_columns_cpu(CK_FC_ARGS(float)) { fold_col
 CK_TARGET_DEFAULT CK_FLATTEN void fold_columns_cpu(CK_FC_ARGS(double)) { fold_columns(d, f, tx, fx, w, W, bilinear); }
 CK_TARGET_DEFAULT CK_FLATTEN void add_scaled_cpu(CK_AS_ARGS(float)) { add_scaled(dst, w, src, n); }
 CK_TARGET_DEFAULT CK_FLATTEN void add_scaled_cpu(CK_AS_ARGS(double)) { add_scaled(dst, w, src, n); }
+
+#define CK_SB_ARGS(T) const T *g, T *dg, int64_t channels, int64_t n, int64_t cs, int64_t np
+#if CK_HAS_FMV
+CK_TARGET_AVX2 CK_FLATTEN void softmax_backward_cpu(CK_SB_ARGS(float)) { softmax_backward(g, dg, channels, n, cs, np); }
+CK_TARGET_AVX2 CK_FLATTEN void softmax_backward_cpu(CK_SB_ARGS(double)) { softmax_backward(g, dg, channels, n, cs, np); }
+#endif
+CK_TARGET_DEFAULT CK_FLATTEN void softmax_backward_cpu(CK_SB_ARGS(float)) { softmax_backward(g, dg, channels, n, cs, np); }
+CK_TARGET_DEFAULT CK_FLATTEN void softmax_backward_cpu(CK_SB_ARGS(double)) { softmax_backward(g, dg, channels, n, cs, np); }
 
 // Where every input lives and how it maps onto the output grid. Index g < K is expert g, K is gate1, K+1 gate2.
 template <typename T>
@@ -542,8 +552,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_backward_cpu(
       const T* g1 = r.rs.g1row();
       const T* g2 = r.rs.g2row();
       fuse_forward_cpu(e, g1, g2, r.gm, r.tmp, grp, M, N, RS, RS, W);  // final itself is not needed
+      // Nearest: the gate rows receive d loss / d G, and the softmax backward runs once per native gate
+      // pixel when the image's rows are all folded (native_softmax_backward).
       fuse_backward_cpu(e, g1, g2, r.gm, grp, K, M, N, r.gf_row, ggm ? r.ggm_rows : nullptr, RS,
-                    gimp ? gimp + b * MN : nullptr, r.de, r.dl1, r.dl2, RS, W, r.tmp);
+                        gimp ? gimp + b * MN : nullptr, r.de, r.dl1, r.dl2, RS, W, r.tmp, !bilinear);
       std::fill(f, f + width_sum, T(0));
       for (int64_t p = 0; p < P; ++p) {
         const Taps<T>* tx = geo.tx[geom[p]].data();
@@ -556,6 +568,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_backward_cpu(
     // w1 * fold row y where tap 1 is (bilinear), for y in increasing order. Both schedules below add in
     // exactly this order, so they give the same bits.
     auto add_scaled = [](T* dst, T w, const T* src, int64_t n) { add_scaled_cpu(dst, w, src, n); };
+
+    // Nearest only: image b's gate gradients hold d loss / d G1 and d loss / d G2 summed over the output
+    // pixels that read each native pixel (G is constant over them, so this is the same sum of the same
+    // per-pixel softmax backward); `nat` holds the image's native softmaxes (RowSampler's layout).
+    const int64_t hw1 = geo.h[K] * geo.w[K], hw2 = geo.h[K + 1] * geo.w[K + 1];
+    auto native_softmax_backward = [&](int64_t b, const T* nat) {
+      softmax_backward_cpu(nat, gG1 + b * MN * hw1, MN, N, hw1, hw1);
+      softmax_backward_cpu(nat + MN * hw1, gG2 + b * M * hw2, M, M, hw2, hw2);
+    };
 
     if (B >= at::get_num_threads()) {
       // Enough images for every thread: each image is owned by one thread, which streams its output rows
@@ -579,6 +600,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_backward_cpu(
               if (bilinear) add_scaled(base + t.i1 * w, t.w1, f.data() + col[p], w);
             }
           }
+          if (!bilinear) native_softmax_backward(b, r.rs.nat);  // the sampler holds image b's softmaxes
         }
       });
       return;
@@ -621,6 +643,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_backward_cpu(
         }
       }
     });
+    if (!bilinear) {
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        std::vector<T> nat(MN * hw1 + M * hw2);
+        for (int64_t b = begin; b < end; ++b) {
+          softmax_runs_cpu(gate1.data_ptr<T>() + b * MN * hw1, nat.data(), MN, N, hw1, hw1);
+          softmax_runs_cpu(gate2.data_ptr<T>() + b * M * hw2, nat.data() + MN * hw1, M, M, hw2, hw2);
+          native_softmax_backward(b, nat.data());
+        }
+      });
+    }
   });
   return {grad_experts, grad_gate1, grad_gate2};
 }
