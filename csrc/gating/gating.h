@@ -194,13 +194,18 @@ CK_HOST_DEVICE void fuse_backward(const T* __restrict__ e, const T* __restrict__
 template <typename T>
 CK_HOST_DEVICE void softmax_backward(const T* __restrict__ g, T* __restrict__ dg, int64_t channels, int64_t n,
                                      int64_t cs, int64_t np) {
-  for (int64_t first = 0; first < channels; first += n) {
-    const T* gr = g + first * cs;
-    T* d = dg + first * cs;
-    for (int64_t x = 0; x < np; ++x) {
-      T dot = 0;
-      for (int64_t j = 0; j < n; ++j) dot += gr[j * cs + x] * d[j * cs + x];
-      for (int64_t j = 0; j < n; ++j) d[j * cs + x] = gr[j * cs + x] * (d[j * cs + x] - dot);
+  constexpr int64_t L = 64;  // pixel tiles: channel-inner loops over a tile vectorize across pixels
+  T dot[L];
+  for (int64_t x0 = 0; x0 < np; x0 += L) {
+    const int64_t len = np - x0 < L ? np - x0 : L;
+    for (int64_t first = 0; first < channels; first += n) {
+      const T* gr = g + first * cs + x0;
+      T* d = dg + first * cs + x0;
+      for (int64_t x = 0; x < len; ++x) dot[x] = 0;
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t x = 0; x < len; ++x) dot[x] += gr[j * cs + x] * d[j * cs + x];
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t x = 0; x < len; ++x) d[j * cs + x] = gr[j * cs + x] * (d[j * cs + x] - dot[x]);
     }
   }
 }

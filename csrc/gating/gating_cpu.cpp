@@ -509,6 +509,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_backward_cpu(
     struct RowFolder {
       RowSampler<T> rs;
       T *gm, *de, *dl1, *dl2, *gf_row, *tmp, *ggm_rows;
+      // The source of each gathered gradient row (grad_final's, then grad_group_maps' M): an expanded
+      // gradient (the backward of a sum) has stride 0 and hands every row the same source, filled once.
+      std::vector<const T*> src;
     };
     auto make_folder = [&](at::Tensor& scratch) {
       auto rs = make_sampler(geo, experts, gate1, gate2, scratch, rows);
@@ -522,10 +525,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_backward_cpu(
       r.tmp = r.gf_row + RS;
       r.ggm_rows = r.tmp + 2 * RS;
       std::fill(r.gf_row, r.gf_row + W, T(0));
+      r.src.assign(1 + M, nullptr);
       return r;
     };
     // Copies n elements at stride sx (an expanded gradient has stride 0: a fill; contiguous: a copy).
-    auto strided_row = [](T* dst, const T* src, int64_t sx, int64_t n) {
+    auto strided_row = [](T* dst, const T* src, int64_t sx, int64_t n, const T*& last) {
+      if (sx == 0 && src == last) return;  // already filled with src[0]
+      last = sx == 0 ? src : nullptr;
       if (sx == 1) {
         std::copy(src, src + n, dst);
       } else if (sx == 0) {
@@ -539,13 +545,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_backward_cpu(
       r.rs.load(b, y);
       if (gf) {
         const T* src = gf + b * gf_t.stride(0) + y * gf_t.stride(2);
-        strided_row(r.gf_row, src, gf_t.stride(3), W);
+        strided_row(r.gf_row, src, gf_t.stride(3), W, r.src[0]);
       }
       if (ggm) {
         const int64_t sx = ggm_t.stride(3);
         for (int64_t i = 0; i < M; ++i) {
           const T* src = ggm + b * ggm_t.stride(0) + i * ggm_t.stride(1) + y * ggm_t.stride(2);
-          strided_row(r.ggm_rows + i * RS, src, sx, W);
+          strided_row(r.ggm_rows + i * RS, src, sx, W, r.src[1 + i]);
         }
       }
       const T* e = r.rs.erow();
