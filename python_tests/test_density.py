@@ -398,6 +398,33 @@ def _prepare_inputs(seed, dtype):
 
 @pytest.mark.skipif(not _ext.compiled(), reason="crowdkernels._C is not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("style", ["exact", "csrnet"])
+def test_adaptive_op_is_the_three_ops_in_a_row(style, dtype):
+    # density_maps' CPU fast path (one density_adaptive call) must give the bits of prepare -> kNN -> splat,
+    # which the rest of this file checks against the references: ragged images, an empty one, points
+    # outside the image, duplicates, integer-valued points.
+    size, code = (53, 71), {"exact": 0, "csrnet": 1}[style]
+    plist = [_clustered_points(300, size, seed=4), _random_points(0, size, seed=0), _random_points(2, size, seed=5),
+             _random_points(90, size, seed=6) * 1.1 - 2]
+    plist[0][7] = plist[0][3]
+    plist[2] = plist[2].floor()
+    pts = torch.cat(plist).to(dtype)
+    offsets = torch.tensor([0, 300, 300, 302, 392])
+    with _ext.poisoned_outputs():
+        got = torch.ops.crowdkernels.density_adaptive(pts, offsets, *size, code, 3, 0.3, 31.0, 4.0, 15, 2)
+        kept, koff, _ = torch.ops.crowdkernels.density_prepare(pts, offsets, *size, code)
+        sig = torch.ops.crowdkernels.knn_sigma(kept, koff, 3, 0.3, 31.0)
+        want = torch.ops.crowdkernels.density_splat(kept, koff, sig, *size, code, 4.0, 15, 2, False)
+    assert got.dtype == dtype and got.shape == (4, 1, 27, 36)
+    assert torch.equal(got[:, 0], want) and torch.isfinite(got).all()
+    # and density_maps takes it
+    assert torch.equal(ck.density_maps([p.to(dtype) for p in plist], size, style=style, stride=2), got)
+    with pytest.raises(RuntimeError, match="style must be 0"):
+        torch.ops.crowdkernels.density_adaptive(pts, offsets, *size, 2, 3, 0.3, 31.0, 4.0, 15, 2)
+
+
+@pytest.mark.skipif(not _ext.compiled(), reason="crowdkernels._C is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("style", STYLES)
 def test_prepare_matches_reference_and_vectorized(style, dtype):
     from crowdkernels.ops import density as D
@@ -478,6 +505,9 @@ def test_opcheck(device):
     if device == "cpu":  # density_prepare has a C++ CPU kernel; other devices run tensor ops
         for style in (0, 1, 2):
             torch.library.opcheck(torch.ops.crowdkernels.density_prepare.default, (pts * 1.2, offsets, 20, 30, style))
+        for style in (0, 1):  # the CPU-only fused adaptive pipeline
+            torch.library.opcheck(torch.ops.crowdkernels.density_adaptive.default,
+                                  (pts * 1.2, offsets, 20, 30, style, 3, 0.3, 6.0, 4.0, 15, 2))
     sig = torch.rand(40, dtype=torch.float64, device=device) + 0.5
     for style in (0, 1, 2):
         torch.library.opcheck(

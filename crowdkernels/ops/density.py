@@ -196,6 +196,12 @@ if _ext.compiled():
         n = torch.library.get_ctx().new_dynamic_size()
         return points.new_empty((n, 2)), offsets.new_empty(offsets.shape), offsets.new_empty((n,))
 
+    if hasattr(torch.ops.crowdkernels, "density_adaptive"):
+
+        @torch.library.register_fake("crowdkernels::density_adaptive")
+        def _adaptive_fake(points, offsets, height, width, style, k, beta, lone, truncate, kernel_size, stride):
+            return points.new_empty((offsets.shape[0] - 1, 1, -(-height // stride), -(-width // stride)))
+
     @torch.library.register_fake("crowdkernels::density_splat")
     def _splat_fake(points, offsets, sigma, height, width, style, truncate, kernel_size, stride, deterministic):
         return points.new_empty((offsets.shape[0] - 1, -(-height // stride), -(-width // stride)))
@@ -309,6 +315,11 @@ def density_maps(
     for n in counts:
         bounds.append(bounds[-1] + n)
     offsets = torch.tensor(bounds, dtype=torch.int64, device=device)
+    if sig is None and style != "matlab" and _ext.kernel_for(device, "density_adaptive") == "cpu":
+        # prepare, kNN and splat in one C++ call (the same bits as the three ops below)
+        return torch.ops.crowdkernels.density_adaptive(
+            pts, offsets, H, W, _STYLE_CODE[style], k, beta, (H + W) / 8.0, truncate, kernel_size, stride
+        )
     if style in ("exact", "csrnet") and pts.shape[0]:
         pts, offsets, index = _prepare(pts, offsets, H, W, style)
         sig = sig[index] if isinstance(sig, torch.Tensor) else sig

@@ -407,10 +407,24 @@ at::Tensor density_splat_cpu(const at::Tensor& points_in, const at::Tensor& offs
   return out;
 }
 
+at::Tensor density_adaptive_cpu(const at::Tensor& points, const at::Tensor& offsets, int64_t height, int64_t width,
+                                int64_t style, int64_t k, double beta, double lone, double truncate,
+                                int64_t kernel_size, int64_t stride) {
+  TORCH_CHECK(style == kExact || style == kCsrnet,
+              "density_adaptive: style must be 0 (exact) or 1 (csrnet), got ", style,
+              " (matlab's sigma is fixed, not adaptive)");
+  const auto prepared = density_prepare_cpu(points, offsets, height, width, style);
+  const at::Tensor& pts = std::get<0>(prepared);
+  const at::Tensor& off = std::get<1>(prepared);
+  const at::Tensor sigma = knn_sigma_cpu(pts, off, k, beta, lone);
+  return density_splat_cpu(pts, off, sigma, height, width, style, truncate, kernel_size, stride, false).unsqueeze(1);
+}
+
 }  // namespace density
 }  // namespace ck
 
 TORCH_LIBRARY_IMPL(crowdkernels, CPU, m) {
+  m.impl("density_adaptive", &ck::density::density_adaptive_cpu);
   m.impl("knn_sigma", &ck::density::knn_sigma_cpu);
   m.impl("density_splat", &ck::density::density_splat_cpu);
   m.impl("density_prepare", &ck::density::density_prepare_cpu);
