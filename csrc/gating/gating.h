@@ -74,36 +74,10 @@ CK_HOST_DEVICE void scatter_row(T* row, bool bilinear, const Taps<T>& tx, T g) {
   if (bilinear) row[tx.i1] += tx.w1 * g;
 }
 
-// In-place softmax of v[0], v[s], ..., v[(n-1)*s] (max subtracted, so large logits do not overflow).
-// Channel strides let the CPU loop keep a pixel's channels in rows of a row buffer.
-template <typename T>
-CK_HOST_DEVICE void softmax(T* v, int64_t n, int64_t s = 1) {
-  T mx = v[0];
-  for (int64_t i = 1; i < n; ++i) mx = v[i * s] > mx ? v[i * s] : mx;
-  T sum = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    // exp(+-0) is exactly 1: the channel(s) holding the max skip the call (same bits; a NaN difference,
-    // e.g. inf - inf, is not 0 and still goes through exp).
-    const T d = v[i * s] - mx;
-    v[i * s] = d == static_cast<T>(0) ? static_cast<T>(1) : static_cast<T>(exp(d));
-    sum += v[i * s];
-  }
-  const T inv = static_cast<T>(1) / sum;
-  for (int64_t i = 0; i < n; ++i) v[i * s] *= inv;
-}
-
-// The gates at one pixel: g1[M*N] and g2[M] (channel stride s) hold the logits sampled there and become G1
-// (softmax over each group's N channels) and G2 (softmax over the M groups) in place.
-template <typename T>
-CK_HOST_DEVICE void softmax_gates(T* g1, T* g2, int64_t M, int64_t N, int64_t s = 1) {
-  for (int64_t i = 0; i < M; ++i) softmax(g1 + i * N * s, N, s);
-  softmax(g2, M, s);
-}
-
 // Eq. 1 at a run of n consecutive pixels (n = 1: one pixel). Every array holds channel c of pixel x at
-// [c * s + x]: e[K], the experts sampled there; g1[M*N], g2[M], G1 and G2 (softmax_gates). gm[M] (channel
-// stride gs) receives the group maps, final[n] the fused density. Channel-major loops over the run let the
-// CPU loop vectorize across pixels; the sums run in the same order (j, then i) for every n.
+// [c * s + x]: e[K], the experts sampled there; g1[M*N] and g2[M], G1 and G2 there (already softmaxed).
+// gm[M] (channel stride gs) receives the group maps, final[n] the fused density. Channel-major loops over
+// the run let the CPU loop vectorize across pixels; the sums run in the same order (j, then i) for every n.
 template <typename T>
 CK_HOST_DEVICE void fuse_forward(const T* __restrict__ e, const T* __restrict__ g1, const T* __restrict__ g2,
                                  T* __restrict__ gm, T* __restrict__ final_, const int64_t* groups, int64_t M,

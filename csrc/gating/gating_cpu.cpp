@@ -10,7 +10,9 @@
 // increasing output-row order. With at least as many images as threads, each image belongs to one thread,
 // which does both steps as it streams its rows; otherwise pass 1 folds all rows in parallel into a buffer and
 // pass 2 hands each native row to one work item. Both schedules add the same terms in the same order, so no two
-// threads ever add to one element and the bits are the same whatever torch.set_num_threads says.
+// threads ever add to one element and the bits are the same whatever torch.set_num_threads says. With nearest
+// upsampling, the gates' softmax (forward) and softmax backward run per image at native resolution: pure
+// functions of the image's inputs, so whichever thread runs them gets the same bits.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
