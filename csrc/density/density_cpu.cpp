@@ -211,19 +211,20 @@ __attribute__((always_inline)) inline void band_impl(const Window* __restrict__ 
       }
       continue;
     }
+    constexpr int64_t L = Vec<acc_t>::lanes;
+    const int64_t x0a = w.x0 - w.x0 % L;  // the window's first column, rounded down to a whole vector
     const acc_t* gy = wy + wy_off[i] - w.y0;
-    const acc_t* gx = wx + wx_off[i] - w.x0;
+    const acc_t* gx = wx + wx_off[i] - x0a;  // x-weights from x0a (zeros before x0), see splat_cpu_impl
     if (stride == 1) {
       // The common case, kept free of integer divisions (one per row cost as much as the row's FMAs), in
-      // whole 32-byte vectors: each window's x-weights are zero-padded to a whole number of vectors, so
-      // the row needs no scalar tail unless the padding would pass the end of the output row (adding
-      // 0 * f changes no element: the band starts at +0 and weights are finite).
+      // aligned whole 32-byte vectors: each window's x-weights start at x0a and are zero-padded to whole
+      // vectors, and the band rows (acc, Ws apart) are vector-aligned with room for the overhang, so no
+      // access splits a cache line and no row needs a scalar tail. Adding 0 * f changes no element: the
+      // band starts at +0 and the weights are finite.
       using V = typename Vec<acc_t>::type;
-      constexpr int64_t L = Vec<acc_t>::lanes;
-      const int64_t n = w.x1 - w.x0 + 1;
-      const int64_t nv = w.x0 + (n + L - 1) / L * L <= Ws ? (n + L - 1) / L : n / L;
-      const acc_t* __restrict__ src = gx + w.x0;
-      acc_t* __restrict__ dst = acc + (ra - orow0) * Ws + w.x0;
+      const int64_t nv = (w.x1 - x0a + L) / L;
+      const acc_t* __restrict__ src = gx + x0a;
+      acc_t* __restrict__ dst = acc + (ra - orow0) * Ws + x0a;
       for (int64_t r = ra; r <= rb; ++r, dst += Ws) {
         const acc_t f = gy[r];
         for (int64_t v = 0; v < nv; ++v) {
@@ -233,7 +234,6 @@ __attribute__((always_inline)) inline void band_impl(const Window* __restrict__ 
           d += f * x;
           std::memcpy(dst + v * L, &d, sizeof(V));
         }
-        for (int64_t c = nv * L; c < n; ++c) dst[c] += f * src[c];
       }
     } else {
       for (int64_t r = ra; r <= rb; ++r) {
@@ -274,8 +274,9 @@ void splat_cpu_impl(const double* pts, const int64_t* off, const double* sigma, 
   std::vector<int64_t> wy_off(T + 1, 0), wx_off(T + 1, 0);
   for (int64_t i = 0; i < T; ++i) {
     wy_off[i + 1] = wy_off[i] + std::max<int64_t>(win[i].y1 - win[i].y0 + 1, 0);
-    // zero-padded to whole vectors (see band_impl)
-    const int64_t nx = std::max<int64_t>(win[i].x1 - win[i].x0 + 1, 0), L = Vec<scalar_t>::lanes;
+    // from x0 rounded down to a whole vector, zero-padded to whole vectors (see band_impl)
+    const int64_t L = Vec<scalar_t>::lanes;
+    const int64_t nx = win[i].x1 >= win[i].x0 ? win[i].x1 - (win[i].x0 - win[i].x0 % L) + 1 : 0;
     wx_off[i + 1] = wx_off[i] + (nx + L - 1) / L * L;
   }
   using acc_t = scalar_t;
@@ -292,7 +293,7 @@ void splat_cpu_impl(const double* pts, const int64_t* off, const double* sigma, 
       Window& w = win[i];
       if (w.y0 > w.y1 || w.x0 > w.x1) continue;  // an out-of-image point: no weights
       acc_t* gy = wy.data() + wy_off[i];
-      acc_t* gx = wx.data() + wx_off[i];
+      acc_t* gx = wx.data() + wx_off[i] + w.x0 % Vec<acc_t>::lanes;  // gx[0] is column x0
       if (style != kMatlab) {
         // Integral centres: both axes read one table g(d) = exp(-a d^2), d = 0..R, one recurrence per
         // point instead of one per axis (the chained multiplies of gauss_run bound this phase).
@@ -372,17 +373,26 @@ void splat_cpu_impl(const double* pts, const int64_t* off, const double* sigma, 
     }
   }
 
-  // 3. every band zeroed and accumulated in place by one task (every element written), in the output's
-  // precision; a band stays in L1/L2 while its points are added
+  // 3. every band accumulated by one task, in the output's precision, in a zeroed per-thread scratch band
+  // (64-byte aligned rows of WsP >= Ws + one vector: band_impl's aligned whole-vector rows), then copied
+  // to the output rows, every element of which it writes. The scratch stays in L1/L2 and is zeroed there:
+  // zeroing the output itself first fetched every line of it from memory only to overwrite it.
+  constexpr int64_t L = Vec<scalar_t>::lanes, kAlign = 64 / sizeof(scalar_t);
+  const int64_t WsP = (Ws + L + kAlign - 1) / kAlign * kAlign;
   ck::parallel_dynamic(B * bands, [&](int64_t t) {
+    thread_local std::vector<scalar_t> scratch_store;
+    if (scratch_store.size() < (size_t)(kBandRows * WsP + kAlign)) scratch_store.resize(kBandRows * WsP + kAlign);
+    scalar_t* scratch = scratch_store.data();
+    scratch += (kAlign - ((uintptr_t)scratch / sizeof(scalar_t)) % kAlign) % kAlign;
     const int64_t b = t / bands, band = t % bands;
     const int64_t orow0 = band * kBandRows, orow1 = std::min(orow0 + kBandRows, Hs);  // output rows
     const int64_t row0 = orow0 * stride, row1 = std::min(orow1 * stride, H);            // full-res rows
-    scalar_t* o = out + (b * Hs + orow0) * Ws;
-    std::fill(o, o + (orow1 - orow0) * Ws, scalar_t(0));
+    std::fill(scratch, scratch + (orow1 - orow0) * WsP, scalar_t(0));
     accumulate_band(win.data(), wy.data(), wy_off.data(), wx.data(), wx_off.data(), thresholded.data(),
                     band_points.data() + band_start[t], band_start[t + 1] - band_start[t], row0, row1, orow0,
-                    stride, Ws, o);
+                    stride, WsP, scratch);
+    scalar_t* o = out + (b * Hs + orow0) * Ws;
+    for (int64_t r = 0; r < orow1 - orow0; ++r) std::memcpy(o + r * Ws, scratch + r * WsP, Ws * sizeof(scalar_t));
   });
 }
 
