@@ -218,9 +218,9 @@ __attribute__((always_inline)) inline void band_impl(const Window* __restrict__ 
     if (stride == 1) {
       // The common case, kept free of integer divisions (one per row cost as much as the row's FMAs), in
       // aligned whole 32-byte vectors: each window's x-weights start at x0a and are zero-padded to whole
-      // vectors, and the band rows (acc, Ws apart) are vector-aligned with room for the overhang, so no
-      // access splits a cache line and no row needs a scalar tail. Adding 0 * f changes no element: the
-      // band starts at +0 and the weights are finite.
+      // vectors, and the band rows (acc, Ws apart) are vector-aligned and a whole number of vectors wide
+      // (see splat_cpu_impl), so no access splits a cache line and no row needs a scalar tail. Adding 0 * f
+      // changes no element: the band starts at +0 and the weights are finite.
       using V = typename Vec<acc_t>::type;
       const int64_t nv = (w.x1 - x0a + L) / L;
       const acc_t* __restrict__ src = gx + x0a;
@@ -373,26 +373,32 @@ void splat_cpu_impl(const double* pts, const int64_t* off, const double* sigma, 
     }
   }
 
-  // 3. every band accumulated by one task, in the output's precision, in a zeroed per-thread scratch band
-  // (64-byte aligned rows of WsP >= Ws + one vector: band_impl's aligned whole-vector rows), then copied
-  // to the output rows, every element of which it writes. The scratch stays in L1/L2 and is zeroed there:
-  // zeroing the output itself first fetched every line of it from memory only to overwrite it.
+  // 3. every band accumulated by one task, in the output's precision, in rows that band_impl can cover with
+  // aligned whole vectors: the output's own rows when they are (a width that is a whole number of vectors:
+  // zeroed in place, where the fill's fast-string stores skip reading the lines they overwrite), else a
+  // zeroed per-thread scratch band of 64-byte aligned rows WsP >= Ws + one vector apart, copied out. Every
+  // output element is written; the scratch stays in L1/L2. Both give the same bits.
   constexpr int64_t L = Vec<scalar_t>::lanes, kAlign = 64 / sizeof(scalar_t);
-  const int64_t WsP = (Ws + L + kAlign - 1) / kAlign * kAlign;
+  const bool in_place = Ws % L == 0 && reinterpret_cast<uintptr_t>(out) % (L * sizeof(scalar_t)) == 0;
+  const int64_t WsP = in_place ? Ws : (Ws + L + kAlign - 1) / kAlign * kAlign;
   ck::parallel_dynamic(B * bands, [&](int64_t t) {
-    thread_local std::vector<scalar_t> scratch_store;
-    if (scratch_store.size() < (size_t)(kBandRows * WsP + kAlign)) scratch_store.resize(kBandRows * WsP + kAlign);
-    scalar_t* scratch = scratch_store.data();
-    scratch += (kAlign - ((uintptr_t)scratch / sizeof(scalar_t)) % kAlign) % kAlign;
     const int64_t b = t / bands, band = t % bands;
     const int64_t orow0 = band * kBandRows, orow1 = std::min(orow0 + kBandRows, Hs);  // output rows
     const int64_t row0 = orow0 * stride, row1 = std::min(orow1 * stride, H);            // full-res rows
-    std::fill(scratch, scratch + (orow1 - orow0) * WsP, scalar_t(0));
+    scalar_t* o = out + (b * Hs + orow0) * Ws;
+    scalar_t* acc = o;
+    if (!in_place) {
+      thread_local std::vector<scalar_t> scratch;
+      if (scratch.size() < (size_t)(kBandRows * WsP + kAlign)) scratch.resize(kBandRows * WsP + kAlign);
+      acc = scratch.data();
+      acc += (kAlign - (reinterpret_cast<uintptr_t>(acc) / sizeof(scalar_t)) % kAlign) % kAlign;
+    }
+    std::fill(acc, acc + (orow1 - orow0) * WsP, scalar_t(0));
     accumulate_band(win.data(), wy.data(), wy_off.data(), wx.data(), wx_off.data(), thresholded.data(),
                     band_points.data() + band_start[t], band_start[t + 1] - band_start[t], row0, row1, orow0,
-                    stride, WsP, scratch);
-    scalar_t* o = out + (b * Hs + orow0) * Ws;
-    for (int64_t r = 0; r < orow1 - orow0; ++r) std::memcpy(o + r * Ws, scratch + r * WsP, Ws * sizeof(scalar_t));
+                    stride, WsP, acc);
+    if (!in_place)
+      for (int64_t r = 0; r < orow1 - orow0; ++r) std::memcpy(o + r * Ws, acc + r * WsP, Ws * sizeof(scalar_t));
   });
 }
 
