@@ -130,9 +130,10 @@ def test_cpu_forward_backward(benchmark, impl, out):
     inputs = make_inputs(B, scale)
     benchmark.group = f"gating cpu fwd+bwd B={B} out={size}x{size}"
     benchmark.extra_info["threads"] = torch.get_num_threads()
-    # 25 rounds at 128x128 (a few ms each), 7 at 512x512: medians of this many samples ride out this VM's
-    # noise bursts.
-    rounds = 1 if benchmark.disabled else (25 if out <= 128 else 7)
+    # This VM has slow spells of several seconds (everything 1.5-2x slower): rounds enough for each side to
+    # span a second or more (400 at 128x128, 1.3-7 ms each; 20 at 512x512, 11-130 ms each), so that one
+    # spell cannot decide a median.
+    rounds = 1 if benchmark.disabled else (400 if out <= 128 else 20)
     benchmark.pedantic(step, args=(impl, *inputs, (size, size)), rounds=rounds,
                        warmup_rounds=0 if benchmark.disabled else 3)
     if not benchmark.disabled:
