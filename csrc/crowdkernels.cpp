@@ -65,8 +65,9 @@ TORCH_LIBRARY(crowdkernels, m) {
 
 
   // ---------------------------------------------------------------- gating (csrc/gating)
-  // HMoDE eq. 1. experts: [B, S], the K expert planes flattened and concatenated (expert k is [h_k, w_k],
-  // expert_sizes = [h_0, w_0, h_1, w_1, ...]); gate1: [B, M*N, hg1, wg1] logits (softmax over each group's
+  // HMoDE eq. 1. experts: the K expert planes (expert k is [h_k, w_k], expert_sizes = [h_0, w_0, h_1, w_1,
+  // ...], S = sum_k h_k * w_k) packed as [B, S] (image-major: each image's planes, concatenated) or as
+  // [B * S] (expert-major: each expert's [B, h_k, w_k] block, concatenated); gate1: [B, M*N, hg1, wg1] logits (softmax over each group's
   // N channels); gate2: [B, M, hg2, wg2] logits (softmax over M); groups: [M, N] int64 expert indices. Every
   // input is sampled at the [height, width] output as F.interpolate(mode="bilinear" if bilinear else
   // "nearest", align_corners=False) would. Returns final [B, 1, H, W], group_maps [B, M, H, W] and
@@ -74,8 +75,8 @@ TORCH_LIBRARY(crowdkernels, m) {
   m.def(
       "gating_forward(Tensor experts, int[] expert_sizes, Tensor gate1, Tensor gate2, Tensor groups, "
       "int height, int width, bool bilinear) -> (Tensor, Tensor, Tensor)");
-  // Gradients of gating_forward for experts [B, S], gate1 and gate2, at their native resolution, from the
-  // gradients of its three outputs (an absent one counts as zero).
+  // Gradients of gating_forward for experts (in their layout), gate1 and gate2, at their native resolution,
+  // from the gradients of its three outputs (an absent one counts as zero).
   m.def(
       "gating_backward(Tensor? grad_final, Tensor? grad_group_maps, Tensor? grad_importance, Tensor experts, "
       "int[] expert_sizes, Tensor gate1, Tensor gate2, Tensor groups, int height, int width, bool bilinear) "

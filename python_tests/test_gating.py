@@ -172,16 +172,53 @@ def test_cpu_backward_is_deterministic_across_thread_counts():
             assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
 
-def _op_args(mode="nearest", B=2, size=(7, 9)):
+LAYOUTS = ["image_major", "expert_major"]
+
+
+def _pack(experts, layout):
+    """The two packings the ops take: [B, S] (each image's planes in turn) or [B * S] (each expert's block)."""
+    B = experts[0].shape[0]
+    if layout == "image_major":
+        return torch.cat([e.reshape(B, -1) for e in experts], 1)
+    return torch.cat([e.reshape(-1) for e in experts])
+
+
+def _op_args(mode="nearest", B=2, size=(7, 9), layout="image_major"):
     experts, g1, g2, groups = make_inputs([(4, 5), (2, 3), (3, 2)], None, (2, 3), (3, 3), B=B)
-    packed = torch.cat([e.reshape(B, -1) for e in experts], 1)
     sizes = [s for e in experts for s in e.shape[2:]]
-    return packed, sizes, g1, g2, groups, size[0], size[1], mode == "bilinear"
+    return _pack(experts, layout), sizes, g1, g2, groups, size[0], size[1], mode == "bilinear"
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_opcheck_cpp(mode):
-    packed, sizes, g1, g2, groups, H, W, bil = _op_args(mode)
+def test_layouts_give_the_same_bits(mode):
+    # The same experts packed image-major and expert-major: the same outputs, and the same expert gradients
+    # (each in its input's layout).
+    experts, g1, g2, groups = make_inputs([(9, 11), (5, 6), (3, 3)], None, (3, 4), (5, 3), B=3)
+    grads = upstream(3, 3, 2, (23, 29), torch.float64, "cpu")
+    sizes = [s for e in experts for s in e.shape[2:]]
+    ops = [(torch.ops.crowdkernels.gating_forward, torch.ops.crowdkernels.gating_backward)]
+    if gating_mod._TRITON_OPS and os.environ.get("TRITON_INTERPRET") == "1":
+        ops.append((torch.ops.crowdkernels.gating_forward_triton, torch.ops.crowdkernels.gating_backward_triton))
+    for fwd, bwd in ops:
+        res = {}
+        for layout in LAYOUTS:
+            packed = _pack(experts, layout)
+            args = (packed, sizes, g1, g2, groups, 23, 29, mode == "bilinear")
+            with _ext.poisoned_outputs():
+                res[layout] = (fwd(*args), bwd(*grads, *args))
+        (out_i, (ge_i, g1_i, g2_i)), (out_e, (ge_e, g1_e, g2_e)) = res["image_major"], res["expert_major"]
+        assert all(torch.equal(a, b) for a, b in zip(out_i, out_e))
+        assert torch.equal(g1_i, g1_e) and torch.equal(g2_i, g2_e)
+        splits = [h * w for h, w in zip(sizes[::2], sizes[1::2])]
+        per_expert_i = [t.reshape(-1) for t in ge_i.split(splits, dim=1)]
+        per_expert_e = list(ge_e.split([3 * n for n in splits]))
+        assert all(torch.equal(a, b) for a, b in zip(per_expert_i, per_expert_e))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", MODES)
+def test_opcheck_cpp(mode, layout):
+    packed, sizes, g1, g2, groups, H, W, bil = _op_args(mode, layout=layout)
     fwd = (packed.requires_grad_(), sizes, g1.requires_grad_(), g2.requires_grad_(), groups, H, W, bil)
     torch.library.opcheck(torch.ops.crowdkernels.gating_forward.default, fwd)
     grads = upstream(2, 3, 2, (H, W), torch.float64, "cpu")
@@ -336,12 +373,13 @@ def test_triton_half_precision_accumulates_in_float32(dtype):
 
 
 @triton_runs
-def test_opcheck_triton():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck_triton(layout):
     # test_aot_dispatch_dynamic is left out: under TRITON_INTERPRET=1 torch's wrap_triton returns the
     # interpreted kernel instead of a traceable wrapper, so AOT tracing cannot record the launch (the ops
     # skip launches on fake tensors there). On a GPU the full opcheck runs (test_opcheck_triton_cuda).
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    packed, sizes, g1, g2, groups, H, W, bil = _op_args("bilinear", B=1, size=(5, 6))
+    packed, sizes, g1, g2, groups, H, W, bil = _op_args("bilinear", B=1, size=(5, 6), layout=layout)
     fwd = (packed.requires_grad_(), sizes, g1.requires_grad_(), g2.requires_grad_(), groups, H, W, bil)
     torch.library.opcheck(torch.ops.crowdkernels.gating_forward_triton.default, fwd, test_utils=utils)
     grads = upstream(1, 3, 2, (H, W), torch.float64, "cpu")
@@ -351,9 +389,10 @@ def test_opcheck_triton():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not gating_mod._TRITON_OPS, reason="needs a CUDA GPU and Triton")
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mode", MODES)
-def test_opcheck_triton_cuda(mode):
-    packed, sizes, g1, g2, groups, H, W, bil = _op_args(mode, B=2, size=(37, 41))
+def test_opcheck_triton_cuda(mode, layout):
+    packed, sizes, g1, g2, groups, H, W, bil = _op_args(mode, B=2, size=(37, 41), layout=layout)
     packed, g1, g2, groups = (t.cuda() for t in (packed, g1, g2, groups))
     fwd = (packed.requires_grad_(), sizes, g1.requires_grad_(), g2.requires_grad_(), groups, H, W, bil)
     torch.library.opcheck(torch.ops.crowdkernels.gating_forward_triton.default, fwd)

@@ -92,7 +92,10 @@ def hierarchical_gating(
             planes = [packed_e.unsqueeze(1) for packed_e in experts.unbind(1)]
         return GatingOutput(*reference.hierarchical_gating(planes, gate1_logits, gate2_logits, groups, (H, W), upsample))
     if packed is None:
-        packed = torch.cat([p.reshape(B, -1) for p in planes], dim=1)
+        # Expert-major ([B * S]: each expert's [B, h, w] block in turn): autograd hands each expert's gradient
+        # back as a contiguous slice of the op's, which the leaves then take without a copy. An image-major
+        # [B, S] packing would leave three strided slices to copy at every backward.
+        packed = torch.cat([p.reshape(-1) for p in planes])
     op = torch.ops.crowdkernels.gating_forward_triton if backend == "triton" else torch.ops.crowdkernels.gating_forward
     final, group_maps, importance = op(
         packed, sizes, gate1_logits, gate2_logits, groups, H, W, upsample == "bilinear"
@@ -220,7 +223,7 @@ def _check_size(size, sizes):
 
 
 def _fake_forward(experts, expert_sizes, gate1, gate2, groups, height, width, bilinear):
-    B = experts.shape[0]
+    B = gate1.shape[0]  # experts may be [B * S] (expert-major)
     M, N = groups.shape
     return (
         experts.new_empty(B, 1, height, width),

@@ -1,8 +1,10 @@
 // Hierarchical gating fusion (HMoDE eq. 1): C++ (OpenMP through at::parallel_for) forward and backward.
 //
-// Experts arrive packed: `experts` is [B, S], expert k's [h_k, w_k] plane starting at column
-// sum_{k' < k} h_k' * w_k' (expert_sizes = [h_0, w_0, h_1, w_1, ...]). Gates are [B, M*N, hg1, wg1] and
-// [B, M, hg2, wg2]. Everything is sampled at the [H, W] output pixel as F.interpolate would sample it.
+// Experts arrive packed (expert_sizes = [h_0, w_0, h_1, w_1, ...], S = sum_k h_k * w_k), in one of two
+// layouts: [B, S], image-major (image b's expert k at b * S + sum_{k' < k} h_k' * w_k'; a [B, K, h, w]
+// stack is this, unmoved), or [B * S], expert-major (expert k's [B, h_k, w_k] block at
+// B * sum_{k' < k} h_k' * w_k': the concatenation of a list of experts, whose gradients autograd then
+// hands back as contiguous slices, with no copy). Gates are [B, M*N, hg1, wg1] and [B, M, hg2, wg2]. Everything is sampled at the [H, W] output pixel as F.interpolate would sample it.
 //
 // Determinism: the forward writes each output pixel from one thread, and the per-row importance partials are
 // summed over rows in a fixed order. In the backward, each output row is first folded onto the native columns
@@ -159,7 +161,8 @@ struct Geometry {
   int64_t RS;
   bool bilinear;
   std::vector<int64_t> h, w;      // [K + 2]
-  std::vector<int64_t> offset;    // [K]: expert k's first column in the packed [B, S] tensor
+  std::vector<int64_t> offset;    // [K]: where expert k's plane of image 0 starts in the packed experts
+  std::vector<int64_t> bstride;   // [K]: from image b's plane to image b + 1's
   std::vector<std::vector<Taps<T>>> ty, tx;  // [K + 2][H], [K + 2][W]
   // Nearest only: the source column of every output column, as a plain index array ([K + 2][W]), and the
   // integer factor f when output column x reads source column x / f exactly (W = f * w), else 0.
@@ -173,8 +176,7 @@ Geometry<T> make_geometry(const at::Tensor& experts, at::IntArrayRef sizes, cons
                           const at::Tensor& gate2, const at::Tensor& groups, int64_t H, int64_t W,
                           bool bilinear) {
   Geometry<T> g;
-  g.B = experts.size(0);
-  g.S = experts.size(1);
+  g.B = gate1.size(0);  // a [B * S] (expert-major) experts tensor does not show B
   g.K = static_cast<int64_t>(sizes.size()) / 2;
   g.M = groups.size(0);
   g.N = groups.size(1);
@@ -184,13 +186,18 @@ Geometry<T> make_geometry(const at::Tensor& experts, at::IntArrayRef sizes, cons
   if ((g.RS / 16) % 2 == 0) g.RS += 16;
   g.bilinear = bilinear;
   int64_t off = 0;
+  for (int64_t k = 0; k < g.K; ++k) off += sizes[2 * k] * sizes[2 * k + 1];
+  g.S = off;
+  const bool expert_major = experts.dim() == 1;
+  off = 0;
   for (int64_t k = 0; k < g.K; ++k) {
+    const int64_t hw = sizes[2 * k] * sizes[2 * k + 1];
     g.h.push_back(sizes[2 * k]);
     g.w.push_back(sizes[2 * k + 1]);
-    g.offset.push_back(off);
-    off += sizes[2 * k] * sizes[2 * k + 1];
+    g.offset.push_back(expert_major ? g.B * off : off);
+    g.bstride.push_back(expert_major ? hw : g.S);
+    off += hw;
   }
-  TORCH_CHECK(off == g.S, "experts has ", g.S, " columns but expert_sizes describe ", off);
   g.h.push_back(gate1.size(2));
   g.w.push_back(gate1.size(3));
   g.h.push_back(gate2.size(2));
@@ -221,7 +228,8 @@ Geometry<T> make_geometry(const at::Tensor& experts, at::IntArrayRef sizes, cons
 void check_inputs(const at::Tensor& experts, at::IntArrayRef sizes, const at::Tensor& gate1,
                   const at::Tensor& gate2, const at::Tensor& groups, int64_t H, int64_t W) {
   CK_CHECK_FLOATING(experts);
-  CK_CHECK_DIM(experts, 2);
+  TORCH_CHECK(experts.dim() == 1 || experts.dim() == 2,
+              "experts must be [B, S] (image-major) or [B * S] (expert-major), got ", experts.dim(), " dims");
   CK_CHECK_DIM(gate1, 4);
   CK_CHECK_DIM(gate2, 4);
   CK_CHECK_DIM(groups, 2);
@@ -233,7 +241,12 @@ void check_inputs(const at::Tensor& experts, at::IntArrayRef sizes, const at::Te
   TORCH_CHECK(H > 0 && W > 0, "height and width must be positive, got ", H, "x", W);
   const int64_t K = static_cast<int64_t>(sizes.size()) / 2, M = groups.size(0), N = groups.size(1);
   TORCH_CHECK(M >= 1 && N >= 1 && N <= K, "groups must be [M, N] with 1 <= N <= K");
-  TORCH_CHECK(gate1.size(0) == experts.size(0) && gate2.size(0) == experts.size(0), "batch sizes differ");
+  const int64_t B = gate1.size(0);
+  TORCH_CHECK(gate2.size(0) == B && (experts.dim() == 1 || experts.size(0) == B), "batch sizes differ");
+  int64_t S = 0;
+  for (size_t k = 0; k + 1 < sizes.size(); k += 2) S += sizes[k] * sizes[k + 1];
+  TORCH_CHECK(experts.dim() == 1 ? experts.numel() == B * S : experts.size(1) == S, "experts has shape ",
+              experts.sizes(), " but expert_sizes describe ", S, " elements per image (B = ", B, ")");
   TORCH_CHECK(gate1.size(1) == M * N, "gate1 must have M*N = ", M * N, " channels, got ", gate1.size(1));
   TORCH_CHECK(gate2.size(1) == M, "gate2 must have M = ", M, " channels, got ", gate2.size(1));
   // A loop, not groups.min()/max(): four dispatched ops per call cost more than the check (groups is tiny).
@@ -300,7 +313,7 @@ struct RowSampler {
       for (int64_t k = 0; k < K; ++k) {
         const int64_t sy = g.ty[k][y].i0, key = b * g.h[k] + sy;
         if (ekey[k] == key) continue;
-        const T* src = E + b * g.S + g.offset[k] + sy * g.w[k];
+        const T* src = E + g.offset[k] + b * g.bstride[k] + sy * g.w[k];
         T* dst = erow() + k * RS;
         gather_row(dst, src, g.ix[k].data(), g.fx[k], W);
         ekey[k] = key;
@@ -326,7 +339,7 @@ struct RowSampler {
       return;
     }
     for (int64_t k = 0; k < K; ++k) {
-      const T* plane = E + b * g.S + g.offset[k];
+      const T* plane = E + g.offset[k] + b * g.bstride[k];
       const Taps<T> ty = g.ty[k][y];
       const Taps<T>* tx = g.tx[k].data();
       T* dst = erow() + k * RS;
@@ -399,7 +412,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_forward_cpu(const at::Tens
   const auto gate1 = gate1_.contiguous();
   const auto gate2 = gate2_.contiguous();
   const auto groups = groups_.contiguous();
-  const int64_t B = experts.size(0), M = groups.size(0), N = groups.size(1), H = height, W = width;
+  const int64_t B = gate1.size(0), M = groups.size(0), N = groups.size(1), H = height, W = width;
   auto final_ = ck::new_output({B, 1, H, W}, experts.options());
   auto group_maps = ck::new_output({B, M, H, W}, experts.options());
   auto importance = ck::new_output({B, M, N}, experts.options());
@@ -453,7 +466,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_backward_cpu(
   const auto gate1 = gate1_.contiguous();
   const auto gate2 = gate2_.contiguous();
   const auto groups = groups_.contiguous();
-  const int64_t B = experts.size(0), M = groups.size(0), N = groups.size(1), H = height, W = width;
+  const int64_t B = gate1.size(0), M = groups.size(0), N = groups.size(1), H = height, W = width;
   const int64_t K = static_cast<int64_t>(expert_sizes.size()) / 2, MN = M * N;
   auto opt = [&](const std::optional<at::Tensor>& t, at::IntArrayRef shape, const char* name) {
     if (!t.has_value() || !t->defined()) return at::Tensor();
@@ -496,7 +509,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gating_backward_cpu(
     const int64_t rows_per_image = row_start[P];
     // Batch stride of each plane's gradient, and its offset inside image 0.
     auto plane_base = [&](int64_t p, int64_t b) -> T* {
-      if (p < K) return gE + b * geo.S + geo.offset[p];
+      if (p < K) return gE + geo.offset[p] + b * geo.bstride[p];
       const int64_t hw1 = geo.h[K] * geo.w[K], hw2 = geo.h[K + 1] * geo.w[K + 1];
       if (p < K + MN) return gG1 + (b * MN + (p - K)) * hw1;
       return gG2 + (b * M + (p - K - MN)) * hw2;

@@ -70,7 +70,7 @@ def _scatter(ptr, h, w, y, x, sy, sx, g, mask, BILINEAR: tl.constexpr, ACC: tl.c
 
 
 @triton.jit
-def _pixel_state(E, GEO, SCL, G1, G2, GROUPS, b, pix, S, H, W,
+def _pixel_state(E, GEO, SCL, G1, G2, GROUPS, b, pix, H, W,
                  K: tl.constexpr, M: tl.constexpr, N: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr,
                  BILINEAR: tl.constexpr, ACC: tl.constexpr):
     """Everything eq. 1 needs at BLOCK output pixels: sampled experts E_ij and G1 ([BLOCK, MP, NP]), G2 and
@@ -84,18 +84,20 @@ def _pixel_state(E, GEO, SCL, G1, G2, GROUPS, b, pix, S, H, W,
     m3 = pmask[:, None, None] & cmask
     y3 = y[:, None, None]
     x3 = x[:, None, None]
-    # Expert of each (i, j): its geometry (h, w, offset in the packed [B, S] row) and scales.
+    # Expert of each (i, j): its geometry (h, w, offset of image 0's plane in the packed experts, batch
+    # stride) and scales.
     k = tl.load(GROUPS + ii * N + jj, mask=cmask, other=0)
-    eh = tl.load(GEO + k * 3)
-    ew = tl.load(GEO + k * 3 + 1)
-    eoff = tl.load(GEO + k * 3 + 2).to(tl.int64)
+    eh = tl.load(GEO + k * 4)
+    ew = tl.load(GEO + k * 4 + 1)
+    eoff = tl.load(GEO + k * 4 + 2).to(tl.int64)
+    ebs = tl.load(GEO + k * 4 + 3).to(tl.int64)
     esy = tl.load(SCL + k * 2)
     esx = tl.load(SCL + k * 2 + 1)
-    e_off = b * S + eoff
+    e_off = b * ebs + eoff
     e = _sample(E + e_off, eh, ew, y3, x3, esy, esx, m3, BILINEAR, ACC)
     # G1: softmax over each group's N channels (padding -> weight 0).
-    h1 = tl.load(GEO + K * 3)
-    w1 = tl.load(GEO + K * 3 + 1)
+    h1 = tl.load(GEO + K * 4)
+    w1 = tl.load(GEO + K * 4 + 1)
     s1y = tl.load(SCL + K * 2)
     s1x = tl.load(SCL + K * 2 + 1)
     c = ii * N + jj
@@ -110,8 +112,8 @@ def _pixel_state(E, GEO, SCL, G1, G2, GROUPS, b, pix, S, H, W,
     i2 = tl.arange(0, MP)[None, :]
     mask2 = i2 < M
     m2 = pmask[:, None] & mask2
-    h2 = tl.load(GEO + (K + 1) * 3)
-    w2 = tl.load(GEO + (K + 1) * 3 + 1)
+    h2 = tl.load(GEO + (K + 1) * 4)
+    w2 = tl.load(GEO + (K + 1) * 4 + 1)
     s2y = tl.load(SCL + (K + 1) * 2)
     s2x = tl.load(SCL + (K + 1) * 2 + 1)
     g2_off = (b * M + i2).to(tl.int64) * (h2 * w2)
@@ -126,14 +128,14 @@ def _pixel_state(E, GEO, SCL, G1, G2, GROUPS, b, pix, S, H, W,
 
 
 @triton.jit
-def _gating_fwd_kernel(E, GEO, SCL, G1, G2, GROUPS, OUT, GM, IMP, S, H, W, NBLK,
+def _gating_fwd_kernel(E, GEO, SCL, G1, G2, GROUPS, OUT, GM, IMP, H, W, NBLK,
                        K: tl.constexpr, M: tl.constexpr, N: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr,
                        BILINEAR: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     pix = pid * BLOCK + tl.arange(0, BLOCK)
     (pmask, y, x, y3, x3, m3, m2, e, g1, g2, gm, eh, ew, e_off, esy, esx, h1, w1, g1_off, s1y, s1x,
-     h2, w2, g2_off, s2y, s2x) = _pixel_state(E, GEO, SCL, G1, G2, GROUPS, b, pix, S, H, W,
+     h2, w2, g2_off, s2y, s2x) = _pixel_state(E, GEO, SCL, G1, G2, GROUPS, b, pix, H, W,
                                               K, M, N, MP, NP, BILINEAR, ACC)
     final = tl.sum(g2 * gm, axis=1)  # eq. 1, outer sum
     HW = H * W
@@ -148,7 +150,7 @@ def _gating_fwd_kernel(E, GEO, SCL, G1, G2, GROUPS, OUT, GM, IMP, S, H, W, NBLK,
 
 
 @triton.jit
-def _gating_bwd_kernel(GF, GGM, GIMP, E, GEO, SCL, G1, G2, GROUPS, DE, DG1, DG2, S, H, W,
+def _gating_bwd_kernel(GF, GGM, GIMP, E, GEO, SCL, G1, G2, GROUPS, DE, DG1, DG2, H, W,
                        HAS_GF: tl.constexpr, HAS_GGM: tl.constexpr, HAS_GIMP: tl.constexpr,
                        K: tl.constexpr, M: tl.constexpr, N: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr,
                        BILINEAR: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
@@ -156,7 +158,7 @@ def _gating_bwd_kernel(GF, GGM, GIMP, E, GEO, SCL, G1, G2, GROUPS, DE, DG1, DG2,
     b = tl.program_id(1).to(tl.int64)
     pix = pid * BLOCK + tl.arange(0, BLOCK)
     (pmask, y, x, y3, x3, m3, m2, e, g1, g2, gm, eh, ew, e_off, esy, esx, h1, w1, g1_off, s1y, s1x,
-     h2, w2, g2_off, s2y, s2x) = _pixel_state(E, GEO, SCL, G1, G2, GROUPS, b, pix, S, H, W,
+     h2, w2, g2_off, s2y, s2x) = _pixel_state(E, GEO, SCL, G1, G2, GROUPS, b, pix, H, W,
                                               K, M, N, MP, NP, BILINEAR, ACC)
     HW = H * W
     i2 = tl.arange(0, MP)[None, :]
@@ -197,14 +199,22 @@ def _can_launch(t: torch.Tensor) -> bool:
 
 
 def _geometry(experts, expert_sizes, gate1, gate2, height, width, bilinear):
-    """GEO [K+2, 3] int32 (h, w, offset) and SCL [K+2, 2] (row, column scale) for the K experts, gate1, gate2.
+    """GEO [K+2, 4] int32 (h, w, offset of image 0's plane, batch stride; see `crowdkernels::gating_forward`
+    for the two packings) and SCL [K+2, 2] (row, column scale) for the K experts, gate1, gate2.
     Scales are in/out as ATen computes them: in float32 for nearest (whatever the dtype), in the op-maths
     type for bilinear (float64 for float64 inputs, float32 otherwise)."""
     hw = [(expert_sizes[2 * k], expert_sizes[2 * k + 1]) for k in range(len(expert_sizes) // 2)]
     offsets = np.cumsum([0] + [h * w for h, w in hw])[:-1].tolist()
+    S, B = sum(h * w for h, w in hw), gate1.shape[0]
+    if experts.dim() == 1:  # expert-major [B * S]
+        offsets, bstrides = [B * o for o in offsets], [h * w for h, w in hw]
+    else:  # image-major [B, S]
+        bstrides = [S] * len(hw)
     hw += [(gate1.shape[2], gate1.shape[3]), (gate2.shape[2], gate2.shape[3])]
     offsets += [0, 0]
-    geo = torch.tensor([[h, w, o] for (h, w), o in zip(hw, offsets)], dtype=torch.int32, device=experts.device)
+    bstrides += [0, 0]
+    geo = torch.tensor([[h, w, o, s] for (h, w), o, s in zip(hw, offsets, bstrides)], dtype=torch.int32,
+                       device=experts.device)
     acc = torch.float64 if experts.dtype == torch.float64 else torch.float32
     if bilinear:
         ftype = np.float64 if acc == torch.float64 else np.float32
@@ -225,7 +235,7 @@ def gating_forward_triton(experts: torch.Tensor, expert_sizes: list[int], gate1:
                           bilinear: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton forward of eq. 1; arguments and results as `crowdkernels::gating_forward`."""
     experts, gate1, gate2, groups = (t.contiguous() for t in (experts, gate1, gate2, groups))
-    B, S = experts.shape
+    B = gate1.shape[0]
     M, N = groups.shape
     K = len(expert_sizes) // 2
     H, W = height, width
@@ -237,7 +247,7 @@ def gating_forward_triton(experts: torch.Tensor, expert_sizes: list[int], gate1:
     partial = _ext.new_output((B, nblk, MP, NP), dtype=acc, device=experts.device)
     if _can_launch(experts):
         wrap_triton(_gating_fwd_kernel)[(nblk, B)](
-            experts, geo, scl, gate1, gate2, groups, final, group_maps, partial, S, H, W, nblk,
+            experts, geo, scl, gate1, gate2, groups, final, group_maps, partial, H, W, nblk,
             K=K, M=M, N=N, MP=MP, NP=NP, BILINEAR=bool(bilinear),
             ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=_BLOCK,
         )
@@ -252,7 +262,7 @@ def gating_backward_triton(grad_final: torch.Tensor | None, grad_group_maps: tor
                            width: int, bilinear: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward of eq. 1; arguments and results as `crowdkernels::gating_backward`."""
     experts, gate1, gate2, groups = (t.contiguous() for t in (experts, gate1, gate2, groups))
-    B, S = experts.shape
+    B = gate1.shape[0]
     M, N = groups.shape
     K = len(expert_sizes) // 2
     H, W = height, width
@@ -266,7 +276,7 @@ def gating_backward_triton(grad_final: torch.Tensor | None, grad_group_maps: tor
     gimp = grad_importance.contiguous() if grad_importance is not None else experts
     if _can_launch(experts):
         wrap_triton(_gating_bwd_kernel)[(triton.cdiv(H * W, _BLOCK), B)](
-            gf, ggm, gimp, experts, geo, scl, gate1, gate2, groups, d_e, d_1, d_2, S, H, W,
+            gf, ggm, gimp, experts, geo, scl, gate1, gate2, groups, d_e, d_1, d_2, H, W,
             HAS_GF=grad_final is not None, HAS_GGM=grad_group_maps is not None,
             HAS_GIMP=grad_importance is not None,
             K=K, M=M, N=N, MP=_pad(M), NP=_pad(N), BILINEAR=bool(bilinear),
