@@ -68,6 +68,8 @@ def fused(experts, g1, g2, size):
 
 
 IMPLS = {"eager": eager, "fused": fused}
+# (impl, output size) -> timed rounds, about 3 s each here (eager ~6 and ~100 ms a step, fused ~1.5 and ~15)
+ROUNDS = {("eager", 128): 500, ("fused", 128): 2000, ("eager", 512): 30, ("fused", 512): 200}
 
 
 def step(impl, experts, g1, g2, size):
@@ -130,10 +132,9 @@ def test_cpu_forward_backward(benchmark, impl, out):
     inputs = make_inputs(B, scale)
     benchmark.group = f"gating cpu fwd+bwd B={B} out={size}x{size}"
     benchmark.extra_info["threads"] = torch.get_num_threads()
-    # This VM has slow spells of several seconds (everything 1.5-2x slower): rounds enough for each side to
-    # span a second or more (400 at 128x128, 1.3-7 ms each; 20 at 512x512, 11-130 ms each), so that one
-    # spell cannot decide a median.
-    rounds = 1 if benchmark.disabled else (400 if out <= 128 else 20)
+    # This VM has slow spells of several seconds (everything 1.5-2x slower): each side takes rounds enough
+    # to span about 3 s, so that both sample the same mix of spells and one spell cannot decide a median.
+    rounds = 1 if benchmark.disabled else ROUNDS[impl, out]
     benchmark.pedantic(step, args=(impl, *inputs, (size, size)), rounds=rounds,
                        warmup_rounds=0 if benchmark.disabled else 3)
     if not benchmark.disabled:
