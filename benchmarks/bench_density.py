@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 import crowdkernels as ck
-from conftest import require_data
+from conftest import paired_ratio, require_data
 
 
 def _sha_samples():
@@ -123,8 +123,11 @@ def test_kernel_all_sha(benchmark, style):
     samples = _sha_samples()
     pts = [torch.from_numpy(p).float() for _, p, _ in samples]
     benchmark.extra_info.update(threads=torch.get_num_threads())
-    out = _timed(benchmark, lambda: [ck.density_map(t, s, style=style) for t, (_, _, s) in zip(pts, samples)],
-                 KERNEL_ROUNDS_ALL_SHA)
+    kernel = lambda: [ck.density_map(t, s, style=style) for t, (_, _, s) in zip(pts, samples)]  # noqa: E731
+    out = _timed(benchmark, kernel, KERNEL_ROUNDS_ALL_SHA)
+    if style == "csrnet" and not benchmark.disabled:  # the target's pair: the same maths as windowed_numpy
+        benchmark.extra_info["paired_ratio"] = round(
+            paired_ratio(lambda: [windowed_numpy(p, s) for _, p, s in samples], kernel, pairs=10, kernel_reps=15), 1)
     if style == "csrnet":
         name, p, s = samples[0]
         assert np.abs(out[0].numpy() - windowed_numpy(p, s)).max() <= 1e-6

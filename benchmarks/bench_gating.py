@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import crowdkernels as ck
+from conftest import paired_ratio
 
 EXPERT_SIZES = (128, 64, 32)
 GATE_SIZE = 32
@@ -140,6 +141,11 @@ def test_cpu_forward_backward(benchmark, impl, out):
     if not benchmark.disabled:
         peak = _peak_rss_subprocess(impl, B, size, scale)
         benchmark.extra_info["peak_rss_growth_MiB"] = round(peak / 2**20, 1)
+        if impl == "fused":  # eager and fused steps timed side by side (about 3 s)
+            pairs = 200 if out <= 128 else 20
+            benchmark.extra_info["paired_ratio"] = round(paired_ratio(
+                lambda: step("eager", *inputs, (size, size)), lambda: step("fused", *inputs, (size, size)),
+                pairs=pairs, kernel_reps=5), 1)
 
 
 @pytest.mark.parametrize("out", OUTPUTS)
