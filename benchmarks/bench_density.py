@@ -12,8 +12,6 @@ from __future__ import annotations
 import glob
 import math
 import os
-import statistics
-import time
 
 import numpy as np
 import pytest
@@ -24,7 +22,7 @@ import torch
 from PIL import Image
 
 import crowdkernels as ck
-from conftest import paired_ratio, require_data
+from conftest import paired_ratio, require_data, timed_pair
 
 
 def _sha_samples():
@@ -110,18 +108,10 @@ def test_kernel_same_images_as_classic(benchmark):
     if not benchmark.disabled:
         # Side by side, image by image: the recipe once, then the kernel's median of 300 calls on the same
         # image right after (see conftest.paired_ratio); the ratio of the sums over the 3 images.
-        tc = tk = 0.0
-        for n in names:
-            t0 = time.perf_counter()
-            classic_recipe(*samples[n])
-            tc += time.perf_counter() - t0
-            runs = []
-            for _ in range(300):
-                t0 = time.perf_counter()
-                ck.density_map(pts[n], samples[n][1], style="csrnet")
-                runs.append(time.perf_counter() - t0)
-            tk += statistics.median(runs)
-        benchmark.extra_info["paired_ratio"] = round(tc / tk, 1)
+        pairs = [timed_pair(lambda n=n: classic_recipe(*samples[n]),
+                            lambda n=n: ck.density_map(pts[n], samples[n][1], style="csrnet"), kernel_reps=300)
+                 for n in names]
+        benchmark.extra_info["paired_ratio"] = round(sum(tc for tc, _ in pairs) / sum(tk for _, tk in pairs), 1)
     want = classic_recipe(*samples[names[0]])
     assert np.abs(out[0].numpy() - want).max() <= 1e-6
 

@@ -20,6 +20,19 @@ def require_data(*parts: str) -> pathlib.Path:
     return path
 
 
+def timed_pair(baseline, kernel, kernel_reps: int) -> tuple[float, float]:
+    """(seconds of one baseline call, median seconds of `kernel_reps` kernel calls made right after it)."""
+    t0 = time.perf_counter()
+    baseline()
+    tb = time.perf_counter() - t0
+    tk = []
+    for _ in range(kernel_reps):
+        t0 = time.perf_counter()
+        kernel()
+        tk.append(time.perf_counter() - t0)
+    return tb, statistics.median(tk)
+
+
 def paired_ratio(baseline, kernel, pairs: int, kernel_reps: int) -> float:
     """The speed-up of `kernel` over `baseline`, timed side by side: the median over `pairs` pairs of
     (one baseline call) / (the median of `kernel_reps` kernel calls made right after it).
@@ -28,15 +41,4 @@ def paired_ratio(baseline, kernel, pairs: int, kernel_reps: int) -> float:
     one after the other can fall on either side of a spell; a pair is timed within a second or so, so
     both halves see the same machine. Reported as extra_info["paired_ratio"] beside the usual medians.
     """
-    ratios = []
-    for _ in range(pairs):
-        t0 = time.perf_counter()
-        baseline()
-        tb = time.perf_counter() - t0
-        tk = []
-        for _ in range(kernel_reps):
-            t0 = time.perf_counter()
-            kernel()
-            tk.append(time.perf_counter() - t0)
-        ratios.append(tb / statistics.median(tk))
-    return statistics.median(ratios)
+    return statistics.median(tb / tk for tb, tk in (timed_pair(baseline, kernel, kernel_reps) for _ in range(pairs)))

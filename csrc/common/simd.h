@@ -26,6 +26,25 @@
 #endif
 
 
+// Defines `name` for float and double, each in an AVX2+FMA and a baseline version (only the baseline where
+// there is no multiversioning), as a wrapper whose body is `impl<T>(...)`. ARGS is a function-like macro
+// giving the parameter list for a type T; the variadic tail is the call's arguments (the parameter names);
+// `attrs` adds attributes to every version (CK_FLATTEN, or nothing). One line per hot loop instead of
+// four hand-written wrappers that must stay in step.
+#define CK_MV_ONE(target, attrs, name, impl, ARGS, T, ...) \
+  target attrs void name(ARGS(T)) { impl<T>(__VA_ARGS__); }
+#if CK_HAS_FMV
+#define CK_MV_AVX2(attrs, name, impl, ARGS, ...)                           \
+  CK_MV_ONE(CK_TARGET_AVX2, attrs, name, impl, ARGS, float, __VA_ARGS__) \
+  CK_MV_ONE(CK_TARGET_AVX2, attrs, name, impl, ARGS, double, __VA_ARGS__)
+#else
+#define CK_MV_AVX2(attrs, name, impl, ARGS, ...)
+#endif
+#define CK_MULTIVERSION(attrs, name, impl, ARGS, ...)                         \
+  CK_MV_AVX2(attrs, name, impl, ARGS, __VA_ARGS__)                            \
+  CK_MV_ONE(CK_TARGET_DEFAULT, attrs, name, impl, ARGS, float, __VA_ARGS__) \
+  CK_MV_ONE(CK_TARGET_DEFAULT, attrs, name, impl, ARGS, double, __VA_ARGS__)
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>

@@ -249,13 +249,8 @@ __attribute__((always_inline)) inline void band_impl(const Window* __restrict__ 
   const Window *win, const T *wy, const int64_t *wy_off, const T *wx, const int64_t *wx_off, const char *thr,  \
       const int64_t *list, int64_t nlist, int64_t row0, int64_t row1, int64_t orow0, int64_t stride, int64_t Ws, \
       T *acc
-#define CK_BAND_CALL(T) band_impl<T>(win, wy, wy_off, wx, wx_off, thr, list, nlist, row0, row1, orow0, stride, Ws, acc)
-#if CK_HAS_FMV
-CK_TARGET_AVX2 void accumulate_band(CK_BAND_ARGS(float)) { CK_BAND_CALL(float); }
-CK_TARGET_AVX2 void accumulate_band(CK_BAND_ARGS(double)) { CK_BAND_CALL(double); }
-#endif
-CK_TARGET_DEFAULT void accumulate_band(CK_BAND_ARGS(float)) { CK_BAND_CALL(float); }
-CK_TARGET_DEFAULT void accumulate_band(CK_BAND_ARGS(double)) { CK_BAND_CALL(double); }
+CK_MULTIVERSION(, accumulate_band, band_impl, CK_BAND_ARGS, win, wy, wy_off, wx, wx_off, thr, list, nlist, row0, row1,
+                orow0, stride, Ws, acc)
 
 // Accumulates in the output's precision: float32 maps in float32 (twice the SIMD lanes, and what the
 // classic script does), float64 maps in float64. Window normalization is always computed in float64.

@@ -29,29 +29,19 @@ namespace ck {
 namespace gating {
 namespace {
 
-// The per-pixel maths of gating.h (shared with the CUDA kernels), compiled twice for the CPU: baseline
-// x86-64 and AVX2+FMA, picked at load time from the CPU's feature bits (see common/simd.h). Their
-// channel-major loops over a row of pixels are what vectorizes.
+// The per-pixel maths of gating.h, compiled twice for the CPU: baseline x86-64 and AVX2+FMA, picked at
+// load time from the CPU's feature bits (see common/simd.h). Their channel-major loops over a row of
+// pixels are what vectorizes.
 #define CK_FF_ARGS(T)                                                                                         \
   const T *e, const T *g1, const T *g2, T *gm, T *final_, const int64_t *groups, int64_t M, int64_t N, int64_t s, \
       int64_t gs, int64_t n
-#define CK_FF_CALL(T) fuse_forward<T>(e, g1, g2, gm, final_, groups, M, N, s, gs, n)
 #define CK_FB_ARGS(T)                                                                                             \
   const T *e, const T *g1, const T *g2, const T *gm, const int64_t *groups, int64_t K, int64_t M, int64_t N,        \
       const T *gf, const T *ggm, int64_t ggs, const T *gimp, T *de, T *dl1, T *dl2, int64_t s, int64_t n, T *tmp, \
       bool gate_grads
-#define CK_FB_CALL(T) \
-  fuse_backward<T>(e, g1, g2, gm, groups, K, M, N, gf, ggm, ggs, gimp, de, dl1, dl2, s, n, tmp, gate_grads)
-#if CK_HAS_FMV
-CK_TARGET_AVX2 CK_FLATTEN void fuse_forward_cpu(CK_FF_ARGS(float)) { CK_FF_CALL(float); }
-CK_TARGET_AVX2 CK_FLATTEN void fuse_forward_cpu(CK_FF_ARGS(double)) { CK_FF_CALL(double); }
-CK_TARGET_AVX2 CK_FLATTEN void fuse_backward_cpu(CK_FB_ARGS(float)) { CK_FB_CALL(float); }
-CK_TARGET_AVX2 CK_FLATTEN void fuse_backward_cpu(CK_FB_ARGS(double)) { CK_FB_CALL(double); }
-#endif
-CK_TARGET_DEFAULT CK_FLATTEN void fuse_forward_cpu(CK_FF_ARGS(float)) { CK_FF_CALL(float); }
-CK_TARGET_DEFAULT CK_FLATTEN void fuse_forward_cpu(CK_FF_ARGS(double)) { CK_FF_CALL(double); }
-CK_TARGET_DEFAULT CK_FLATTEN void fuse_backward_cpu(CK_FB_ARGS(float)) { CK_FB_CALL(float); }
-CK_TARGET_DEFAULT CK_FLATTEN void fuse_backward_cpu(CK_FB_ARGS(double)) { CK_FB_CALL(double); }
+CK_MULTIVERSION(CK_FLATTEN, fuse_forward_cpu, fuse_forward, CK_FF_ARGS, e, g1, g2, gm, final_, groups, M, N, s, gs, n)
+CK_MULTIVERSION(CK_FLATTEN, fuse_backward_cpu, fuse_backward, CK_FB_ARGS, e, g1, g2, gm, groups, K, M, N, gf, ggm,
+                ggs, gimp, de, dl1, dl2, s, n, tmp, gate_grads)
 
 // Softmax (eq. 1's G1 and G2) over each run of n consecutive channels, at np pixels: src and dst (which
 // may be the same array) hold channel c of pixel x at [c * cs + x]. The loops run across pixels in tiles,
@@ -83,12 +73,7 @@ void softmax_runs(const T* src, T* dst, int64_t channels, int64_t n, int64_t cs,
   }
 }
 #define CK_SM_ARGS(T) const T *src, T *dst, int64_t channels, int64_t n, int64_t cs, int64_t np
-#if CK_HAS_FMV
-CK_TARGET_AVX2 CK_FLATTEN void softmax_runs_cpu(CK_SM_ARGS(float)) { softmax_runs(src, dst, channels, n, cs, np); }
-CK_TARGET_AVX2 CK_FLATTEN void softmax_runs_cpu(CK_SM_ARGS(double)) { softmax_runs(src, dst, channels, n, cs, np); }
-#endif
-CK_TARGET_DEFAULT CK_FLATTEN void softmax_runs_cpu(CK_SM_ARGS(float)) { softmax_runs(src, dst, channels, n, cs, np); }
-CK_TARGET_DEFAULT CK_FLATTEN void softmax_runs_cpu(CK_SM_ARGS(double)) { softmax_runs(src, dst, channels, n, cs, np); }
+CK_MULTIVERSION(CK_FLATTEN, softmax_runs_cpu, softmax_runs, CK_SM_ARGS, src, dst, channels, n, cs, np)
 
 // The horizontal adjoint of sampling one output row: f[c] (zeroed by the caller) receives the sum over the
 // row's pixels x, in increasing x, of what d[x] sends to native column c (w columns; tx: the taps; fx: the
@@ -133,24 +118,10 @@ void add_scaled(T* __restrict__ dst, T w, const T* __restrict__ src, int64_t n) 
 
 #define CK_FC_ARGS(T) const T *d, T *f, const Taps<T> *tx, int64_t fx, int64_t w, int64_t W, bool bilinear
 #define CK_AS_ARGS(T) T *dst, T w, const T *src, int64_t n
-#if CK_HAS_FMV
-CK_TARGET_AVX2 CK_FLATTEN void fold_columns_cpu(CK_FC_ARGS(float)) { fold_columns(d, f, tx, fx, w, W, bilinear); }
-CK_TARGET_AVX2 CK_FLATTEN void fold_columns_cpu(CK_FC_ARGS(double)) { fold_columns(d, f, tx, fx, w, W, bilinear); }
-CK_TARGET_AVX2 CK_FLATTEN void add_scaled_cpu(CK_AS_ARGS(float)) { add_scaled(dst, w, src, n); }
-CK_TARGET_AVX2 CK_FLATTEN void add_scaled_cpu(CK_AS_ARGS(double)) { add_scaled(dst, w, src, n); }
-#endif
-CK_TARGET_DEFAULT CK_FLATTEN void fold_columns_cpu(CK_FC_ARGS(float)) { fold_columns(d, f, tx, fx, w, W, bilinear); }
-CK_TARGET_DEFAULT CK_FLATTEN void fold_columns_cpu(CK_FC_ARGS(double)) { fold_columns(d, f, tx, fx, w, W, bilinear); }
-CK_TARGET_DEFAULT CK_FLATTEN void add_scaled_cpu(CK_AS_ARGS(float)) { add_scaled(dst, w, src, n); }
-CK_TARGET_DEFAULT CK_FLATTEN void add_scaled_cpu(CK_AS_ARGS(double)) { add_scaled(dst, w, src, n); }
-
 #define CK_SB_ARGS(T) const T *g, T *dg, int64_t channels, int64_t n, int64_t cs, int64_t np
-#if CK_HAS_FMV
-CK_TARGET_AVX2 CK_FLATTEN void softmax_backward_cpu(CK_SB_ARGS(float)) { softmax_backward(g, dg, channels, n, cs, np); }
-CK_TARGET_AVX2 CK_FLATTEN void softmax_backward_cpu(CK_SB_ARGS(double)) { softmax_backward(g, dg, channels, n, cs, np); }
-#endif
-CK_TARGET_DEFAULT CK_FLATTEN void softmax_backward_cpu(CK_SB_ARGS(float)) { softmax_backward(g, dg, channels, n, cs, np); }
-CK_TARGET_DEFAULT CK_FLATTEN void softmax_backward_cpu(CK_SB_ARGS(double)) { softmax_backward(g, dg, channels, n, cs, np); }
+CK_MULTIVERSION(CK_FLATTEN, fold_columns_cpu, fold_columns, CK_FC_ARGS, d, f, tx, fx, w, W, bilinear)
+CK_MULTIVERSION(CK_FLATTEN, add_scaled_cpu, add_scaled, CK_AS_ARGS, dst, w, src, n)
+CK_MULTIVERSION(CK_FLATTEN, softmax_backward_cpu, softmax_backward, CK_SB_ARGS, g, dg, channels, n, cs, np)
 
 // Where every input lives and how it maps onto the output grid. Index g < K is expert g, K is gate1, K+1 gate2.
 template <typename T>
@@ -338,27 +309,25 @@ struct RowSampler {
       gather_gate_rows(nat + MN * hw1, b, y, K + 1, M, key2, g2row());
       return;
     }
+    // Bilinear: every input interpolated at every output pixel, then the gates softmaxed there.
     for (int64_t k = 0; k < K; ++k) {
       const T* plane = E + g.offset[k] + b * g.bstride[k];
       const Taps<T> ty = g.ty[k][y];
       const Taps<T>* tx = g.tx[k].data();
       T* dst = erow() + k * RS;
-      for (int64_t x = 0; x < W; ++x) dst[x] = sample(plane, g.w[k], g.bilinear, ty, tx[x]);
+      for (int64_t x = 0; x < W; ++x) dst[x] = sample(plane, g.w[k], true, ty, tx[x]);
     }
-    if (g.bilinear) {
-      for (int64_t c = 0; c < MN + M; ++c) {
-        const int64_t p = c < MN ? K : K + 1;
-        const int64_t hw = g.h[p] * g.w[p];
-        const T* plane = c < MN ? G1 + (b * MN + c) * hw : G2 + (b * M + (c - MN)) * hw;
-        const Taps<T> ty = g.ty[p][y];
-        const Taps<T>* tx = g.tx[p].data();
-        T* dst = g1row() + c * RS;
-        for (int64_t x = 0; x < W; ++x) dst[x] = sample(plane, g.w[p], true, ty, tx[x]);
-      }
-      softmax_runs_cpu(g1row(), g1row(), MN, N, RS, W);
-      softmax_runs_cpu(g2row(), g2row(), M, M, RS, W);
-      return;
+    for (int64_t c = 0; c < MN + M; ++c) {
+      const int64_t p = c < MN ? K : K + 1;
+      const int64_t hw = g.h[p] * g.w[p];
+      const T* plane = c < MN ? G1 + (b * MN + c) * hw : G2 + (b * M + (c - MN)) * hw;
+      const Taps<T> ty = g.ty[p][y];
+      const Taps<T>* tx = g.tx[p].data();
+      T* dst = g1row() + c * RS;
+      for (int64_t x = 0; x < W; ++x) dst[x] = sample(plane, g.w[p], true, ty, tx[x]);
     }
+    softmax_runs_cpu(g1row(), g1row(), MN, N, RS, W);
+    softmax_runs_cpu(g2row(), g2row(), M, M, RS, W);
   }
 
   // Nearest only: gathers along the row the `channels` native rows (geometry p, planes of image b's native

@@ -201,14 +201,8 @@ __attribute__((always_inline)) inline void scale_backward_task_impl(
 #define CK_SBT_ARGS(T)                                                                                         \
   const T *fimg, const T *g_all, T *gimg, const Box *bx, const int64_t *order, int64_t k0, int64_t k1,           \
       const Tables<T> &tab, int64_t c, int64_t C, int64_t H, int64_t W, int64_t Sh, int64_t Sw, double *partial
-#define CK_SBT_CALL(T) \
-  scale_backward_task_impl<T>(fimg, g_all, gimg, bx, order, k0, k1, tab, c, C, H, W, Sh, Sw, partial)
-#if CK_HAS_FMV
-CK_TARGET_AVX2 void scale_backward_task(CK_SBT_ARGS(float)) { CK_SBT_CALL(float); }
-CK_TARGET_AVX2 void scale_backward_task(CK_SBT_ARGS(double)) { CK_SBT_CALL(double); }
-#endif
-CK_TARGET_DEFAULT void scale_backward_task(CK_SBT_ARGS(float)) { CK_SBT_CALL(float); }
-CK_TARGET_DEFAULT void scale_backward_task(CK_SBT_ARGS(double)) { CK_SBT_CALL(double); }
+CK_MULTIVERSION(, scale_backward_task, scale_backward_task_impl, CK_SBT_ARGS, fimg, g_all, gimg, bx, order, k0, k1,
+                tab, c, C, H, W, Sh, Sw, partial)
 
 // --------------------------------------------------------------------------------------- scale_regions
 
