@@ -91,7 +91,7 @@ at::Tensor knn_sigma_cpu(const at::Tensor& points_in, const at::Tensor& offsets_
   }
 
   // 3. one exact query per point, in cell order (neighbouring queries read the same cells)
-  at::parallel_for(0, T, 256, [&](int64_t s0, int64_t s1) {
+  at::parallel_for(0, T, 64, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t i = order[s];
       const int64_t b = image_of(off, B, i);
@@ -173,10 +173,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> density_prepare_cpu(const at::Ten
 
 namespace {
 
-// Accumulates one band of output rows, [row0, row1) at full resolution, from the points listed for it,
-// in list order. This is the hot loop. It is compiled twice by function multiversioning (baseline x86-64,
-// and AVX2+FMA; see CK_TARGET_AVX2), so the wheel stays portable like torch's own, and the row loop
-// inlines inside each version instead of paying an indirect call per row.
+// Output rows per band: the unit of work of the accumulation, and of the row padding of the y-weights.
+constexpr int64_t kBandRows = 8;
+
 // 32 bytes of float32 or float64 lanes: one AVX2 register, two SSE2 ones in the baseline build.
 template <typename T>
 struct Vec;
@@ -191,6 +190,69 @@ struct Vec<double> {
   static constexpr int64_t lanes = 4;
 };
 
+// Where a window's weights start: y-weights from y0 rounded down to a whole band (zeros before y0, and
+// after y1 up to the band's end), x-weights from x0 rounded down to a whole vector (zeros before x0, and
+// after x1 up to the vector's end). The zeros let both accumulation paths read whole bands and vectors.
+inline int64_t band_floor(int64_t y) { return y - y % kBandRows; }
+template <typename acc_t>
+inline int64_t vec_floor(int64_t x) { return x - x % Vec<acc_t>::lanes; }
+
+// The tiled path (stride 1): one band of kBandRows full-resolution rows, column vector by column vector.
+// A tile of kBandRows x one vector lives in registers while every point covering it (col_list, in point
+// order) adds its weights; the tile is then stored once. Each output element is written exactly once, so
+// no separate zeroing pass, and a point costs kBandRows FMAs per vector instead of as many loads and
+// stores of the output. fy[j]: the band's kBandRows y-weights of band point j; gx[j]: its x-weights,
+// indexed by absolute column (valid on its window's whole vectors). The bits are those of the row-wise
+// path: each element is the same sum in the same point order, and the padded zeros add 0 * w = +0 to
+// an accumulator that starts at +0 and only grows.
+template <typename acc_t>
+__attribute__((always_inline)) inline void tiles_impl(const acc_t* const* __restrict__ fy,
+                                                      const acc_t* const* __restrict__ gx,
+                                                      const int32_t* __restrict__ col_start,
+                                                      const int32_t* __restrict__ col_list, int64_t nvec,
+                                                      int64_t rows, int64_t ostride, acc_t* __restrict__ out) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t L = Vec<acc_t>::lanes;
+  static_assert(kBandRows == 8, "tiles_impl holds a band's 8 rows in 8 named registers");
+  for (int64_t v = 0; v < nvec; ++v) {
+    const int64_t c = v * L;
+    // eight named accumulators, and nothing that takes their address: GCC kept an array, or a vector
+    // copied out lane by lane, on the stack, and the inner loop then ran through memory
+    V a0 = {}, a1 = {}, a2 = {}, a3 = {}, a4 = {}, a5 = {}, a6 = {}, a7 = {};
+    for (int32_t e = col_start[v]; e < col_start[v + 1]; ++e) {
+      const int32_t j = col_list[e];
+      const acc_t* __restrict__ f = fy[j];
+      V x;
+      std::memcpy(&x, gx[j] + c, sizeof(V));
+      a0 += f[0] * x;
+      a1 += f[1] * x;
+      a2 += f[2] * x;
+      a3 += f[3] * x;
+      a4 += f[4] * x;
+      a5 += f[5] * x;
+      a6 += f[6] * x;
+      a7 += f[7] * x;
+    }
+    acc_t* o = out + c;
+    std::memcpy(o, &a0, sizeof(V));
+    if (rows > 1) std::memcpy(o + ostride, &a1, sizeof(V));
+    if (rows > 2) std::memcpy(o + 2 * ostride, &a2, sizeof(V));
+    if (rows > 3) std::memcpy(o + 3 * ostride, &a3, sizeof(V));
+    if (rows > 4) std::memcpy(o + 4 * ostride, &a4, sizeof(V));
+    if (rows > 5) std::memcpy(o + 5 * ostride, &a5, sizeof(V));
+    if (rows > 6) std::memcpy(o + 6 * ostride, &a6, sizeof(V));
+    if (rows > 7) std::memcpy(o + 7 * ostride, &a7, sizeof(V));
+  }
+}
+
+#define CK_TILES_ARGS(T)                                                                                      \
+  const T *const *fy, const T *const *gx, const int32_t *col_start, const int32_t *col_list, int64_t nvec, \
+      int64_t rows, int64_t ostride, T *out
+CK_MULTIVERSION(, accumulate_tiles, tiles_impl, CK_TILES_ARGS, fy, gx, col_start, col_list, nvec, rows, ostride, out)
+
+// The row-wise path: accumulates one band of output rows, [row0, row1) at full resolution, from the points
+// listed for it, in list order, into zeroed rows. For strides > 1, and for bands holding a matlab window
+// that fspecial's threshold cuts (the tiled path cannot zero single pixels).
 template <typename acc_t>
 __attribute__((always_inline)) inline void band_impl(const Window* __restrict__ win, const acc_t* __restrict__ wy,
                                                      const int64_t* __restrict__ wy_off, const acc_t* __restrict__ wx,
@@ -212,15 +274,13 @@ __attribute__((always_inline)) inline void band_impl(const Window* __restrict__ 
       continue;
     }
     constexpr int64_t L = Vec<acc_t>::lanes;
-    const int64_t x0a = w.x0 - w.x0 % L;  // the window's first column, rounded down to a whole vector
-    const acc_t* gy = wy + wy_off[i] - w.y0;
-    const acc_t* gx = wx + wx_off[i] - x0a;  // x-weights from x0a (zeros before x0), see splat_cpu_impl
+    const int64_t x0a = vec_floor<acc_t>(w.x0);
+    const acc_t* gy = wy + wy_off[i] - band_floor(w.y0);  // gy[r]: row r's weight
+    const acc_t* gx = wx + wx_off[i] - x0a;               // gx[c]: column c's weight
     if (stride == 1) {
-      // The common case, kept free of integer divisions (one per row cost as much as the row's FMAs), in
-      // aligned whole 32-byte vectors: each window's x-weights start at x0a and are zero-padded to whole
-      // vectors, and the band rows (acc, Ws apart) are vector-aligned and a whole number of vectors wide
-      // (see splat_cpu_impl), so no access splits a cache line and no row needs a scalar tail. Adding 0 * f
-      // changes no element: the band starts at +0 and the weights are finite.
+      // Kept free of integer divisions (one per row cost as much as the row's FMAs), in aligned whole
+      // 32-byte vectors from x0a (the band rows are vector-aligned and a whole number of vectors wide, see
+      // splat_cpu_impl), so no access splits a cache line and no row needs a scalar tail.
       using V = typename Vec<acc_t>::type;
       const int64_t nv = (w.x1 - x0a + L) / L;
       const acc_t* __restrict__ src = gx + x0a;
@@ -252,43 +312,89 @@ __attribute__((always_inline)) inline void band_impl(const Window* __restrict__ 
 CK_MULTIVERSION(, accumulate_band, band_impl, CK_BAND_ARGS, win, wy, wy_off, wx, wx_off, thr, list, nlist, row0, row1,
                 orow0, stride, Ws, acc)
 
+// The splat's working memory, kept per calling thread from one call to the next. Freed and reallocated
+// every call, these buffers were handed back to the OS by glibc's heap trimming and faulted in again a
+// page at a time (~2 us a fault on our VMs): 7-10 us an image, as much as computing the weights. Released
+// when a call needed more than kKeepBytes (a huge batch), so the cache stays small.
+struct SplatBuffers {
+  std::vector<Window> win;
+  std::vector<int64_t> wy_off, wx_off, band_start, band_points, img;
+  std::vector<char> thresholded;
+  std::vector<float> wf[2];   // y- and x-weights of float32 maps
+  std::vector<double> wd[2];  // of float64 maps
+  static constexpr size_t kKeepBytes = size_t(64) << 20;
+  size_t bytes() const {
+    return win.capacity() * sizeof(Window) +
+           (wy_off.capacity() + wx_off.capacity() + band_start.capacity() + band_points.capacity() + img.capacity()) *
+               sizeof(int64_t) +
+           thresholded.capacity() + (wf[0].capacity() + wf[1].capacity()) * sizeof(float) +
+           (wd[0].capacity() + wd[1].capacity()) * sizeof(double);
+  }
+  void trim() {
+    if (bytes() > kKeepBytes) *this = SplatBuffers();
+  }
+};
+// Called outside parallel regions only: inside one, a worker would get its own (empty) buffers.
+SplatBuffers& splat_buffers() {
+  thread_local SplatBuffers b;
+  return b;
+}
+std::vector<float>* weight_buffers(SplatBuffers& b, float) { return b.wf; }
+std::vector<double>* weight_buffers(SplatBuffers& b, double) { return b.wd; }
+
 // Accumulates in the output's precision: float32 maps in float32 (twice the SIMD lanes, and what the
 // classic script does), float64 maps in float64. Window normalization is always computed in float64.
 template <typename scalar_t>
 void splat_cpu_impl(const double* pts, const int64_t* off, const double* sigma, int64_t B, int64_t T, int64_t H,
                     int64_t W, int64_t style, double truncate, int64_t kernel_size, int64_t stride, scalar_t* out) {
+  using acc_t = scalar_t;
+  constexpr int64_t L = Vec<acc_t>::lanes;
   const int64_t Hs = (H + stride - 1) / stride, Ws = (W + stride - 1) / stride;
+  SplatBuffers& buf = splat_buffers();
+  std::vector<Window>& win = buf.win;
+  std::vector<int64_t>&wy_off = buf.wy_off, &wx_off = buf.wx_off;
+  std::vector<char>& thresholded = buf.thresholded;
+  std::vector<acc_t>&wy = weight_buffers(buf, acc_t())[0], &wx = weight_buffers(buf, acc_t())[1];
 
-  // 1. each point's window and its two 1-D weight vectors (scale folded into the row weights)
-  std::vector<Window> win(T);
+  // 1. each point's window, and the lengths of its two padded 1-D weight vectors
+  win.resize(T);
   at::parallel_for(0, T, 256, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i)
       win[i] = make_window(style, pts[2 * i], pts[2 * i + 1], sigma[i], H, W, truncate, kernel_size,
                            /*defer_norm=*/true);
   });
-  std::vector<int64_t> wy_off(T + 1, 0), wx_off(T + 1, 0);
+  wy_off.resize(T + 1);
+  wx_off.resize(T + 1);
+  wy_off[0] = wx_off[0] = 0;
   for (int64_t i = 0; i < T; ++i) {
-    wy_off[i + 1] = wy_off[i] + std::max<int64_t>(win[i].y1 - win[i].y0 + 1, 0);
-    // from x0 rounded down to a whole vector, zero-padded to whole vectors (see band_impl)
-    const int64_t L = Vec<scalar_t>::lanes;
-    const int64_t nx = win[i].x1 >= win[i].x0 ? win[i].x1 - (win[i].x0 - win[i].x0 % L) + 1 : 0;
-    wx_off[i + 1] = wx_off[i] + (nx + L - 1) / L * L;
+    const Window& w = win[i];
+    const bool empty = w.y0 > w.y1 || w.x0 > w.x1;
+    wy_off[i + 1] = wy_off[i] + (empty ? 0 : band_floor(w.y1) + kBandRows - band_floor(w.y0));
+    wx_off[i + 1] = wx_off[i] + (empty ? 0 : vec_floor<acc_t>(w.x1) + L - vec_floor<acc_t>(w.x0));
   }
-  using acc_t = scalar_t;
-  std::vector<acc_t> wy(wy_off[T]), wx(wx_off[T]);
-  std::vector<char> thresholded(T, 0);
-  // Chunks of 64 points handed out dynamically: a window's cost grows with its sigma, and points come
+  wy.resize(wy_off[T]);
+  wx.resize(wx_off[T]);
+  thresholded.resize(T);
+
+  // 2. the weights (the scale folded into the y-weights), with their padding zeros
+  // Chunks of 32 points handed out dynamically: a window's cost grows with its sigma, and points come
   // sorted by row, so the near (bottom, large-sigma) half of a perspective image would keep one thread
-  // busy long after the other finished under a static split.
-  constexpr int64_t kChunk = 64;
-  ck::parallel_dynamic(T > 256 ? (T + kChunk - 1) / kChunk : (T > 0 ? 1 : 0), [&](int64_t chunk) {
+  // busy long after the other finished under a static split. Small chunks also split the ~100-200 heads
+  // of a sparse image between the threads.
+  constexpr int64_t kChunk = 32;
+  ck::parallel_dynamic((T + kChunk - 1) / kChunk, [&](int64_t chunk) {
     thread_local std::vector<double> gyd, gxd, table, prefix;
-    const int64_t i0 = T > 256 ? chunk * kChunk : 0, i1 = T > 256 ? std::min(i0 + kChunk, T) : T;
+    const int64_t i0 = chunk * kChunk, i1 = std::min(i0 + kChunk, T);
     for (int64_t i = i0; i < i1; ++i) {
       Window& w = win[i];
+      thresholded[i] = 0;
       if (w.y0 > w.y1 || w.x0 > w.x1) continue;  // an out-of-image point: no weights
-      acc_t* gy = wy.data() + wy_off[i];
-      acc_t* gx = wx.data() + wx_off[i] + w.x0 % Vec<acc_t>::lanes;  // gx[0] is column x0
+      acc_t* gy = wy.data() + wy_off[i] + (w.y0 - band_floor(w.y0));  // gy[0] is row y0
+      acc_t* gx = wx.data() + wx_off[i] + (w.x0 - vec_floor<acc_t>(w.x0));  // gx[0] is column x0
+      std::fill(wy.data() + wy_off[i], gy, acc_t(0));
+      std::fill(gy + (w.y1 - w.y0 + 1), wy.data() + wy_off[i + 1], acc_t(0));
+      std::fill(wx.data() + wx_off[i], gx, acc_t(0));
+      std::fill(gx + (w.x1 - w.x0 + 1), wx.data() + wx_off[i + 1], acc_t(0));
       if (style != kMatlab) {
         // Integral centres: both axes read one table g(d) = exp(-a d^2), d = 0..R, one recurrence per
         // point instead of one per axis (the chained multiplies of gauss_run bound this phase).
@@ -339,15 +445,15 @@ void splat_cpu_impl(const double* pts, const int64_t* off, const double* sigma, 
     }
   });
 
-  // 2. bands of output rows, each listing (in point order) the points whose window reaches it
-  constexpr int64_t kBandRows = 8;
+  // 3. bands of output rows, each listing (in point order) the points whose window reaches it
   const int64_t bands = (Hs + kBandRows - 1) / kBandRows;
-  std::vector<int64_t> band_start(B * bands + 1, 0);
+  std::vector<int64_t>&band_start = buf.band_start, &band_points = buf.band_points, &img = buf.img;
+  band_start.assign(B * bands + 1, 0);
   auto band_range = [&](int64_t i, int64_t& first, int64_t& last) {
     first = (win[i].y0 / stride) / kBandRows;
     last = (win[i].y1 / stride) / kBandRows;
   };
-  std::vector<int64_t> img(T);
+  img.resize(T);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i = off[b]; i < off[b + 1]; ++i) img[i] = b;
   for (int64_t i = 0; i < T; ++i) {
@@ -357,44 +463,79 @@ void splat_cpu_impl(const double* pts, const int64_t* off, const double* sigma, 
     for (int64_t band = f; band <= l; ++band) ++band_start[img[i] * bands + band + 1];
   }
   for (int64_t j = 0; j < B * bands; ++j) band_start[j + 1] += band_start[j];
-  std::vector<int64_t> band_points(band_start[B * bands]);
-  {
-    std::vector<int64_t> cursor(band_start.begin(), band_start.end() - 1);
-    for (int64_t i = 0; i < T; ++i) {
-      if (win[i].y0 > win[i].y1 || win[i].x0 > win[i].x1) continue;
-      int64_t f, l;
-      band_range(i, f, l);
-      for (int64_t band = f; band <= l; ++band) band_points[cursor[img[i] * bands + band]++] = i;
-    }
+  band_points.resize(band_start[B * bands]);
+  for (int64_t i = 0; i < T; ++i) {
+    if (win[i].y0 > win[i].y1 || win[i].x0 > win[i].x1) continue;
+    int64_t f, l;
+    band_range(i, f, l);
+    // band_start[j] doubles as band j's cursor here, and is shifted back below
+    for (int64_t band = f; band <= l; ++band) band_points[band_start[img[i] * bands + band]++] = i;
   }
+  for (int64_t j = B * bands; j > 0; --j) band_start[j] = band_start[j - 1];
+  band_start[0] = 0;
 
-  // 3. every band accumulated by one task, in the output's precision, in rows that band_impl can cover with
-  // aligned whole vectors: the output's own rows when they are (a width that is a whole number of vectors:
-  // zeroed in place, where the fill's fast-string stores skip reading the lines they overwrite), else a
-  // zeroed per-thread scratch band of 64-byte aligned rows WsP >= Ws + one vector apart, copied out. Every
-  // output element is written; the scratch stays in L1/L2. Both give the same bits.
-  constexpr int64_t L = Vec<scalar_t>::lanes, kAlign = 64 / sizeof(scalar_t);
+  // 4. every band accumulated by one task, in the output's precision: at stride 1 by the tiled path (unless
+  // the band holds a thresholded matlab window), else by the row-wise path into zeroed rows. Both write
+  // rows that they can cover with aligned whole vectors: the output's own rows when they are (a width
+  // that is a whole number of vectors), else a per-thread scratch band of 64-byte aligned rows WsP >= Ws +
+  // one vector apart (not a multiple of 4 KiB, so its rows do not share cache sets), copied out. Every
+  // output element is written; the scratch stays in L1/L2. All paths give the same bits.
+  constexpr int64_t kAlign = 64 / sizeof(scalar_t);
   const bool in_place = Ws % L == 0 && reinterpret_cast<uintptr_t>(out) % (L * sizeof(scalar_t)) == 0;
   const int64_t WsP = in_place ? Ws : (Ws + L + kAlign - 1) / kAlign * kAlign;
+  const int64_t nvec = (Ws + L - 1) / L;
+  auto band_scratch = [&]() {  // this thread's, 64-byte aligned
+    thread_local std::vector<scalar_t> scratch;
+    if (scratch.size() < (size_t)(kBandRows * WsP + kAlign)) scratch.resize(kBandRows * WsP + kAlign);
+    scalar_t* p = scratch.data();
+    return p + (kAlign - (reinterpret_cast<uintptr_t>(p) / sizeof(scalar_t)) % kAlign) % kAlign;
+  };
   ck::parallel_dynamic(B * bands, [&](int64_t t) {
     const int64_t b = t / bands, band = t % bands;
     const int64_t orow0 = band * kBandRows, orow1 = std::min(orow0 + kBandRows, Hs);  // output rows
     const int64_t row0 = orow0 * stride, row1 = std::min(orow1 * stride, H);            // full-res rows
     scalar_t* o = out + (b * Hs + orow0) * Ws;
-    scalar_t* acc = o;
-    if (!in_place) {
-      thread_local std::vector<scalar_t> scratch;
-      if (scratch.size() < (size_t)(kBandRows * WsP + kAlign)) scratch.resize(kBandRows * WsP + kAlign);
-      acc = scratch.data();
-      acc += (kAlign - (reinterpret_cast<uintptr_t>(acc) / sizeof(scalar_t)) % kAlign) % kAlign;
+    const int64_t* list = band_points.data() + band_start[t];
+    const int64_t nlist = band_start[t + 1] - band_start[t];
+    bool tiled = stride == 1;
+    for (int64_t s = 0; s < nlist && tiled; ++s) tiled = !thresholded[list[s]];
+    if (tiled) {
+      // per vector column, the band points covering it, in point order (a counting sort by column)
+      thread_local std::vector<const acc_t*> fy, gx;
+      thread_local std::vector<int32_t> col_start, col_list;
+      fy.resize(nlist);
+      gx.resize(nlist);
+      col_start.assign(nvec + 1, 0);
+      for (int64_t s = 0; s < nlist; ++s) {
+        const int64_t i = list[s];
+        const Window& w = win[i];
+        fy[s] = wy.data() + wy_off[i] + (row0 - band_floor(w.y0));
+        gx[s] = wx.data() + wx_off[i] - vec_floor<acc_t>(w.x0);
+        for (int64_t v = w.x0 / L; v <= w.x1 / L; ++v) ++col_start[v + 1];
+      }
+      for (int64_t v = 0; v < nvec; ++v) col_start[v + 1] += col_start[v];
+      col_list.resize(col_start[nvec]);
+      for (int64_t s = 0; s < nlist; ++s) {
+        const Window& w = win[list[s]];
+        for (int64_t v = w.x0 / L; v <= w.x1 / L; ++v) col_list[col_start[v]++] = (int32_t)s;
+      }
+      for (int64_t v = nvec; v > 0; --v) col_start[v] = col_start[v - 1];
+      col_start[0] = 0;
+      // into the output rows when they are whole aligned vectors, else into the scratch band (see above)
+      acc_t* dst = in_place ? o : band_scratch();
+      accumulate_tiles(fy.data(), gx.data(), col_start.data(), col_list.data(), nvec, orow1 - orow0, WsP, dst);
+      if (!in_place)
+        for (int64_t r = 0; r < orow1 - orow0; ++r) std::memcpy(o + r * Ws, dst + r * WsP, Ws * sizeof(scalar_t));
+      return;
     }
+    scalar_t* acc = in_place ? o : band_scratch();
     std::fill(acc, acc + (orow1 - orow0) * WsP, scalar_t(0));
-    accumulate_band(win.data(), wy.data(), wy_off.data(), wx.data(), wx_off.data(), thresholded.data(),
-                    band_points.data() + band_start[t], band_start[t + 1] - band_start[t], row0, row1, orow0,
-                    stride, WsP, acc);
+    accumulate_band(win.data(), wy.data(), wy_off.data(), wx.data(), wx_off.data(), thresholded.data(), list, nlist,
+                    row0, row1, orow0, stride, WsP, acc);
     if (!in_place)
       for (int64_t r = 0; r < orow1 - orow0; ++r) std::memcpy(o + r * Ws, acc + r * WsP, Ws * sizeof(scalar_t));
   });
+  buf.trim();
 }
 
 }  // namespace
