@@ -392,6 +392,12 @@ inline void check_prepare_args(const at::Tensor& points, const at::Tensor& offse
   TORCH_CHECK(style >= kExact && style <= kMatlab, "style must be 0, 1 or 2, got ", style);
 }
 
+inline void check_splat_params(double truncate, int64_t kernel_size, int64_t stride) {
+  TORCH_CHECK(stride >= 1, "stride must be >= 1, got ", stride);
+  TORCH_CHECK(kernel_size >= 1, "kernel_size must be >= 1, got ", kernel_size);
+  TORCH_CHECK(truncate > 0, "truncate must be > 0, got ", truncate);
+}
+
 inline void check_splat_args(const at::Tensor& points, const at::Tensor& offsets, const at::Tensor& sigma,
                              int64_t height, int64_t width, int64_t style, double truncate, int64_t kernel_size,
                              int64_t stride) {
@@ -400,9 +406,7 @@ inline void check_splat_args(const at::Tensor& points, const at::Tensor& offsets
   TORCH_CHECK(sigma.size(0) == points.size(0), "sigma must have one value per point (", points.size(0), "), got ",
               sigma.size(0));
   CK_CHECK_DEVICE(sigma, points);
-  TORCH_CHECK(stride >= 1, "stride must be >= 1, got ", stride);
-  TORCH_CHECK(kernel_size >= 1, "kernel_size must be >= 1, got ", kernel_size);
-  TORCH_CHECK(truncate > 0, "truncate must be > 0, got ", truncate);
+  check_splat_params(truncate, kernel_size, stride);
 }
 
 }  // namespace density

@@ -540,23 +540,37 @@ void splat_cpu_impl(const double* pts, const int64_t* off, const double* sigma, 
 
 }  // namespace
 
-at::Tensor density_splat_cpu(const at::Tensor& points_in, const at::Tensor& offsets_in, const at::Tensor& sigma_in,
-                             int64_t height, int64_t width, int64_t style, double truncate, int64_t kernel_size,
-                             int64_t stride, bool deterministic) {
-  check_splat_args(points_in, offsets_in, sigma_in, height, width, style, truncate, kernel_size, stride);
-  (void)deterministic;  // the CPU kernel is always deterministic
+namespace {
 
+// The splat of checked arguments into a new [B, Hs, Ws] map (or [B, 1, Hs, Ws] with channel_dim) of dtype
+// out_type.
+at::Tensor splat_checked(const at::Tensor& points_in, const at::Tensor& offsets_in, const at::Tensor& sigma_in,
+                         int64_t height, int64_t width, int64_t style, double truncate, int64_t kernel_size,
+                         int64_t stride, at::ScalarType out_type, bool channel_dim) {
   const PointSets ps = read_point_sets(points_in, offsets_in);
   const at::Tensor sigma = sigma_in.to(at::kDouble).contiguous();
   const int64_t T = ps.T, B = ps.B;
   const int64_t Hs = (height + stride - 1) / stride, Ws = (width + stride - 1) / stride;
   // pooled: a dataset loop then reuses the previous maps' memory instead of faulting in fresh pages
-  at::Tensor out = ck::new_pooled_output({B, Hs, Ws}, points_in.options());
+  const auto options = points_in.options().dtype(out_type);
+  at::Tensor out = channel_dim ? ck::new_pooled_output({B, 1, Hs, Ws}, options)
+                               : ck::new_pooled_output({B, Hs, Ws}, options);
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "density_splat_cpu", [&] {
     splat_cpu_impl<scalar_t>(ps.pts, ps.off, sigma.data_ptr<double>(), B, T,
                              height, width, style, truncate, kernel_size, stride, out.data_ptr<scalar_t>());
   });
   return out;
+}
+
+}  // namespace
+
+at::Tensor density_splat_cpu(const at::Tensor& points_in, const at::Tensor& offsets_in, const at::Tensor& sigma_in,
+                             int64_t height, int64_t width, int64_t style, double truncate, int64_t kernel_size,
+                             int64_t stride, bool deterministic) {
+  check_splat_args(points_in, offsets_in, sigma_in, height, width, style, truncate, kernel_size, stride);
+  (void)deterministic;  // the CPU kernel is always deterministic
+  return splat_checked(points_in, offsets_in, sigma_in, height, width, style, truncate, kernel_size, stride,
+                       points_in.scalar_type(), false);
 }
 
 at::Tensor density_adaptive_cpu(const at::Tensor& points, const at::Tensor& offsets, int64_t height, int64_t width,
@@ -565,11 +579,15 @@ at::Tensor density_adaptive_cpu(const at::Tensor& points, const at::Tensor& offs
   TORCH_CHECK(style == kExact || style == kCsrnet,
               "density_adaptive: style must be 0 (exact) or 1 (csrnet), got ", style,
               " (matlab's sigma is fixed, not adaptive)");
-  const auto prepared = density_prepare_cpu(points, offsets, height, width, style);
+  check_prepare_args(points, offsets, height, width, style);
+  check_splat_params(truncate, kernel_size, stride);  // kNN checks k
+  // float64 from the start: the three steps then read and write the same coordinates without a copy
+  const auto prepared = density_prepare_cpu(points.to(at::kDouble), offsets, height, width, style);
   const at::Tensor& pts = std::get<0>(prepared);
   const at::Tensor& off = std::get<1>(prepared);
   const at::Tensor sigma = knn_sigma_cpu(pts, off, k, beta, lone);
-  return density_splat_cpu(pts, off, sigma, height, width, style, truncate, kernel_size, stride, false).unsqueeze(1);
+  return splat_checked(pts, off, sigma, height, width, style, truncate, kernel_size, stride, points.scalar_type(),
+                       true);
 }
 
 }  // namespace density
