@@ -3,7 +3,9 @@ scipy gaussian_filter per head) and (b) a windowed NumPy version of the same mat
 truncated outer product per head), on the real ShanghaiTech-A samples.
 
 Targets (issue 2): >= 20x the windowed NumPy version on this CPU (>= 22,000x the classic recipe); on a GPU,
-182 ShanghaiTech-A-sized images in under 0.2 s, kNN included.
+182 ShanghaiTech-A-sized images in under 0.2 s, kNN included. The targets are judged on the side-by-side
+ratios (extra_info["paired_ratio"], see conftest.paired_ratio): the medians of two benchmarks are taken
+seconds or minutes apart, and this VM's slow spells alone can move their ratio by 1.5-2x either way.
 
     pytest benchmarks/bench_density.py --benchmark-json=/tmp/d.json && python benchmarks/ratios.py /tmp/d.json
 """
@@ -106,10 +108,10 @@ def test_kernel_same_images_as_classic(benchmark):
     out = _timed(benchmark, lambda: [ck.density_map(pts[n], samples[n][1], style="csrnet") for n in names],
                  KERNEL_ROUNDS_CLASSIC)
     if not benchmark.disabled:
-        # Side by side, image by image: the recipe once, then the kernel's median of 300 calls on the same
-        # image right after (see conftest.paired_ratio); the ratio of the sums over the 3 images.
+        # Side by side, image by image: the recipe once, bracketed by 2000 kernel calls on the same image
+        # (half before, half after; see conftest.timed_pair); the ratio of the sums over the 3 images.
         pairs = [timed_pair(lambda n=n: classic_recipe(*samples[n]),
-                            lambda n=n: ck.density_map(pts[n], samples[n][1], style="csrnet"), kernel_reps=300)
+                            lambda n=n: ck.density_map(pts[n], samples[n][1], style="csrnet"), kernel_reps=2000)
                  for n in names]
         benchmark.extra_info["paired_ratio"] = round(sum(tc for tc, _ in pairs) / sum(tk for _, tk in pairs), 1)
     want = classic_recipe(*samples[names[0]])

@@ -40,11 +40,13 @@ TORCH_LIBRARY(crowdkernels, m) {
       "density_splat(Tensor points, Tensor offsets, Tensor sigma, int height, int width, int style, "
       "float truncate, int kernel_size, int stride, bool deterministic) -> Tensor");
   // The adaptive pipeline in one call: density_prepare (style 0 exact or 1 csrnet), knn_sigma of the kept
-  // points (k, beta, lone), density_splat; the same bits as the three ops in a row. Returns [B, 1,
+  // points (k, beta, lone), density_splat; the same bits as the three ops in a row. Image b owns
+  // counts[b] consecutive points (a list, not an offsets tensor: building a tensor in Python cost more
+  // than a small map's kNN); non-finite points raise ValueError naming points_list[b]. Returns [B, 1,
   // ceil(H/s), ceil(W/s)] in points' dtype. CPU only: per image, three dispatches and their Python glue
   // cost as much as the kernels on a small map; other devices run the three ops.
   m.def(
-      "density_adaptive(Tensor points, Tensor offsets, int height, int width, int style, int k, float beta, "
+      "density_adaptive(Tensor points, int[] counts, int height, int width, int style, int k, float beta, "
       "float lone, float truncate, int kernel_size, int stride) -> Tensor");
 
   // ---------------------------------------------------------------- regions (csrc/regions)

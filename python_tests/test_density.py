@@ -411,7 +411,7 @@ def test_adaptive_op_is_the_three_ops_in_a_row(style, dtype):
     pts = torch.cat(plist).to(dtype)
     offsets = torch.tensor([0, 300, 300, 302, 392])
     with _ext.poisoned_outputs():
-        got = torch.ops.crowdkernels.density_adaptive(pts, offsets, *size, code, 3, 0.3, 31.0, 4.0, 15, 2)
+        got = torch.ops.crowdkernels.density_adaptive(pts, [300, 0, 2, 90], *size, code, 3, 0.3, 31.0, 4.0, 15, 2)
         kept, koff, _ = torch.ops.crowdkernels.density_prepare(pts, offsets, *size, code)
         sig = torch.ops.crowdkernels.knn_sigma(kept, koff, 3, 0.3, 31.0)
         want = torch.ops.crowdkernels.density_splat(kept, koff, sig, *size, code, 4.0, 15, 2, False)
@@ -420,7 +420,23 @@ def test_adaptive_op_is_the_three_ops_in_a_row(style, dtype):
     # and density_maps takes it
     assert torch.equal(ck.density_maps([p.to(dtype) for p in plist], size, style=style, stride=2), got)
     with pytest.raises(RuntimeError, match="style must be 0"):
-        torch.ops.crowdkernels.density_adaptive(pts, offsets, *size, 2, 3, 0.3, 31.0, 4.0, 15, 2)
+        torch.ops.crowdkernels.density_adaptive(pts, [300, 0, 2, 90], *size, 2, 3, 0.3, 31.0, 4.0, 15, 2)
+    with pytest.raises(RuntimeError, match=r"counts must add up to the number of points \(392\), got 391"):
+        torch.ops.crowdkernels.density_adaptive(pts, [300, 0, 2, 89], *size, code, 3, 0.3, 31.0, 4.0, 15, 2)
+    with pytest.raises(ValueError, match="counts must be >= 0, got -2 for image 1"):
+        torch.ops.crowdkernels.density_adaptive(pts, [300, -2, 4, 90], *size, code, 3, 0.3, 31.0, 4.0, 15, 2)
+
+
+@pytest.mark.parametrize("style,sigma", [("csrnet", "adaptive"), ("exact", "adaptive"), ("exact", 2.0),
+                                         ("matlab", "adaptive")])
+def test_non_finite_points_name_the_image_and_row(style, sigma):
+    # the fused CPU pipeline checks in C++, the other paths in Python: the same ValueError either way
+    good, bad = _random_points(5, (12, 12), seed=1), _random_points(6, (12, 12), seed=2)
+    bad[4, 1], bad[5, 0] = float("nan"), float("inf")
+    for dtype in (torch.float32, torch.float64):
+        with pytest.raises(ValueError, match=r"points_list\[1\] must be finite, got \[[0-9.]+, nan\] at row 4 "
+                                             r"\(2 non-finite rows\)"):
+            ck.density_maps([good.to(dtype), bad.to(dtype)], (12, 12), style=style, sigma=sigma)
 
 
 @pytest.mark.skipif(not _ext.compiled(), reason="crowdkernels._C is not built")
@@ -507,7 +523,7 @@ def test_opcheck(device):
             torch.library.opcheck(torch.ops.crowdkernels.density_prepare.default, (pts * 1.2, offsets, 20, 30, style))
         for style in (0, 1):  # the CPU-only fused adaptive pipeline
             torch.library.opcheck(torch.ops.crowdkernels.density_adaptive.default,
-                                  (pts * 1.2, offsets, 20, 30, style, 3, 0.3, 6.0, 4.0, 15, 2))
+                                  (pts * 1.2, [25, 0, 15], 20, 30, style, 3, 0.3, 6.0, 4.0, 15, 2))
     sig = torch.rand(40, dtype=torch.float64, device=device) + 0.5
     for style in (0, 1, 2):
         torch.library.opcheck(

@@ -62,7 +62,7 @@ def _size_arg(size) -> tuple[int, int]:
     return _int_arg("size[0] (height)", size[0], 1), _int_arg("size[1] (width)", size[1], 1)
 
 
-def _points_arg(points, name: str) -> torch.Tensor:
+def _points_arg(points, name: str, check_finite: bool = True) -> torch.Tensor:
     if not isinstance(points, torch.Tensor):
         try:
             points = torch.as_tensor(points)
@@ -74,13 +74,18 @@ def _points_arg(points, name: str) -> torch.Tensor:
         return points.reshape(0, 2)
     if points.dim() != 2 or points.shape[1] != 2:
         raise ValueError(f"{name} must have shape [N, 2] of (x, y) coordinates, got {tuple(points.shape)}")
-    if points.is_floating_point() and not _all_finite(points):
+    if check_finite:
+        _check_finite(points, name)
+    return points
+
+
+def _check_finite(points: torch.Tensor, name: str) -> None:
+    if points.numel() and points.is_floating_point() and not _all_finite(points):
         bad = ~torch.isfinite(points).all(dim=1)
         row = int(bad.nonzero()[0, 0])
         raise ValueError(
             f"{name} must be finite, got {points[row].tolist()} at row {row} ({int(bad.sum())} non-finite rows)"
         )
-    return points
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -199,8 +204,8 @@ if _ext.compiled():
     if hasattr(torch.ops.crowdkernels, "density_adaptive"):
 
         @torch.library.register_fake("crowdkernels::density_adaptive")
-        def _adaptive_fake(points, offsets, height, width, style, k, beta, lone, truncate, kernel_size, stride):
-            return points.new_empty((offsets.shape[0] - 1, 1, -(-height // stride), -(-width // stride)))
+        def _adaptive_fake(points, counts, height, width, style, k, beta, lone, truncate, kernel_size, stride):
+            return points.new_empty((len(counts), 1, -(-height // stride), -(-width // stride)))
 
     @torch.library.register_fake("crowdkernels::density_splat")
     def _splat_fake(points, offsets, sigma, height, width, style, truncate, kernel_size, stride, deterministic):
@@ -293,7 +298,9 @@ def density_maps(
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
 
-    pts_list = [_points_arg(p, f"points_list[{i}]") for i, p in enumerate(points_list)]
+    # finiteness is checked below, by the C++ CPU pipeline itself when it runs (it reads the points anyway,
+    # and a NumPy pass over them here cost ~10 us an image on caches the previous map had flushed)
+    pts_list = [_points_arg(p, f"points_list[{i}]", check_finite=False) for i, p in enumerate(points_list)]
     devices = {p.device for p in pts_list if p.numel() or p.device.type != "cpu"}
     if len(devices) > 1:
         raise ValueError(f"points_list tensors must all be on one device, got {sorted(map(str, devices))}")
@@ -302,6 +309,10 @@ def density_maps(
     counts = [p.shape[0] for p in pts_list]
     B = len(pts_list)
     sig = _sigma_arg(sigma, counts, device)
+    fused = sig is None and style != "matlab" and _ext.kernel_for(device, "density_adaptive") == "cpu"
+    if not fused:
+        for i, p in enumerate(pts_list):
+            _check_finite(p, f"points_list[{i}]")
 
     if B == 1:
         pts = pts_list[0].to(device=device, dtype=out_dtype)
@@ -309,17 +320,17 @@ def density_maps(
         pts = torch.cat([p.to(device=device, dtype=out_dtype) for p in pts_list])
     else:
         pts = torch.zeros(0, 2, dtype=out_dtype, device=device)
+    if fused:
+        # prepare, kNN and splat in one C++ call (the same bits as the three ops below)
+        return torch.ops.crowdkernels.density_adaptive(
+            pts, counts, H, W, _STYLE_CODE[style], k, beta, (H + W) / 8.0, truncate, kernel_size, stride
+        )
     # Image b owns pts[offsets[b]:offsets[b+1]]. exact and csrnet then drop (and csrnet merges) points
     # in one pass of density_prepare: per-image tensor ops here cost more than the kernels on CPU.
     bounds = [0]
     for n in counts:
         bounds.append(bounds[-1] + n)
     offsets = torch.tensor(bounds, dtype=torch.int64, device=device)
-    if sig is None and style != "matlab" and _ext.kernel_for(device, "density_adaptive") == "cpu":
-        # prepare, kNN and splat in one C++ call (the same bits as the three ops below)
-        return torch.ops.crowdkernels.density_adaptive(
-            pts, offsets, H, W, _STYLE_CODE[style], k, beta, (H + W) / 8.0, truncate, kernel_size, stride
-        )
     if style in ("exact", "csrnet") and pts.shape[0]:
         pts, offsets, index = _prepare(pts, offsets, H, W, style)
         sig = sig[index] if isinstance(sig, torch.Tensor) else sig

@@ -573,16 +573,39 @@ at::Tensor density_splat_cpu(const at::Tensor& points_in, const at::Tensor& offs
                        points_in.scalar_type(), false);
 }
 
-at::Tensor density_adaptive_cpu(const at::Tensor& points, const at::Tensor& offsets, int64_t height, int64_t width,
+at::Tensor density_adaptive_cpu(const at::Tensor& points, at::IntArrayRef counts, int64_t height, int64_t width,
                                 int64_t style, int64_t k, double beta, double lone, double truncate,
                                 int64_t kernel_size, int64_t stride) {
   TORCH_CHECK(style == kExact || style == kCsrnet,
               "density_adaptive: style must be 0 (exact) or 1 (csrnet), got ", style,
               " (matlab's sigma is fixed, not adaptive)");
+  const int64_t B = (int64_t)counts.size();
+  at::Tensor offsets = at::empty({B + 1}, points.options().dtype(at::kLong));
+  int64_t* o = offsets.data_ptr<int64_t>();
+  o[0] = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK_VALUE(counts[b] >= 0, "counts must be >= 0, got ", counts[b], " for image ", b);
+    o[b + 1] = o[b] + counts[b];
+  }
   check_prepare_args(points, offsets, height, width, style);
   check_splat_params(truncate, kernel_size, stride);  // kNN checks k
   // float64 from the start: the three steps then read and write the same coordinates without a copy
-  const auto prepared = density_prepare_cpu(points.to(at::kDouble), offsets, height, width, style);
+  const at::Tensor pts64 = points.to(at::kDouble).contiguous();
+  TORCH_CHECK(o[B] == pts64.size(0), "counts must add up to the number of points (", pts64.size(0), "), got ", o[B]);
+  {  // the Python layer leaves this check to this loop, which reads the points from a warm cache
+    const double* p = pts64.data_ptr<double>();
+    int64_t bad = 0, first = -1;
+    for (int64_t i = 0; i < 2 * o[B]; i += 2) {
+      if (std::isfinite(p[i]) && std::isfinite(p[i + 1])) continue;
+      if (bad++ == 0) first = i / 2;
+    }
+    if (bad) {
+      const int64_t b = image_of(o, B, first);
+      TORCH_CHECK_VALUE(false, "points_list[", b, "] must be finite, got [", p[2 * first], ", ", p[2 * first + 1],
+                        "] at row ", first - o[b], " (", bad, " non-finite rows)");
+    }
+  }
+  const auto prepared = density_prepare_cpu(pts64, offsets, height, width, style);
   const at::Tensor& pts = std::get<0>(prepared);
   const at::Tensor& off = std::get<1>(prepared);
   const at::Tensor sigma = knn_sigma_cpu(pts, off, k, beta, lone);
