@@ -484,12 +484,6 @@ void splat_cpu_impl(const double* pts, const int64_t* off, const double* sigma, 
   const bool in_place = Ws % L == 0 && reinterpret_cast<uintptr_t>(out) % (L * sizeof(scalar_t)) == 0;
   const int64_t WsP = in_place ? Ws : (Ws + L + kAlign - 1) / kAlign * kAlign;
   const int64_t nvec = (Ws + L - 1) / L;
-  auto band_scratch = [&]() {  // this thread's, 64-byte aligned
-    thread_local std::vector<scalar_t> scratch;
-    if (scratch.size() < (size_t)(kBandRows * WsP + kAlign)) scratch.resize(kBandRows * WsP + kAlign);
-    scalar_t* p = scratch.data();
-    return p + (kAlign - (reinterpret_cast<uintptr_t>(p) / sizeof(scalar_t)) % kAlign) % kAlign;
-  };
   ck::parallel_dynamic(B * bands, [&](int64_t t) {
     const int64_t b = t / bands, band = t % bands;
     const int64_t orow0 = band * kBandRows, orow1 = std::min(orow0 + kBandRows, Hs);  // output rows
@@ -499,6 +493,13 @@ void splat_cpu_impl(const double* pts, const int64_t* off, const double* sigma, 
     const int64_t nlist = band_start[t + 1] - band_start[t];
     bool tiled = stride == 1;
     for (int64_t s = 0; s < nlist && tiled; ++s) tiled = !thresholded[list[s]];
+    scalar_t* acc = o;
+    if (!in_place) {  // this thread's scratch band, 64-byte aligned
+      thread_local std::vector<scalar_t> scratch;
+      if (scratch.size() < (size_t)(kBandRows * WsP + kAlign)) scratch.resize(kBandRows * WsP + kAlign);
+      acc = scratch.data();
+      acc += (kAlign - (reinterpret_cast<uintptr_t>(acc) / sizeof(scalar_t)) % kAlign) % kAlign;
+    }
     if (tiled) {
       // per vector column, the band points covering it, in point order (a counting sort by column)
       thread_local std::vector<const acc_t*> fy, gx;
@@ -521,17 +522,12 @@ void splat_cpu_impl(const double* pts, const int64_t* off, const double* sigma, 
       }
       for (int64_t v = nvec; v > 0; --v) col_start[v] = col_start[v - 1];
       col_start[0] = 0;
-      // into the output rows when they are whole aligned vectors, else into the scratch band (see above)
-      acc_t* dst = in_place ? o : band_scratch();
-      accumulate_tiles(fy.data(), gx.data(), col_start.data(), col_list.data(), nvec, orow1 - orow0, WsP, dst);
-      if (!in_place)
-        for (int64_t r = 0; r < orow1 - orow0; ++r) std::memcpy(o + r * Ws, dst + r * WsP, Ws * sizeof(scalar_t));
-      return;
+      accumulate_tiles(fy.data(), gx.data(), col_start.data(), col_list.data(), nvec, orow1 - orow0, WsP, acc);
+    } else {
+      std::fill(acc, acc + (orow1 - orow0) * WsP, scalar_t(0));
+      accumulate_band(win.data(), wy.data(), wy_off.data(), wx.data(), wx_off.data(), thresholded.data(), list,
+                      nlist, row0, row1, orow0, stride, WsP, acc);
     }
-    scalar_t* acc = in_place ? o : band_scratch();
-    std::fill(acc, acc + (orow1 - orow0) * WsP, scalar_t(0));
-    accumulate_band(win.data(), wy.data(), wy_off.data(), wx.data(), wx_off.data(), thresholded.data(), list, nlist,
-                    row0, row1, orow0, stride, WsP, acc);
     if (!in_place)
       for (int64_t r = 0; r < orow1 - orow0; ++r) std::memcpy(o + r * Ws, acc + r * WsP, Ws * sizeof(scalar_t));
   });
