@@ -576,6 +576,7 @@ def _run_eval(args) -> int:
     trained = ckpt.get("config") or {}
     cfg = TrainConfig(dataset=args.dataset, root=None if args.root is None else str(args.root), fold=args.fold,
                       max_size=args.max_size, strict=args.strict, seed=int(trained.get("seed", 0)),
+                      input_norm=model.input_norm,
                       synthetic=trained.get("synthetic") or TrainConfig().synthetic)
     if args.dataset != "synthetic" and args.root is None:
         raise _CliError(f"--root is required for --dataset {args.dataset}")
@@ -657,7 +658,7 @@ def _run_count(args) -> int:
     import torch
 
     from .data.datasets import load_image
-    from .data.transforms import Resize
+    from .data.transforms import Resize, normalize_image
     from .engine.evaluate import predict_density
 
     model, _, device = _load_model(args)
@@ -671,7 +672,7 @@ def _run_count(args) -> int:
             image = load_image(path)
             if resize is not None:
                 image = resize({"image": image, "points": torch.zeros(0, 2)})["image"]
-            density = predict_density(model, image.to(device), tile=args.tile)
+            density = predict_density(model, normalize_image(image, model.input_norm).to(device), tile=args.tile)
             count = float(density.sum(dtype=torch.float64))
         except (ValueError, OSError) as exc:
             if args.strict:
@@ -852,7 +853,7 @@ def run_demo(out, *, num_images: int = 160, val_images: int = 40, size: int = 12
 
     from .data.datasets import SyntheticCrowds
     from .data.targets import CrowdCollate
-    from .data.transforms import RandomHorizontalFlip
+    from .data.transforms import IMAGENET_NORM, Compose, Normalize, RandomHorizontalFlip, normalize_image
     from .engine.evaluate import evaluate, predict_density
     from .engine.metrics import MSE_NOTE
     from .engine.train import TrainConfig, Trainer, build_model
@@ -866,8 +867,8 @@ def run_demo(out, *, num_images: int = 160, val_images: int = 40, size: int = 12
     t0 = time.perf_counter()
 
     # 1-2. data and targets (the datasets cache their renderings, so training reuses these)
-    train_set = SyntheticCrowds(num_images, size, seed, transform=RandomHorizontalFlip())
-    val_set = SyntheticCrowds(val_images, size, seed + 1000)
+    train_set = SyntheticCrowds(num_images, size, seed, transform=Compose([RandomHorizontalFlip(), Normalize(IMAGENET_NORM)]))
+    val_set = SyntheticCrowds(val_images, size, seed + 1000, transform=Normalize(IMAGENET_NORM))
     train_samples = [train_set.base[i] for i in range(len(train_set))]
     val_samples = [val_set.base[i] for i in range(len(val_set))]
     samples = train_samples + val_samples
@@ -931,7 +932,8 @@ def run_demo(out, *, num_images: int = 160, val_images: int = 40, size: int = 12
     writer = _PictureWriter(val_samples[0].size, predicted=True)
     truth_maps = maps[len(train_samples):]
     for sample, density in list(zip(val_samples, truth_maps))[:pictures]:
-        pred = predict_density(net, sample.image_tensor().to(device), tile=None)[0, 0].float().cpu().numpy()
+        image = normalize_image(sample.image_tensor(), net.input_norm)
+        pred = predict_density(net, image.to(device), tile=None)[0, 0].float().cpu().numpy()
         writer.save(out / "pictures" / f"heldout_{sample.name}.png", sample, density, predicted=pred)
     _learning_curve(out / "learning_curve.png", summary_run["history"], result["baseline_mae"])
     _save_json(out / "metrics.json", result)

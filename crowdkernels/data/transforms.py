@@ -25,6 +25,11 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "IMAGENET_NORM",
+    "Normalize",
+    "check_norm",
+    "normalize_image",
+    "denormalize_image",
     "Compose",
     "Resize",
     "RandomCrop",
@@ -35,6 +40,86 @@ __all__ = [
     "flip_sample",
     "resize_density",
 ]
+
+
+#: The input convention of every ImageNet-pretrained backbone (torchvision's VGG16 and VGG16-BN): RGB in
+#: [0, 1], minus this mean, divided by this std, per channel. The released HMoDE code feeds its model the
+#: same (``cfg_data.MEAN_STD`` in ``datasets/SHHA/setting.py``).
+IMAGENET_NORM = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+
+
+def check_norm(norm, name: str = "input_norm"):
+    """``norm`` as ``{"mean": (m_r, m_g, m_b), "std": (s_r, s_g, s_b)}`` of floats, or None (raw RGB in [0, 1]:
+    checkpoints written before the convention was stored). "imagenet" names :data:`IMAGENET_NORM`."""
+    if norm is None:
+        return None
+    if isinstance(norm, str):
+        if norm != "imagenet":
+            raise ValueError(f"{name} must be 'imagenet', None or {{'mean': [3 floats], 'std': [3 floats]}}, got {norm!r}")
+        norm = IMAGENET_NORM
+    if not isinstance(norm, dict) or set(norm) != {"mean", "std"}:
+        raise ValueError(f"{name} must be None or {{'mean': [3 floats], 'std': [3 floats]}}, got {norm!r}")
+    out = {}
+    for key in ("mean", "std"):
+        v = norm[key]
+        if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(
+            isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) for x in v
+        ):
+            raise ValueError(f"{name}[{key!r}] must be 3 finite numbers, got {v!r}")
+        out[key] = tuple(float(x) for x in v)
+    if any(x <= 0 for x in out["std"]):
+        raise ValueError(f"{name}['std'] must be positive, got {out['std']!r}")
+    return out
+
+
+def _norm_tensors(norm, image: torch.Tensor):
+    shape = (3, 1, 1)
+    mean = torch.tensor(norm["mean"], dtype=image.dtype, device=image.device).reshape(shape)
+    std = torch.tensor(norm["std"], dtype=image.dtype, device=image.device).reshape(shape)
+    return mean, std
+
+
+def normalize_image(image: torch.Tensor, norm) -> torch.Tensor:
+    """RGB in [0, 1] (``[3, H, W]`` or ``[B, 3, H, W]``, floating point) -> what a model with input
+    convention ``norm`` expects: ``(image - mean) / std`` per channel; the image itself when ``norm`` is None.
+    Every path that feeds a model (training, validation, ``eval``, ``count``, ``crowdkernels.load``, the
+    demo) goes through this function, so a checkpoint is fed the way it was trained."""
+    norm = check_norm(norm)
+    if norm is None:
+        return image
+    if image.dim() not in (3, 4) or image.shape[-3] != 3:
+        raise ValueError(f"image must be [3, H, W] or [B, 3, H, W], got {tuple(image.shape)}")
+    mean, std = _norm_tensors(norm, image)
+    return (image - mean) / std
+
+
+def denormalize_image(image: torch.Tensor, norm) -> torch.Tensor:
+    """The inverse of :func:`normalize_image` (for drawing): ``image * std + mean``."""
+    norm = check_norm(norm)
+    if norm is None:
+        return image
+    mean, std = _norm_tensors(norm, image)
+    return image * std + mean
+
+
+class Normalize:
+    """The last step of a sample pipeline: ``sample["image"]`` (RGB in [0, 1]) through
+    :func:`normalize_image` with ``norm`` (e.g. :data:`IMAGENET_NORM`; None leaves it raw). It comes after
+    the geometric transforms (which clamp to [0, 1]) and before batching, so the collate's zero padding is
+    the mean colour, as the models' own padding is."""
+
+    def __init__(self, norm=IMAGENET_NORM):
+        self.norm = check_norm(norm, "norm")
+
+    def __call__(self, sample: dict) -> dict:
+        if self.norm is None:
+            return sample
+        out = dict(sample)
+        out["image"] = normalize_image(sample["image"], self.norm)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Normalize({self.norm!r})"
 
 
 def _pair(value, name: str) -> tuple[int, int]:

@@ -34,6 +34,7 @@ import torch
 from . import distributed as dist_utils
 from .checkpoint import CheckpointError, atomic_write, check_model, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .evaluate import autocast, evaluate
+from ..data.transforms import IMAGENET_NORM
 
 __all__ = [
     "MODEL_NAMES",
@@ -118,6 +119,9 @@ class TrainConfig:
     strict: bool = False
     resume: bool = False
     tile: int | None = 2048  # validation: tile images larger than this (pixels)
+    # the model's input convention (crowdkernels.data.transforms.normalize_image): ImageNet mean/std, or
+    # None for raw RGB in [0, 1]; every image of the run goes through it, and checkpoints keep it
+    input_norm: dict | None = field(default_factory=lambda: {"mean": list(IMAGENET_NORM["mean"]), "std": list(IMAGENET_NORM["std"])})
     max_seconds: float | None = None  # stop after the epoch that passes this wall time (a time budget)
     synthetic: dict = field(default_factory=lambda: {"train": 200, "val": 40, "size": 128})
     quiet: bool = False
@@ -454,7 +458,9 @@ class Trainer:
 
 # ----------------------------------------------------------------------------------------- data
 def build_transforms(config: TrainConfig, train: bool, sha: bool = False):
-    from ..data.transforms import Compose, RandomCrop, RandomHorizontalFlip, Resize
+    """The sample pipeline of a run: resizing, cropping and flipping (training) on RGB in [0, 1], then the
+    model's input normalization (``config.input_norm``), always last."""
+    from ..data.transforms import Compose, Normalize, RandomCrop, RandomHorizontalFlip, Resize
 
     steps = []
     max_size = tuple(config.max_size) if isinstance(config.max_size, (list, tuple)) else config.max_size
@@ -467,6 +473,8 @@ def build_transforms(config: TrainConfig, train: bool, sha: bool = False):
             steps.append(RandomHorizontalFlip())
     elif max_size is not None:
         steps.append(Resize(max_size=max_size))
+    if config.input_norm is not None:
+        steps.append(Normalize(config.input_norm))
     return Compose(steps) if steps else None
 
 
@@ -478,7 +486,7 @@ def build_datasets(config: TrainConfig, *, split: str = "train", warn=None, leve
 
     if config.dataset == "synthetic":
         syn = config.synthetic
-        val = SyntheticCrowds(int(syn["val"]), int(syn["size"]), config.seed + 1000)
+        val = SyntheticCrowds(int(syn["val"]), int(syn["size"]), config.seed + 1000, transform=build_transforms(config, False))
         if split != "train":
             return None, val
         return SyntheticCrowds(int(syn["train"]), int(syn["size"]), config.seed, transform=build_transforms(config, True)), val
@@ -498,7 +506,9 @@ def build_datasets(config: TrainConfig, *, split: str = "train", warn=None, leve
 def model_from_checkpoint(path, device="cpu", *, model: str | None = None, model_kwargs: dict | None = None):
     """(model in eval mode on ``device``, checkpoint dict) from a checkpoint of :class:`Trainer`. With
     ``model`` (and ``model_kwargs``) given, a checkpoint of another model or variant is refused with an
-    error naming both."""
+    error naming both. ``model.input_norm`` is the checkpoint's input convention."""
+    from ..data.transforms import check_norm
+
     ckpt = load_checkpoint(path)
     if model is not None:
         check_model(ckpt, path, model, model_kwargs)
@@ -509,4 +519,6 @@ def model_from_checkpoint(path, device="cpu", *, model: str | None = None, model
         net.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: its weights do not fit a {name!r} model ({exc})") from None
+    # fed as it was trained: checkpoints from before the convention was saved were trained on raw [0, 1]
+    net.input_norm = check_norm(cfg.get("input_norm")) if "input_norm" in cfg else None
     return net.to(device).eval(), ckpt

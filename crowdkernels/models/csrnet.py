@@ -10,6 +10,7 @@ from torch import nn
 from ..losses import density_loss, relative_local_count_loss
 from ._common import (channels, check_images, check_targets, check_width, conv_stack, density_at, init_normal_,
                       out_size, pad_to_multiple)
+from ..data.transforms import IMAGENET_NORM
 from .backbones import VGG16
 
 
@@ -38,6 +39,9 @@ class CSRNet(nn.Module):
 
     def __init__(self, pretrained=None, *, width: float = 1.0):
         super().__init__()
+        # the input convention (ImageNet mean/std of the pretrained VGG); saved in checkpoints, read by every
+        # path that feeds the model (crowdkernels.data.transforms.normalize_image)
+        self.input_norm = dict(IMAGENET_NORM)
         width = check_width(width)
         self.width = width
         self.frontend = VGG16(batch_norm=False, pretrained=pretrained, width=width, num_stages=4, pools=(1, 2, 3))

@@ -33,6 +33,7 @@ from ..losses import attention_loss, density_loss, expert_importance_loss, relat
 from ..ops.gating import hierarchical_gating
 from ._common import (channels, check_images, check_targets, check_width, conv_relu, conv_stack, density_at, init_normal_,
                       out_size, pad_to_multiple)
+from ..data.transforms import IMAGENET_NORM
 from .backbones import VGG16
 
 VARIANTS = ("paper", "official")
@@ -91,6 +92,9 @@ class HMoDE(nn.Module):
     def __init__(self, experts: int = 3, group_size: int = 2, *, variant: str = "paper", fusion: str = "hmode",
                  pretrained=None, width: float = 1.0):
         super().__init__()
+        # the input convention (ImageNet mean/std of the pretrained VGG); saved in checkpoints, read by every
+        # path that feeds the model (crowdkernels.data.transforms.normalize_image)
+        self.input_norm = dict(IMAGENET_NORM)
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if fusion not in FUSIONS:

@@ -14,6 +14,7 @@ from ..ops.density import knn_sigma
 from ..ops.regions import grid_boxes, region_means, scale_regions, transform_region_targets, unscale_regions
 from ._common import (channels, check_images, check_targets, check_width, conv_stack, density_at, init_normal_,
                       out_size, pad_to_multiple)
+from ..data.transforms import IMAGENET_NORM
 from .spn import SPN
 
 
@@ -77,6 +78,9 @@ class L2SM(nn.Module):
     def __init__(self, pretrained=None, *, width: float = 1.0, pyramid_channels: int = 64, k: int = 4,
                  num_groups: int = 5, num_centers: int = 3, max_scale: float = 2.0):
         super().__init__()
+        # the input convention (ImageNet mean/std of the pretrained VGG); saved in checkpoints, read by every
+        # path that feeds the model (crowdkernels.data.transforms.normalize_image)
+        self.input_norm = dict(IMAGENET_NORM)
         width = check_width(width)
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an int >= 1, got {k!r}")

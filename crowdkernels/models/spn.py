@@ -11,6 +11,7 @@ from torch import nn
 from ..losses import density_loss
 from ._common import (channels, check_images, check_targets, check_width, conv_relu, conv_stack, density_at,
                       init_normal_, out_size, pad_to_multiple)
+from ..data.transforms import IMAGENET_NORM
 from .backbones import VGG16
 
 #: sec. 3.2: the features of stages 1..5 are pooled to 16^2, 8^2, 4^2, 2^2 and 1^2
@@ -51,6 +52,9 @@ class SPN(nn.Module):
 
     def __init__(self, pretrained=None, *, width: float = 1.0, pyramid_channels: int = 64):
         super().__init__()
+        # the input convention (ImageNet mean/std of the pretrained VGG); saved in checkpoints, read by every
+        # path that feeds the model (crowdkernels.data.transforms.normalize_image)
+        self.input_norm = dict(IMAGENET_NORM)
         width = check_width(width)
         self.width = width
         self.backbone = VGG16(batch_norm=False, pretrained=pretrained, width=width, pools=(1, 2, 3))
