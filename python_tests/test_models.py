@@ -350,3 +350,120 @@ def test_l2sm_criterion_on_known_region_densities(monkeypatch):
     assert torch.allclose(terms["reprediction"], l_r)
     assert torch.allclose(terms["total"], terms["density"] + terms["reprediction"] + 0.5 * terms["center"])
     assert not torch.equal(crit.center_loss.centers, centers)   # eq. 1 moved the centres
+
+
+# ------------------------------------------------------------------ the paper's stated details, the released code
+
+def _kinds(seq):
+    """('conv3', 'relu', 'conv1', ...) for a Sequential: conv<k> for a k x k conv."""
+    out = []
+    for m in seq:
+        if isinstance(m, torch.nn.Conv2d):
+            out.append(f"conv{m.kernel_size[0]}")
+        elif isinstance(m, torch.nn.ReLU):
+            out.append("relu")
+        elif isinstance(m, torch.nn.Sigmoid):
+            out.append("sigmoid")
+        else:
+            out.append(type(m).__name__)
+    return tuple(out)
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_hmode_layers_are_the_papers_text(variant):
+    """Sec. IV-B1 and III-B1, as stated in the text; both variants have these layers."""
+    m = HMoDE(variant=variant, width=W)
+    # "the first 13 convolutional layers of the VGG-16 BN"
+    convs = [x for x in m.encoder.features if isinstance(x, torch.nn.Conv2d)]
+    bns = [x for x in m.encoder.features if isinstance(x, torch.nn.BatchNorm2d)]
+    assert len(convs) == 13 and len(bns) == 13 and m.encoder.batch_norm
+    # "three blocks, each with two 3x3 conv + ReLU layers"
+    assert len(m.decoder) == 3 and all(_kinds(b) == ("conv3", "relu") * 2 for b in m.decoder)
+    # "a density regression head consisting of two additional 1x1 conv + ReLU layers"
+    assert len(m.heads) == 3 and all(_kinds(h) == ("conv1", "relu") * 2 for h in m.heads)
+    # "G1 as two convolutional layers with each followed by a ReLU while G2 triples the number of layers to six"
+    assert [k for k in _kinds(m.gate1) if k != "relu"] == ["conv3", "conv1"] and _kinds(m.gate1)[1::2] == ("relu",) * 2
+    g2 = _kinds(m.gate2)
+    assert len([k for k in g2 if k.startswith("conv")]) == 6 and g2[1::2] == ("relu",) * 6
+    assert m.gate1[-2].out_channels == 6 and m.gate2[-2].out_channels == 3  # M x N and M, K = 3, N = 2
+    # "an attention net consists of three convolutional layers followed by the Sigmoid"
+    att = _kinds(m.attention)
+    assert len([k for k in att if k.startswith("conv")]) == 3 and att[-1] == "sigmoid"
+    # skips from conv4_3 and conv3_3 into the second and third blocks (concatenated)
+    assert m.decoder[1][0].in_channels == m.encoder.stage_channels[3] + m.decoder[2][-2].out_channels
+    assert m.decoder[0][0].in_channels == m.encoder.stage_channels[2] + m.decoder[1][-2].out_channels
+    assert m.num_experts == 3 and m.group_size == 2 and m.groups.tolist() == [[0, 1], [0, 2], [1, 2]]
+
+
+def test_hmode_paper_gates_see_relu_logits_and_heads_are_nonnegative(monkeypatch):
+    """Behaviour, not only layer lists: every expert map is >= 0 (a ReLU ends each head) and the logits that
+    reach the gating op are >= 0 (a ReLU ends each gate), on random weights whose raw outputs have both signs."""
+    from crowdkernels.models import hmode as hmode_module
+
+    seen = {}
+    real = hmode_module.hierarchical_gating
+
+    def spy(experts, g1, g2, groups, **kw):
+        seen.update(g1=g1.detach(), g2=g2.detach(), kw=kw)
+        return real(experts, g1, g2, groups, **kw)
+
+    monkeypatch.setattr(hmode_module, "hierarchical_gating", spy)
+    torch.manual_seed(0)
+    m = HMoDE(width=W)
+    for seq in (m.gate1, m.gate2, *m.heads):  # give the last conv a negative bias: raw outputs change sign
+        torch.nn.init.constant_(seq[-2].bias, -0.05)
+    out = m(torch.randn(1, 3, 64, 64))
+    assert all(bool((e >= 0).all()) for e in out.experts)
+    assert bool((seen["g1"] >= 0).all()) and bool((seen["g2"] >= 0).all())
+    assert bool((seen["g1"] == 0).any()), "the ReLU never clipped: the test would not see a missing one"
+    assert seen["kw"]["upsample"] == "nearest"
+
+
+def test_hmode_paper_criterion_is_eq7_at_input_resolution():
+    """The paper variant's criterion: eq. 7 with unit weights, eq. 3 and 5 as means over pixels, REL (eq. 2) on
+    every output, all at the input resolution (sec. III-D), restated here from the equations."""
+    torch.manual_seed(0)
+    m = HMoDE(width=W)
+    images, targets = _batch("cpu", B=1, H=64, Wd=96)
+    out = m(images)
+    crit = m.criterion()
+    assert crit.weights == [1.0] * 7 and crit.reduction == "mean" and crit.rel and crit.resolution == "input"
+    terms = crit(out, targets)
+    gt = targets["density"]
+    up = [torch.nn.functional.interpolate(d, scale_factor=4, mode="nearest") / 16 for d in out.densities]
+    dens = sum(((u - gt) ** 2).mean() for u in up)
+    rel = sum(ck.losses.relative_local_count_loss(u, gt, region=0.125, num_hard=9, num_sublists=3, pairs="adjacent")
+              for u in up)
+    a = torch.nn.functional.interpolate(out.attention, size=gt.shape[-2:], mode="nearest")
+    y = (gt > 1e-5).float()
+    att = -(y * torch.log(a) + (1 - y) * torch.log(1 - a)).mean()
+    imp = ck.losses.expert_importance_loss(out.importance, per_image=True)
+    torch.testing.assert_close(terms["density"], dens)
+    torch.testing.assert_close(terms["rel"], rel)
+    torch.testing.assert_close(terms["attention"], att)
+    torch.testing.assert_close(terms["total"], dens + rel + att + imp)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_official_forward_matches_the_released_forward(training):
+    """Our official variant against HMoDE.py's forward restated from its arithmetic (released_hmode.py), on the
+    same weights under the released names; odd input sizes, where the released pools floor."""
+    from released_hmode import released_forward, released_state_dict
+
+    torch.manual_seed(1)
+    m = HMoDE(variant="official", width=W).double()
+    with torch.no_grad():  # BN statistics that are not the identity, so eval mode uses them
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+    m.train(training)
+    sd = {k: v.clone() for k, v in released_state_dict(m).items()}
+    x = torch.randn(2, 3, 75, 101, dtype=torch.float64)
+    out = m(x)
+    densities, amp, imp = released_forward(sd, x, training=training)
+    assert len(out.densities) == len(densities) == 7
+    for ours, theirs in zip(out.densities, densities):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(out.attention, amp, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ck.losses.expert_importance_loss(out.importance), imp.double(), rtol=1e-5, atol=1e-7)

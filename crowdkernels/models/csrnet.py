@@ -42,6 +42,9 @@ class CSRNet(nn.Module):
         # the input convention (ImageNet mean/std of the pretrained VGG); saved in checkpoints, read by every
         # path that feeds the model (crowdkernels.data.transforms.normalize_image)
         self.input_norm = dict(IMAGENET_NORM)
+        # the output convention: predictions are people per cell times density_scale (set from the recipe's
+        # ground-truth scale factor; checkpoints keep it)
+        self.density_scale = 1.0
         width = check_width(width)
         self.width = width
         self.frontend = VGG16(batch_norm=False, pretrained=pretrained, width=width, num_stages=4, pools=(1, 2, 3))
@@ -59,25 +62,34 @@ class CSRNet(nn.Module):
         return DensityOutput(final=x[..., :h, :w])
 
     def criterion(self, *, reduction: str = "mean", rel: bool = True, rel_weight: float = 1.0,
-                  rel_options=None) -> "CSRNetCriterion":
-        """L = L_Des (eq. 3, `density_loss` with `reduction`) + rel_weight * L_Rel (eq. 2, when `rel`)."""
-        return CSRNetCriterion(self.stride, reduction, rel, rel_weight, rel_options)
+                  rel_options=None, density_weight: float = 1.0, per_batch: bool = False,
+                  density_scale=None) -> "CSRNetCriterion":
+        """L = density_weight * L_Des (HMoDE eq. 3, `density_loss` with `reduction`) + rel_weight * L_Rel (HMoDE
+        eq. 2, when `rel`), divided by the batch size when `per_batch`. The CSRNet paper's Euclidean loss
+        1/(2N) sum_i ||Z_i - Z_i^GT||^2 is reduction="sum", density_weight=0.5, per_batch=True, rel=False.
+        Targets are multiplied by `density_scale` (default: the model's)."""
+        scale = self.density_scale if density_scale is None else density_scale
+        return CSRNetCriterion(self.stride, reduction, rel, rel_weight, rel_options, density_weight, per_batch, scale)
 
 
 class CSRNetCriterion(nn.Module):
     """criterion(output, {"density": [B,1,H,W], ...}) -> {"density", "rel", "total"}. The target is summed onto
     the output grid (count kept) first."""
 
-    def __init__(self, stride, reduction="mean", rel=True, rel_weight=1.0, rel_options=None):
+    def __init__(self, stride, reduction="mean", rel=True, rel_weight=1.0, rel_options=None, density_weight=1.0,
+                 per_batch=False, density_scale=1.0):
         super().__init__()
         self.stride, self.reduction = stride, reduction
         self.rel, self.rel_weight, self.rel_options = bool(rel), float(rel_weight), dict(rel_options or {})
+        self.density_weight, self.per_batch, self.density_scale = float(density_weight), bool(per_batch), float(density_scale)
 
     def forward(self, output: DensityOutput, targets) -> dict:
         pred = output.final
-        gt = density_at(check_targets(targets, pred.shape[0]).to(pred.dtype), self.stride, pred.shape[-2:])
+        full = check_targets(targets, pred.shape[0]).to(pred.dtype) * self.density_scale
+        gt = density_at(full, self.stride, pred.shape[-2:])
         terms = {"density": density_loss(pred, gt, self.reduction)}
         if self.rel:
             terms["rel"] = relative_local_count_loss(pred, gt, **self.rel_options)
-        terms["total"] = terms["density"] + self.rel_weight * terms.get("rel", 0.0)
+        total = self.density_weight * terms["density"] + self.rel_weight * terms.get("rel", 0.0)
+        terms["total"] = total / pred.shape[0] if self.per_batch else total
         return terms

@@ -3,16 +3,28 @@ Crowd Counting", TIP 2023, sec. III and IV-B), in the paper's form and in the au
 
 Layers (width 1; the paper gives no widths beyond VGG16-BN, so both variants take the released code's):
 
-- encoder: VGG16-BN conv1_1..conv5_3 (13 convs), pools 1-4 (conv5_3 at stride 16);
-- decoder: three blocks of two 3x3 conv + ReLU: D3 on conv5_3 (512 -> 1024 -> 512), D2 on
+- encoder: VGG16-BN conv1_1..conv5_3 (13 convs), pools 1-4 (conv5_3 at stride 16) (sec. IV-B1);
+- decoder: three blocks of two 3x3 conv + ReLU (sec. IV-B1): D3 on conv5_3 (512 -> 1024 -> 512), D2 on
   [conv4_3, up(D3)] (1024 -> 512 -> 256), D1 on [conv3_3, up(D2)] (512 -> 256 -> 128); with K = 4 a fourth
-  block D0 on [conv2_2, up(D1)] (256 -> 128 -> 64);
-- density heads: 1x1 conv (-> 64) + ReLU, 1x1 conv (-> 1); head k on block k gives expert E_k at the
-  block's resolution (E1: stride 4, E2: 8, E3: 16; with K = 4 E1 is at stride 2);
-- gates, both on conv5_3 (F): G1 = 3x3 conv (-> 256) + ReLU, 1x1 conv (-> M*N); the attention module
-  A = sigmoid(1x1(ReLU(3x3(ReLU(3x3(F)))))) (256, 128, 1); G2 = six convs on A * F
-  (1024, 2048, 1024, 512, 256 with ReLU, then a 1x1 conv -> M);
+  block D0 on [conv2_2, up(D1)] (256 -> 128 -> 64). up = bilinear, align_corners=True (the paper does not
+  say; the released code's);
+- density heads: "two additional 1x1 conv + ReLU layers and one upsampling layer" (sec. IV-B1): 1x1 conv
+  (-> 64) + ReLU, 1x1 conv (-> 1) + ReLU; head k on block k gives expert E_k at the block's resolution
+  (E1: stride 4, E2: 8, E3: 16; with K = 4 E1 is at stride 2), upsampled to E1's grid, nearest (the kind is
+  not stated; the released code's);
+- gates, both on conv5_3 (F) (sec. III-B1): G1 = "two convolutional layers with each followed by a ReLU":
+  3x3 conv (-> 256) + ReLU, 1x1 conv (-> M*N) + ReLU; G2 "triples the number of layers to six", each + ReLU
+  (1024, 2048, 1024, 512, 256, then 1x1 -> M), on A * F; the attention module A = "three convolutional
+  layers followed by the Sigmoid": sigmoid(1x1(ReLU(3x3(ReLU(3x3(F)))))) (256, 128, 1). The softmaxed gate
+  weights are brought to E1's grid by nearest upsampling (not stated; the released code's);
 - fusion: `hierarchical_gating` (eq. 1) over the M = C(K, N) groups of N experts.
+
+The two variants share all of the above. They differ in how they meet the input size: "paper" zero-pads the
+input to a multiple of 16 and returns maps on the stride-s grid (people per output cell, the grid of
+`density_maps(..., stride=s)`); its criterion brings them to the input resolution, where the paper
+optimizes every output ("They are all optimized on the original resolution of the image", sec. III-D).
+"official" takes any size as the released code does and nearest-upsamples every output to the input size
+(people per pixel, times `density_scale`, the released LOG_PARA of 100).
 
 Parameter counts (K=3, N=2, width 1, either variant): 82,621,261 in all: encoder 14,723,136, decoder
 16,812,672, heads 57,731, G1 1,181,446, G2 48,371,203, attention 1,475,073. The paper gives no count; the
@@ -75,10 +87,9 @@ class HMoDE(nn.Module):
     Args:
         experts: K, 3 (paper) or 4 (a fourth decoder block with a skip from conv2_2).
         group_size: N, 2 (paper) or 3; the M = C(K, N) groups are `itertools.combinations(range(K), N)`.
-        variant: "paper" or "official" (reproduces the released HMoDE.py forward exactly: ReLU on both gates'
-            logits before their softmax, decoder upsampling with align_corners=True, the heads end in ReLU,
-            experts and gate weights nearest-upsampled to E1's grid, every output then nearest-upsampled to
-            the input size; K = 3, N = 2 only).
+        variant: "paper" or "official" (reproduces the released HMoDE.py forward exactly: no input padding,
+            every output nearest-upsampled to the input size, maps scaled by 100; K = 3, N = 2 only). The
+            layers are the same (module docstring).
         fusion: "hmode" (eq. 1) or "average" (the paper's baseline, sec. IV-B-3: the mean of the experts; no
             gates, no attention).
         pretrained: a local torchvision vgg16_bn state_dict (path or dict) for the encoder; see `VGG16`.
@@ -111,9 +122,16 @@ class HMoDE(nn.Module):
         self.register_buffer("groups", torch.tensor(list(itertools.combinations(range(experts), group_size)),
                                                     dtype=torch.long), persistent=False)
         official = variant == "official"
-        self.align_corners = official
+        # bilinear decoder upsampling with align_corners=True in both variants: the paper does not say which,
+        # the released code uses it
+        self.align_corners = True
+        # the output convention: predictions are people per cell times density_scale (the recipes set it
+        # from their ground truth's scale factor; checkpoints keep it)
         self.density_scale = OFFICIAL_DENSITY_SCALE if official else 1.0
         self.stride = 1 if official else (4 if experts == 3 else 2)
+        # the official variant takes any input size (VGG pools floor) and is run unpadded, as the released
+        # test.py runs it; the paper variant pads to a multiple of 16 itself
+        self.input_multiple = 1 if official else 16
 
         self.encoder = VGG16(batch_norm=True, pretrained=pretrained, width=width, pools=(1, 2, 3, 4))
         enc = self.encoder.stage_channels                       # 64, 128, 256, 512, 512
@@ -127,20 +145,16 @@ class HMoDE(nn.Module):
             blocks.append(conv_stack([enc[1] + c(128), c(128), c(64)]))  # D0 on [conv2_2, up(D1)]
             outs.append(c(64))
         self.decoder = nn.ModuleList(blocks[::-1])
-        self.heads = nn.ModuleList(
-            conv_stack([cin, c(64), 1], k=1, last_relu=official) for cin in outs[::-1]
-        )
+        # sec. IV-B1: "two additional 1x1 conv + ReLU layers": the density ends in a ReLU
+        self.heads = nn.ModuleList(conv_stack([cin, c(64), 1], k=1, last_relu=True) for cin in outs[::-1])
         M, N = self.groups.shape
         if fusion == "hmode":
-            self.gate1 = nn.Sequential(*conv_relu(enc[4], c(256)), nn.Conv2d(c(256), M * N, 1))
-            if official:
-                self.gate1.append(nn.ReLU(inplace=True))
+            # sec. III-B1: the gates' convolutions are "each followed by a ReLU", the last one included
+            self.gate1 = nn.Sequential(*conv_relu(enc[4], c(256)), *conv_relu(c(256), M * N, k=1))
             self.attention = nn.Sequential(*conv_stack([enc[4], c(256), c(128)]), nn.Conv2d(c(128), 1, 1),
                                            nn.Sigmoid())
             g2 = conv_stack([enc[4], c(1024), c(2048), c(1024), c(512), c(256)])
-            g2.append(nn.Conv2d(c(256), M, 1))
-            if official:
-                g2.append(nn.ReLU(inplace=True))
+            g2.extend([nn.Conv2d(c(256), M, 1), nn.ReLU(inplace=True)])
             self.gate2 = g2
         init_normal_(self.decoder, from_scratch=pretrained is None)
         init_normal_(self.heads, from_scratch=pretrained is None)
@@ -174,13 +188,12 @@ class HMoDE(nn.Module):
         raw = [self.heads[k](block_out[k]) for k in range(K)]   # E_k at its block's resolution
         grid = tuple(raw[0].shape[-2:])
 
+        # the heads' upsampling layer brings every expert to E1's grid (nearest, as the released code)
+        on_grid = [raw[0]] + [F.interpolate(e, size=grid, mode="nearest") for e in raw[1:]]
         if official:
-            # the released code: experts nearest to E1's grid, then every output nearest to the input size
-            on_grid = [raw[0]] + [F.interpolate(e, size=grid, mode="nearest") for e in raw[1:]]
+            # the released code: every output nearest-upsampled to the input size
             crop = lambda t: F.interpolate(t, size=in_size, mode="nearest")  # noqa: E731
         else:
-            # the paper's heads end in an upsampling layer (bilinear here) to E1's resolution
-            on_grid = [raw[0]] + [self._up(e, grid) for e in raw[1:]]
             h, w = out_size(in_size, self.stride)
             crop = lambda t: t[..., :h, :w]  # noqa: E731
         experts = [crop(e) for e in on_grid]
@@ -192,10 +205,9 @@ class HMoDE(nn.Module):
         attention = self.attention(x5)
         g1 = self.gate1(x5)
         g2 = self.gate2(attention * x5)
-        # official: the gates are nearest-upsampled inside the op, as the released code does after its
-        # softmax (the same thing for nearest); paper: the logits are upsampled bilinearly
-        fused = hierarchical_gating(on_grid, g1, g2, self.groups, size=grid,
-                                    upsample="nearest" if official else "bilinear")
+        # the gates are nearest-upsampled to E1's grid inside the op; the released code upsamples after its
+        # softmax, which for nearest is the same thing
+        fused = hierarchical_gating(on_grid, g1, g2, self.groups, size=grid, upsample="nearest")
         return HMoDEOutput(crop(fused.final), experts, crop(fused.group_maps), fused.importance, attention)
 
     # ----------------------------------------------------------------------------------------- criterion
@@ -203,15 +215,26 @@ class HMoDE(nn.Module):
     def criterion(self, **options) -> "HMoDECriterion":
         """The training loss, eq. 7: sum over the K + M + 1 density outputs of (L_Des + L_Rel), + L_Att + L_Eim.
 
-        Options (defaults by variant, paper / official):
-            weights: per-output weights in `HMoDEOutput.densities` order (all 1 / 1,1,1,2,2,2,4).
-            reduction: `density_loss` reduction ("mean", eq. 3 / "sum").
-            rel: add REL (True / False, as the released training script leaves it commented out).
-            rel_options: kwargs of `relative_local_count_loss` (paper defaults: region 1/8, S = 9).
-            attention_weight, importance_weight: 1 / 1.
+        Options (defaults by variant, paper (the text) / official (the released train.py)):
+            weights: per-output weights in `HMoDEOutput.densities` order (all 1, eq. 7 / 2^floor(j/3):
+                1,1,1,2,2,2,4).
+            reduction: `density_loss` reduction ("mean", eq. 3's 1/Z / "sum").
+            resolution: where L_Des and L_Rel compare maps: "input" (sec. III-D: "optimized on the original
+                resolution of the image": each output cell spread evenly over its s x s pixels, i.e.
+                nearest-upsampled and divided by s^2, against the full-resolution target) or "output" (the
+                target summed onto the output grid). The official variant's outputs are at the input size,
+                so both are the same there.
+            rel: add REL (True, eq. 4 / False, as the released training script leaves it commented out).
+            rel_options: kwargs of `relative_local_count_loss` (defaults: region 1/8, S = 9, three sub-lists,
+                adjacent pairs: sec. IV-B2 and eq. 2).
+            attention_weight, importance_weight: 1 / 1 (eq. 7).
             attention_reduction: "mean" (eq. 5) / "sum".
-            density_scale: targets are multiplied by it (1 / 100, the released LOG_PARA); the attention
-                threshold 1e-5 is scaled with it.
+            attention_log_eps: None (clamped logs) / 1e-10 (the released log(a + 1e-10)).
+            importance_per_image: True (eq. 6 on each image's weight maps: "balance expert contributions on
+                the image-level") / False (the released code sums the weight maps over the batch first).
+            density_scale: the targets are multiplied by it (default: the model's `density_scale`, set by the
+                recipe's ground-truth scale; 100 for the official variant, the released LOG_PARA); the
+                attention threshold 1e-5 is scaled with it.
             per_batch: divide the total by the batch size (False / True, as the released script).
         """
         return HMoDECriterion(self, **options)
@@ -271,11 +294,12 @@ def official_key_map(key: str) -> str:
 class HMoDECriterion(nn.Module):
     """criterion(output, {"density": [B, 1, H, W], "points": ...}) -> {"density", "rel", "attention",
     "importance", "total"} (eq. 7; "rel" only when enabled, "attention"/"importance" only with gates).
-    The target density is summed onto the outputs' grid (count kept) and multiplied by `density_scale`."""
+    The target density (full resolution, people per pixel) is multiplied by `density_scale`; see
+    `HMoDE.criterion` for the options."""
 
-    def __init__(self, model: HMoDE, *, weights=None, reduction=None, rel=None, rel_options=None,
+    def __init__(self, model: HMoDE, *, weights=None, reduction=None, resolution=None, rel=None, rel_options=None,
                  attention_weight: float = 1.0, importance_weight: float = 1.0, attention_reduction=None,
-                 density_scale=None, per_batch=None):
+                 attention_log_eps="default", importance_per_image=None, density_scale=None, per_batch=None):
         super().__init__()
         official = model.variant == "official"
         n_out = model.num_experts + (0 if model.fusion == "average" else model.groups.shape[0]) + 1
@@ -286,21 +310,38 @@ class HMoDECriterion(nn.Module):
         self.weights = [float(w) for w in weights]
         self.stride = model.stride
         self.reduction = reduction or ("sum" if official else "mean")
+        self.resolution = resolution or "input"
+        if self.resolution not in ("input", "output"):
+            raise ValueError(f"resolution must be 'input' or 'output', got {resolution!r}")
         self.rel = (not official) if rel is None else bool(rel)
         self.rel_options = dict(rel_options or {})
         self.attention_weight, self.importance_weight = float(attention_weight), float(importance_weight)
         self.attention_reduction = attention_reduction or ("sum" if official else "mean")
+        self.attention_log_eps = (1e-10 if official else None) if attention_log_eps == "default" else attention_log_eps
+        self.importance_per_image = (not official) if importance_per_image is None else bool(importance_per_image)
         self.density_scale = float(model.density_scale if density_scale is None else density_scale)
         self.per_batch = official if per_batch is None else bool(per_batch)
+
+    def _at_input(self, d: torch.Tensor, size) -> torch.Tensor:
+        """An output map (people per s x s cell) spread evenly over its pixels, cropped to ``size``."""
+        s = self.stride
+        if s == 1:
+            return d[..., : size[0], : size[1]]
+        return (F.interpolate(d, scale_factor=s, mode="nearest") / (s * s))[..., : size[0], : size[1]]
 
     def forward(self, output: HMoDEOutput, targets) -> dict:
         pred = output.final
         B = pred.shape[0]
         full = check_targets(targets, B).to(pred.dtype) * self.density_scale
-        gt = density_at(full, self.stride, pred.shape[-2:])
+        if self.resolution == "input":
+            size = tuple(full.shape[-2:])
+            gt, bring = full, (lambda d: self._at_input(d, size))  # noqa: E731
+        else:
+            gt, bring = density_at(full, self.stride, pred.shape[-2:]), (lambda d: d)  # noqa: E731
         dens = pred.new_zeros(())
         rel = pred.new_zeros(())
         for w, d in zip(self.weights, output.densities):
+            d = bring(d)
             dens = dens + w * density_loss(d, gt, self.reduction)
             if self.rel:
                 rel = rel + w * relative_local_count_loss(d, gt, **self.rel_options)
@@ -311,8 +352,8 @@ class HMoDECriterion(nn.Module):
             total = total + rel
         if output.attention is not None:
             terms["attention"] = attention_loss(output.attention, full, threshold=1e-5 * self.density_scale,
-                                                reduction=self.attention_reduction)
-            terms["importance"] = expert_importance_loss(output.importance)
+                                                reduction=self.attention_reduction, log_eps=self.attention_log_eps)
+            terms["importance"] = expert_importance_loss(output.importance, per_image=self.importance_per_image)
             total = total + self.attention_weight * terms["attention"] + self.importance_weight * terms["importance"]
         terms["total"] = total / B if self.per_batch else total
         return terms

@@ -81,6 +81,8 @@ class L2SM(nn.Module):
         # the input convention (ImageNet mean/std of the pretrained VGG); saved in checkpoints, read by every
         # path that feeds the model (crowdkernels.data.transforms.normalize_image)
         self.input_norm = dict(IMAGENET_NORM)
+        # the output convention: people per cell times density_scale (the recipe's ground-truth scale)
+        self.density_scale = 1.0
         width = check_width(width)
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an int >= 1, got {k!r}")
@@ -114,8 +116,9 @@ class L2SM(nn.Module):
 
         `source` is a tensor of region means (any shape, people per stride-4 cell, e.g. collected with
         `ground_truth_region_means`), or an iterable of batches: a dict with "density" [B,1,H,W]
-        (full-resolution ground truth), a (images, targets) pair with such a dict, or the density tensor.
-        Returns the thresholds."""
+        (full-resolution ground truth, people per pixel: multiplied by `density_scale` here, so that the
+        levels are in the predictions' units), a (images, targets) pair with such a dict, or the density
+        tensor. Returns the thresholds."""
         if isinstance(source, torch.Tensor):
             means = source
         else:
@@ -125,7 +128,7 @@ class L2SM(nn.Module):
                     batch = batch[-1]
                 if isinstance(batch, dict):
                     batch = batch["density"]
-                collected.append(self.ground_truth_region_means(batch).flatten())
+                collected.append(self.ground_truth_region_means(batch).flatten() * self.density_scale)
             if not collected:
                 raise ValueError("source yielded no batch")
             means = torch.cat(collected)
@@ -182,7 +185,7 @@ class L2SM(nn.Module):
     # -------------------------------------------------------------------------------------- criterion
 
     def criterion(self, *, lambda1: float = 1.0, lambda2: float = 1.0, sigma="adaptive", alpha: float = 0.5,
-                  generator: Optional[torch.Generator] = None) -> "L2SMCriterion":
+                  generator: Optional[torch.Generator] = None, density_scale=None) -> "L2SMCriterion":
         """Eq. 3: L = L_D + lambda1 L_r + lambda2 L_c (lambda1 = 1 as in sec. 4.2; lambda2 the weight the
         paper studies in Fig. 5).
 
@@ -193,20 +196,24 @@ class L2SM(nn.Module):
         `sigma`: each head's Gaussian spread in input pixels for the zoomed targets: "adaptive" (`knn_sigma`,
         k = 3, beta = 0.3; a lone head gets mean(H, W) / 4, as `density_maps`) or a float; it is divided by
         the stride with the head positions, so the heads keep their own sigmas (Fig. 4).
-        The criterion owns the centres (a buffer): keep the same criterion object through training."""
-        return L2SMCriterion(self, lambda1, lambda2, sigma, alpha, generator)
+        The criterion owns the centres (a buffer): keep the same criterion object through training.
+        Targets (and the zoomed region targets) are multiplied by `density_scale` (default: the model's)."""
+        return L2SMCriterion(self, lambda1, lambda2, sigma, alpha, generator,
+                             self.density_scale if density_scale is None else density_scale)
 
 
 class L2SMCriterion(nn.Module):
     """criterion(output, {"density": [B,1,H,W], "points": list of [N_i, 2]}) ->
     {"density", "reprediction", "center", "total"}."""
 
-    def __init__(self, model: L2SM, lambda1=1.0, lambda2=1.0, sigma="adaptive", alpha=0.5, generator=None):
+    def __init__(self, model: L2SM, lambda1=1.0, lambda2=1.0, sigma="adaptive", alpha=0.5, generator=None,
+                 density_scale=1.0):
         super().__init__()
         if not (sigma == "adaptive" or (isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and sigma > 0)):
             raise ValueError(f"sigma must be 'adaptive' or a positive float, got {sigma!r}")
         self.stride = model.stride
         self.lambda1, self.lambda2, self.sigma = float(lambda1), float(lambda2), sigma
+        self.density_scale = float(density_scale)
         self.center_loss = MultipolarCenterLoss(model.num_centers, alpha=alpha, generator=generator)
 
     def _sigmas(self, points, size):
@@ -225,7 +232,7 @@ class L2SMCriterion(nn.Module):
         sig = self._sigmas(points, full.shape[-2:])
         on_grid = [p / self.stride for p in points]
         canvas = tuple(repred.shape[-2:])
-        target = transform_region_targets(on_grid, boxes, r.detach(), sig, canvas).to(repred.dtype)
+        target = transform_region_targets(on_grid, boxes, r.detach(), sig, canvas).to(repred.dtype) * self.density_scale
         rd = r.detach().double()
         vh = torch.floor(rd * boxes[:, 3]).clamp(max=canvas[0])
         vw = torch.floor(rd * boxes[:, 4]).clamp(max=canvas[1])
@@ -238,7 +245,7 @@ class L2SMCriterion(nn.Module):
         initial = output.initial
         B = initial.shape[0]
         full = check_targets(targets, B, need_points=True)
-        gt = density_at(full.to(initial.dtype), self.stride, initial.shape[-2:])
+        gt = density_at(full.to(initial.dtype) * self.density_scale, self.stride, initial.shape[-2:])
         l_d = ((initial - gt) ** 2).sum() / B
         if output.boxes.shape[0]:
             target, valid = self.region_targets(output, targets)

@@ -55,6 +55,8 @@ class SPN(nn.Module):
         # the input convention (ImageNet mean/std of the pretrained VGG); saved in checkpoints, read by every
         # path that feeds the model (crowdkernels.data.transforms.normalize_image)
         self.input_norm = dict(IMAGENET_NORM)
+        # the output convention: people per cell times density_scale (the recipe's ground-truth scale)
+        self.density_scale = 1.0
         width = check_width(width)
         self.width = width
         self.backbone = VGG16(batch_norm=False, pretrained=pretrained, width=width, pools=(1, 2, 3))
@@ -85,24 +87,25 @@ class SPN(nn.Module):
         density, _, pooled = self.run(pad_to_multiple(images, self.pad_multiple))
         return SPNOutput(final=density[..., :h, :w], pyramid=pooled)
 
-    def criterion(self, *, reduction: str = "sum") -> "SPNCriterion":
+    def criterion(self, *, reduction: str = "sum", density_scale=None) -> "SPNCriterion":
         """L_D (L2SM sec. 3.4): the squared error of the density map, summed over pixels ("sum", then averaged
-        over the batch) or averaged ("mean")."""
-        return SPNCriterion(self.stride, reduction)
+        over the batch) or averaged ("mean"). Targets are multiplied by `density_scale` (default: the model's)."""
+        return SPNCriterion(self.stride, reduction, self.density_scale if density_scale is None else density_scale)
 
 
 class SPNCriterion(nn.Module):
     """criterion(output, {"density": [B,1,H,W], ...}) -> {"density", "total"}."""
 
-    def __init__(self, stride: int, reduction: str = "sum"):
+    def __init__(self, stride: int, reduction: str = "sum", density_scale: float = 1.0):
         super().__init__()
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-        self.stride, self.reduction = stride, reduction
+        self.stride, self.reduction, self.density_scale = stride, reduction, float(density_scale)
 
     def forward(self, output, targets) -> dict:
         pred = output.final
-        gt = density_at(check_targets(targets, pred.shape[0]).to(pred.dtype), self.stride, pred.shape[-2:])
+        full = check_targets(targets, pred.shape[0]).to(pred.dtype) * self.density_scale
+        gt = density_at(full, self.stride, pred.shape[-2:])
         loss = density_loss(pred, gt, self.reduction)
         if self.reduction == "sum":
             loss = loss / pred.shape[0]
