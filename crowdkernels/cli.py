@@ -433,60 +433,152 @@ def _report_skipped(skipped: dict) -> None:
             print(f"  {name}: {reason}", file=sys.stderr)
 
 
-@command("train", "train a counting model (HMoDE, L2SM, SPN, CSRNet) with the papers' settings")
+@command("train", "train a counting model (HMoDE, L2SM, SPN, CSRNet), with a paper's recipe or your settings")
 def _train_command(p: argparse.ArgumentParser):
     from .data.datasets import DATASET_NAMES
+    from .engine.recipes import RECIPE_NAMES, SUMMARIES
     from .engine.train import MODEL_NAMES
 
     p.description = (
-        "Trains with Adam and the papers' defaults (HMoDE: lr 2e-5 halved after 100 of 200 epochs, random "
-        "crops of 128 on ShanghaiTech A and 256 elsewhere, flips; L2SM/SPN: lr 1e-4, whole images). Writes "
-        "OUT/last.pt every epoch (atomically), OUT/best.pt (lowest validation MAE), OUT/log.jsonl. Ctrl-C "
-        "saves and exits; --resume continues exactly. Runs under torchrun for DDP (--batch-size per process)."
+        "Trains a model. --recipe NAME sets every training choice of a paper (or of the authors' released "
+        "code) at once: " + "; ".join(f"{n}: {SUMMARIES[n]}" for n in RECIPE_NAMES) + ". Explicit options "
+        "override single values; --print-config shows the result as JSON. Without a recipe, --model's defaults "
+        "are used (ours, for quick runs). Writes OUT/last.pt every epoch (atomically), OUT/best.pt (lowest "
+        "validation MAE), OUT/log.jsonl. Ctrl-C saves and exits; --resume continues exactly. Runs under "
+        "torchrun for DDP (--batch-size per process)."
     )
-    p.add_argument("--model", default="hmode", choices=MODEL_NAMES, help="default: hmode")
+    S = argparse.SUPPRESS  # only the options given become overrides of the recipe (or of the run, on --resume)
+    p.add_argument("--recipe", choices=RECIPE_NAMES, help="a named training configuration (see the README's table)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
+    p.add_argument("--model", default=S, choices=MODEL_NAMES, help="default: the recipe's, else hmode")
     p.add_argument("--dataset", default="synthetic", choices=DATASET_NAMES, help="default: synthetic")
     p.add_argument("--root", type=Path, help="the dataset folder (e.g. ShanghaiTech/ holding part_A/train_data)")
-    p.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, log)")
-    p.add_argument("--epochs", type=_positive_int, help="default: the paper's (200)")
-    p.add_argument("--batch-size", type=_positive_int, help="images per step and process; default: 8 with crops, else 1")
-    p.add_argument("--lr", type=_positive_float, help="default: the paper's (HMoDE 2e-5, L2SM/SPN 1e-4, CSRNet 1e-5)")
-    p.add_argument("--lr-step", type=_nonnegative_int, help="halve the lr after this many epochs (0: never); default: HMoDE 100")
-    p.add_argument("--crop", type=_nonnegative_int, help="random crop side (0: whole images); default: 128 SHA, 256 else (HMoDE)")
-    p.add_argument("--max-size", type=_max_size_arg, help="cap images: a longest side or a box; default: 1920x1080 on UCF-QNRF")
-    p.add_argument("--fold", type=int, choices=range(1, 6), metavar="K", help="UCF_CC_50 cross-validation fold 1-5; default: 1")
-    p.add_argument("--width", type=_positive_float, default=1.0, help="channel width multiplier of the model; default: 1")
-    p.add_argument("--val-every", type=_positive_int, default=1, help="validate every E epochs; default: 1")
-    p.add_argument("--workers", type=_nonnegative_int, default=2, help="DataLoader workers; default: 2")
-    p.add_argument("--seed", type=_nonnegative_int, default=0, help="default: 0")
-    p.add_argument("--device", help="e.g. cuda, cpu; default: cuda:LOCAL_RANK when a GPU is visible")
-    p.add_argument("--amp", action="store_true", help="bfloat16/float16 autocast (GPU only)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--strict", action="store_true", help="fail on the first bad file instead of skipping it")
-    p.add_argument("--synthetic", type=_positive_int, nargs=3, metavar=("TRAIN", "VAL", "SIZE"),
-                   default=(200, 40, 128), help="synthetic set: images to train on, held out, side; default: 200 40 128")
+    p.add_argument("--out", type=Path, help="run folder (checkpoints, log); required unless --print-config")
+    p.add_argument("--pretrained", default=S, help="a local torchvision vgg16 / vgg16_bn weights file for the "
+                   "encoder (nothing is ever downloaded; see the README)")
+    p.add_argument("--init", default=S, help="start from these weights: a crowdkernels checkpoint or the authors' "
+                   "released HMoDE file (a fresh run: optimizer and epochs start anew)")
+    p.add_argument("--epochs", type=_positive_int, default=S)
+    p.add_argument("--batch-size", type=_positive_int, default=S, help="images per step and process")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default=S)
+    p.add_argument("--lr", type=_positive_float, default=S)
+    p.add_argument("--momentum", type=_nonnegative_float, default=S, help="SGD momentum")
+    p.add_argument("--weight-decay", type=_nonnegative_float, default=S)
+    p.add_argument("--lr-step", type=_nonnegative_int, default=S, help="halve the lr after this many epochs (0: never)")
+    p.add_argument("--crop", type=_nonnegative_int, default=S, help="random crop side (0: whole images)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=S, help="random horizontal flips")
+    p.add_argument("--max-size", type=_max_size_arg, default=S, help="cap images: a longest side or a box (1920x1080)")
+    p.add_argument("--target-style", choices=("exact", "csrnet", "matlab"), default=S,
+                   help="ground-truth density style (see the README's density styles)")
+    p.add_argument("--sigma", type=_sigma_arg, default=S, help="ground-truth sigma: 'adaptive' or pixels")
+    p.add_argument("--kernel-size", type=_positive_int, default=S, help="window of style matlab (odd)")
+    p.add_argument("--target-scale", type=_positive_float, default=S,
+                   help="multiply the ground-truth maps by this (the released HMoDE code: 100); counts are divided back")
+    p.add_argument("--loss-weights", type=_float_list, default=S, help="HMoDE: one weight per density output, e.g. 1,1,1,2,2,2,4")
+    p.add_argument("--rel", action=argparse.BooleanOptionalAction, default=S,
+                   help="add (or, with --no-rel, drop) the relative local counting loss (HMoDE eq. 2)")
+    p.add_argument("--set", action="append", default=S, metavar="KEY=JSON", dest="settings",
+                   help="override any setting, e.g. --set criterion_kwargs.reduction='\"sum\"' (repeatable)")
+    p.add_argument("--fold", type=int, choices=range(1, 6), metavar="K", default=S, help="UCF_CC_50 fold 1-5; default: 1")
+    p.add_argument("--width", type=_positive_float, default=S, help="channel width multiplier of the model; default: 1")
+    p.add_argument("--val-start", type=_positive_int, default=S, help="first epoch to validate")
+    p.add_argument("--val-every", type=_positive_int, default=S, help="validate every E epochs")
+    p.add_argument("--val-from-train", type=_fraction, default=S,
+                   help="hold this fraction of the training images out (seeded) for model selection, instead of "
+                        "the dataset's val/test split")
+    p.add_argument("--workers", type=_nonnegative_int, default=S, help="DataLoader workers; default: 2")
+    p.add_argument("--seed", type=_nonnegative_int, default=S)
+    p.add_argument("--device", default=S, help="e.g. cuda, cuda:1, cpu; default: cuda:LOCAL_RANK when a GPU is visible")
+    p.add_argument("--amp", action="store_true", default=S, help="bfloat16/float16 autocast (GPU only)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out with its own settings")
+    p.add_argument("--strict", action="store_true", default=S, help="fail on the first bad file instead of skipping it")
+    p.add_argument("--synthetic", type=_positive_int, nargs=3, metavar=("TRAIN", "VAL", "SIZE"), default=S,
+                   help="synthetic set: images to train on, held out, side; default: 200 40 128")
     return _run_train
 
 
-def _train_config(args):
-    from .engine.train import PAPER_DEFAULTS, TrainConfig
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
 
-    d = PAPER_DEFAULTS[args.model]
-    crop = args.crop if args.crop is not None else (d["crop_sha"] if args.dataset == "shanghaitech-a" else d["crop"])
-    if args.dataset == "synthetic" and args.crop is None:
-        crop = None if crop is None else min(crop, args.synthetic[2])
-    crop = crop or None
-    max_size = args.max_size if args.max_size is not None else ([1920, 1080] if args.dataset == "ucf-qnrf" else None)
-    lr_step = d["lr_step"] if args.lr_step is None else (args.lr_step or None)
-    batch = args.batch_size or (d["batch_size"] if crop else 1)
-    return TrainConfig(
-        out=str(args.out), model=args.model, model_kwargs={"width": args.width}, dataset=args.dataset,
-        root=None if args.root is None else str(args.root), fold=args.fold, epochs=args.epochs or d["epochs"],
-        batch_size=batch, lr=args.lr or d["lr"], lr_step=lr_step, crop=crop, max_size=max_size,
-        val_every=args.val_every, workers=args.workers, seed=args.seed, amp=args.amp, device=args.device,
-        strict=args.strict, resume=args.resume,
-        synthetic={"train": args.synthetic[0], "val": args.synthetic[1], "size": args.synthetic[2]},
-    )
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}")
+    return value
+
+
+def _float_list(text: str) -> list:
+    try:
+        values = [float(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, got {text!r}")
+    return values
+
+
+#: train options -> the TrainConfig setting they override
+_TRAIN_OVERRIDES = {
+    "model": "model", "pretrained": "pretrained", "init": "init", "epochs": "epochs", "batch_size": "batch_size",
+    "optimizer": "optimizer", "lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay",
+    "lr_step": "lr_step", "crop": "crop", "flip": "flip", "max_size": "max_size", "target_style": "target.style",
+    "sigma": "target.sigma", "kernel_size": "target.kernel_size", "target_scale": "target.scale",
+    "loss_weights": "criterion_kwargs.weights", "rel": "criterion_kwargs.rel", "fold": "fold",
+    "width": "model_kwargs.width", "val_start": "val_start", "val_every": "val_every",
+    "val_from_train": "val_from_train", "workers": "workers", "seed": "seed", "device": "device", "amp": "amp",
+    "strict": "strict",
+}
+
+
+def _train_overrides(args) -> dict:
+    """The settings the command line gave explicitly (argparse.SUPPRESS leaves the others out of args)."""
+    out = {}
+    for opt, key in _TRAIN_OVERRIDES.items():
+        if hasattr(args, opt):
+            value = getattr(args, opt)
+            if opt in ("crop", "lr_step") and value == 0:
+                value = None  # 0: whole images / never
+            if opt in ("pretrained", "init"):
+                value = str(Path(value).expanduser())
+            out[key] = value
+    if hasattr(args, "synthetic"):
+        out["synthetic"] = {"train": args.synthetic[0], "val": args.synthetic[1], "size": args.synthetic[2]}
+    for item in getattr(args, "settings", []) or []:
+        key, eq, text = item.partition("=")
+        if not eq:
+            raise _CliError(f"--set expects KEY=JSON, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(text)
+        except ValueError:
+            raise _CliError(f"--set {key.strip()}: the value must be JSON (e.g. 1e-4, \"sum\", [1, 2], null), got {text!r}") from None
+    return out
+
+
+def _train_config(args):
+    from .engine.train import build_config, resume_config
+
+    overrides = _train_overrides(args)
+    if args.resume and args.out is not None and (args.out / "last.pt").is_file():
+        return resume_config(args.out, overrides)
+    try:
+        config = build_config(recipe=args.recipe, dataset=args.dataset, overrides=overrides)
+    except ValueError as exc:
+        raise _CliError(str(exc)) from None
+    config.dataset = args.dataset
+    config.root = None if args.root is None else str(args.root)
+    config.out = str(args.out) if args.out is not None else config.out
+    config.resume = bool(args.resume)
+    return config
 
 
 def _run_train(args) -> int:
@@ -494,28 +586,42 @@ def _run_train(args) -> int:
 
     from .data.datasets import AnnotationError, ImageError
     from .engine import distributed
-    from .engine.train import Trainer, build_datasets, build_model
+    from .engine.train import Trainer, build_run
 
-    if args.dataset != "synthetic" and args.root is None:
-        raise _CliError(f"--root is required for --dataset {args.dataset}")
-    if args.device and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise _CliError(f"--device {args.device}: no CUDA GPU is visible to torch {torch.__version__}")
     config = _train_config(args)
-    distributed.init_from_env(torch.device(args.device).type if args.device else None)
+    if args.print_config:
+        print(json.dumps(config.to_dict(), indent=1))
+        return EXIT_OK
+    if args.out is None:
+        raise _CliError("--out is required (the run folder)")
+    if args.out.exists() and not args.out.is_dir():
+        raise _CliError(f"--out {args.out} is a file, not a folder")
+    if config.dataset != "synthetic" and config.root is None:
+        raise _CliError(f"--root is required for --dataset {config.dataset}")
+    if config.device and torch.device(config.device).type == "cuda" and not torch.cuda.is_available():
+        raise _CliError(f"--device {config.device}: no CUDA GPU is visible to torch {torch.__version__}")
+    distributed.init_from_env(torch.device(config.device).type if config.device else None)
+    main = distributed.is_main()  # read before cleanup(): afterwards every process would say rank 0
+    warn = _warn if main else (lambda msg: None)
+    device_type = distributed.local_device(config.device).type
+    if config.amp and device_type != "cuda":
+        warn(f"warning: --amp has no effect on the {device_type} (autocast is used on CUDA GPUs only)")
+    if config.encoder and not config.pretrained and not config.init and not config.resume:
+        warn(f"warning: the {config.recipe} recipe starts from ImageNet {config.encoder} weights, but no --pretrained "
+             f"file was given: the encoder starts random, and the paper's numbers are out of reach")
     try:
         torch.manual_seed(config.seed)
-        model = build_model(config.model, **config.model_kwargs)
-        train_set, val_set = build_datasets(config, warn=_warn if distributed.is_main() else None)
+        model, criterion, train_set, val_set = build_run(config, warn=warn)
         if len(train_set) == 0:
             raise _CliError(f"no usable training images in {args.root}")
-        trainer = Trainer(model, model.criterion(), train_set, val_set, config)
+        trainer = Trainer(model, criterion, train_set, val_set, config)
         summary = trainer.run()
     except (AnnotationError, ImageError) as exc:  # only raised with --strict; otherwise skipped and counted
         print(f"crowdkernels train: error: {exc} (--strict)", file=sys.stderr)
         return EXIT_FAILED
     finally:
         distributed.cleanup()
-    if distributed.is_main():
+    if main:
         best = summary["best"]
         where = f"best val MAE {best['mae']:.3f} at epoch {best['epoch']} ({args.out / 'best.pt'})" if best.get("mae") is not None else "no validation yet"
         print(f"train: {summary['status']} after {summary['epoch']} epoch(s); {where}; {len(summary['skipped'])} file(s) skipped")

@@ -108,8 +108,31 @@ def test_pretrained_errors(tmp_path):
         CSRNet(pretrained=str(tmp_path / "missing.pth"))
     with pytest.raises(ValueError, match="width"):
         VGG16(pretrained=_torchvision_state_dict(False), width=0.5)
-    with pytest.raises(KeyError, match="vgg16_bn"):
+    with pytest.raises(ck.models.backbones.PretrainedWeightsError, match="not a torchvision vgg16_bn") as err:
         VGG16(batch_norm=True, pretrained=_torchvision_state_dict(False))
+    msg = str(err.value)
+    assert "\n" not in msg and "missing: features.1.weight" in msg and "unexpected: features.2.weight" in msg
+
+
+@pytest.mark.parametrize("wrap", ["plain", "no_num_batches_tracked", "state_dict", "model", "pickled_module"])
+def test_vgg16_bn_accepts_torchvision_files(tmp_path, wrap):
+    """torchvision's published vgg16_bn file predates `num_batches_tracked` and carries the classifier; training
+    checkpoints wrap the dict; a whole pickled module is a state_dict away."""
+    sd = _torchvision_state_dict(True)
+    if wrap == "no_num_batches_tracked":
+        sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    obj = {"plain": sd, "no_num_batches_tracked": sd, "state_dict": {"state_dict": sd, "epoch": 3},
+           "model": {"model": sd}}.get(wrap)
+    if wrap == "pickled_module":
+        obj = VGG16(batch_norm=True)
+        obj.features.load_state_dict({k[9:]: v for k, v in sd.items() if k.startswith("features.")})
+    torch.save(obj, tmp_path / "w.pth")
+    m = VGG16(batch_norm=True, pretrained=tmp_path / "w.pth")
+    for k, v in m.features.state_dict().items():
+        if k.endswith("num_batches_tracked") and wrap == "no_num_batches_tracked":
+            assert int(v) == 0
+        else:
+            assert torch.equal(v, sd["features." + k]), k
 
 
 # ------------------------------------------------------------------------------------ forward, backward, loss

@@ -33,7 +33,7 @@ def test_train_resume_eval_and_count(tiny, tmp_path, capsys):
     assert "train: finished after 2 epoch(s); best val MAE" in text and "0 file(s) skipped" in text
     assert {"last.pt", "best.pt", "log.jsonl", "config.json"} <= {p.name for p in run.iterdir()}
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["crop"] == 16 and cfg["lr"] == 3e-3 and cfg["lr_step"] is None and cfg["model_kwargs"] == {"width": 1.0}
+    assert cfg["crop"] == 16 and cfg["lr"] == 3e-3 and cfg["lr_step"] is None and cfg["model_kwargs"] == {}
 
     assert _train(run, "--epochs", "3") == 2  # an existing run needs --resume
     assert "--resume" in capsys.readouterr().err

@@ -523,15 +523,17 @@ def _has_layout(folder: Path, fmt: DatasetFormat) -> bool:
     )
 
 
-def dataset_samples(dataset: str, root, split: str = "train", *, fold: int | None = None, missing: str = "keep"):
+def dataset_samples(dataset: str, root, split: str = "train", *, fold: int | None = None, missing: str = "keep",
+                    whole: bool = False):
     """The samples of one split of a named dataset (:data:`DATASET_NAMES`, not "synthetic").
 
     ``root`` is the dataset folder (e.g. ``ShanghaiTech/`` holding ``part_A/train_data``), one part of it,
     or a split folder. ``split`` is "train" or "val" ("val" is the test split where the dataset has no
     validation split, as the papers do; JHU and NWPU use their val split). UCF_CC_50 takes ``fold``
     (1-5). Where the root holds only one split (e.g. a single train_data folder), every 10th image is
-    held out for "val" (:func:`holdout`). Returns (samples, note) with note saying which split was used.
-    Raises LayoutError naming the expected layout.
+    held out for "val" (:func:`holdout`); ``whole=True`` keeps every training image instead (for a
+    validation split the caller makes itself, ``train --val-from-train``). Returns (samples, note) with note
+    saying which split was used. Raises LayoutError naming the expected layout.
     """
     if dataset not in _FORMAT_OF:
         raise ValueError(f"dataset must be one of {[d for d in DATASET_NAMES if d != 'synthetic']}, got {dataset!r}")
@@ -553,6 +555,8 @@ def dataset_samples(dataset: str, root, split: str = "train", *, fold: int | Non
         if listed.is_file():
             ids = {line.split()[0] for line in listed.read_text().splitlines() if line.strip()}
             return [s for s in samples if s.name in ids], f"the images listed in {listed.name}"
+        if whole and split == "train":
+            return samples, f"every image of {root}"
         train, held = holdout(samples)
         return (train if split == "train" else held), f"no {split}.txt in {root}: every 10th image held out"
 
@@ -560,7 +564,7 @@ def dataset_samples(dataset: str, root, split: str = "train", *, fold: int | Non
     has_other = any(_has_layout(root / rel, fmt) for rel in _split_folders(dataset, other))
     for rel in _split_folders(dataset, split):
         if _has_layout(root / rel, fmt):
-            if split == "train" and not has_other:
+            if split == "train" and not has_other and not whole:
                 # no validation split beside it: hold out the same images "val" will get
                 train, _ = holdout(list_samples(root / rel, fmt.name, missing=missing))
                 return train, f"{root / rel} less every 10th image (held out: there is no val/test split)"
@@ -576,6 +580,8 @@ def dataset_samples(dataset: str, root, split: str = "train", *, fold: int | Non
             f"{root} does not have the {dataset} layout: expected {expected + ' holding ' if expected else ''}"
             f"{fmt.layout}"
         )
+    if whole and split == "train":
+        return list_samples(base, fmt.name, missing=missing), f"every image of {base}"
     train, held = holdout(list_samples(base, fmt.name, missing=missing))
     return (train if split == "train" else held), f"no {split} split under {root}: every 10th image of {base} held out"
 

@@ -83,14 +83,36 @@ class CrowdCollate:
     """Collates samples of different sizes: images (and cached maps) zero-padded at the bottom/right to
     the largest (rounded up to ``multiple``), points kept as a ragged list, density targets made with
     ``target`` on the padded canvas (None: no "density" unless the samples carry cached maps).
-    Samples that failed to load (``{"name", "error"}``) are listed under "skipped", not batched."""
+    Samples that failed to load (``{"name", "error"}``) are listed under "skipped", not batched.
+    ``tiles=t`` cuts each sample into t x t parts of ceil(H/t) x ceil(W/t) pixels (the last row and column
+    of parts zero-padded), batched together: L2SM sec. 4.2 trains on UCF-QNRF images "divided into 2 x 2
+    and combined into a tensor with batch size equal to 4". Each head goes to the part holding it."""
 
-    def __init__(self, target: DensityTarget | None = DensityTarget(), multiple: int = 1):
+    def __init__(self, target: DensityTarget | None = DensityTarget(), multiple: int = 1, tiles: int = 1):
         self.target = target
         self.multiple = int(multiple)
+        if isinstance(tiles, bool) or not isinstance(tiles, int) or tiles < 1:
+            raise ValueError(f"tiles must be an int >= 1, got {tiles!r}")
+        self.tiles = tiles
+
+    def _cut(self, item: dict) -> list[dict]:
+        from .transforms import crop_sample
+
+        t = self.tiles
+        H, W = item["image"].shape[-2:]
+        h, w = -(-H // t), -(-W // t)
+        parts = []
+        for i in range(t):
+            for j in range(t):
+                part = crop_sample(item, i * h, j * w, h, w)
+                part["name"] = f"{item['name']}#{i * t + j}"
+                parts.append(part)
+        return parts
 
     def __call__(self, items: list[dict]) -> dict:
         good = [it for it in items if "error" not in it]
+        if self.tiles > 1:
+            good = [part for it in good for part in self._cut(it)]
         batch = {"skipped": [(it["name"], it["error"]) for it in items if "error" in it]}
         batch["names"] = [it["name"] for it in good]
         if not good:

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "atomic_write", "save_checkpoint", "load_checkpoint", "check_model", "rng_state", "set_rng_state"]
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "atomic_write", "save_checkpoint", "load_checkpoint", "check_model",
+           "read_weights_file", "released_state_dict", "rng_state", "set_rng_state"]
 
 CHECKPOINT_FORMAT = "crowdkernels-checkpoint-1"
 
@@ -70,6 +71,47 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
         raise CheckpointError(f"{path}: not a crowdkernels training checkpoint (format {CHECKPOINT_FORMAT})")
     return ckpt
+
+
+#: the top-level modules of the authors' released HMoDE.py (their state_dict's first name components)
+_RELEASED_MODULES = {"features1", "features2", "features3", "features4", "features5", "de_pred1", "de_pred2",
+                     "de_pred3", "head1", "head2", "head3", "gating1", "gating2", "mask"}
+
+
+def released_state_dict(obj) -> dict | None:
+    """The state_dict in ``obj`` when it is one of the authors' released HMoDE files: their plain state_dict
+    (test.py loads it as is), ``{"model": state_dict}`` (their best_model.pth), or their training checkpoint
+    ``{"model": state_dict with "module." keys, "optimizer", "epoch", ...}`` (latestmodel.pth). None
+    otherwise."""
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "format" not in obj:
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) for k in obj):
+        return None
+    heads = {(k[len("module."):] if k.startswith("module.") else k).split(".")[0] for k in obj}
+    if heads <= _RELEASED_MODULES and {"features1", "gating1", "mask"} <= heads:
+        return obj
+    return None
+
+
+def read_weights_file(path) -> tuple[str, dict]:
+    """("crowdkernels", checkpoint dict) or ("released", the authors' HMoDE state_dict) for the file at
+    ``path``; CheckpointError naming the file when it is neither."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        # the full unpickler: our RNG state holds NumPy arrays, and the released training checkpoint NumPy
+        # scalars, which weights_only refuses (load only files you trust)
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ... on bad files
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT and "model" in obj:
+        return "crowdkernels", obj
+    released = released_state_dict(obj)
+    if released is not None:
+        return "released", released
+    raise CheckpointError(f"{path}: neither a crowdkernels training checkpoint (format {CHECKPOINT_FORMAT}) nor "
+                          "one of the authors' released HMoDE files")
 
 
 def describe(ckpt_or_config: dict) -> str:

@@ -55,7 +55,8 @@ def _stride(in_size: int, out_size: int) -> int:
 
 
 @torch.no_grad()
-def predict_density(model, image: torch.Tensor, *, tile: int | None = None, overlap: int = 64, align: int = 16, amp: bool = False) -> torch.Tensor:
+def predict_density(model, image: torch.Tensor, *, tile: int | None = None, overlap: int = 64, align: int | None = None,
+                    amp: bool = False) -> torch.Tensor:
     """The model's density for one whole image.
 
     Args:
@@ -63,11 +64,15 @@ def predict_density(model, image: torch.Tensor, *, tile: int | None = None, over
         image: [3, H, W] or [1, 3, H, W] on the model's device.
         tile: the largest tile side in pixels (None: never tile). Tiles are used when H or W exceeds it.
         overlap: context around each tile core, pixels; a multiple of ``align``.
-        align: the image is zero-padded to a multiple of it (>= the model's total downsampling).
+        align: the image is zero-padded to a multiple of it (>= the model's total downsampling); default:
+            the model's ``input_multiple`` (1 for HMoDE's official variant, run unpadded as the released
+            test.py runs it), else 16.
     Returns:
         [1, 1, ceil(H/s), ceil(W/s)] float32, s the model's output stride, in people per output cell
         (divided by the model's ``density_scale`` where it has one): its sum is the count.
     """
+    if align is None:
+        align = int(getattr(model, "input_multiple", 16))
     x = image if image.dim() == 4 else image[None]
     H, W = x.shape[-2:]
     Hp, Wp = -(-H // align) * align, -(-W // align) * align
@@ -108,7 +113,7 @@ def evaluate(
     *,
     tile: int | None = 2048,
     overlap: int = 64,
-    align: int = 16,
+    align: int | None = None,
     amp: bool = False,
     levels: dict | None = None,
     game_levels: int = 3,

@@ -14,6 +14,11 @@ Files in ``config.out`` (written by rank 0):
 - ``log.jsonl``: one line per epoch (mean losses, learning rate, images/s, validation metrics).
 - ``config.json``: the settings of the run.
 
+The settings of a run are a :class:`TrainConfig`, made by :func:`build_config` from a named recipe
+(:mod:`crowdkernels.engine.recipes`: the papers' and the released code's settings) or from a model's
+defaults, plus explicit overrides; :func:`build_run` turns it into the model (with its pretrained encoder
+or initial weights), its criterion and the datasets.
+
 Distributed (torchrun): each process takes ``batch_size`` images per step from a DistributedSampler; DDP
 averages the gradients, so N processes with batch B step like one process with batch N x B when the
 criterion's "total" is a mean over the batch. Validation is sharded and its sums all-reduced.
@@ -39,12 +44,16 @@ from ..data.transforms import IMAGENET_NORM
 __all__ = [
     "MODEL_NAMES",
     "MODEL_BUILDERS",
-    "PAPER_DEFAULTS",
+    "MODEL_DEFAULTS",
     "TrainConfig",
     "TrainError",
     "Trainer",
     "build_model",
+    "build_config",
+    "resume_config",
+    "build_run",
     "build_datasets",
+    "load_initial_weights",
     "model_from_checkpoint",
 ]
 
@@ -66,17 +75,20 @@ MODEL_BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {
     "csrnet": lambda **kw: _models().CSRNet(**kw),
 }
 
-#: The papers' settings (HMoDE sec. IV-B2: Adam, lr 2e-5 halved after 100 of 200 epochs, random 256 x 256
-#: crops, 128 x 128 on ShanghaiTech A, flips; L2SM sec. 4.2: Adam, lr 1e-4, whole images, UCF-QNRF
-#: capped at 1920 x 1080). Batch sizes and L2SM's epoch count are not given by the papers: the values
-#: here are ours. CSRNet is trained with Adam too (its paper used SGD at 1e-6).
-PAPER_DEFAULTS = {
+#: Each model's settings when no recipe is named (``train --model NAME`` alone): ours, for quick runs. The
+#: papers' and the released code's complete settings are the recipes (:mod:`crowdkernels.engine.recipes`).
+MODEL_DEFAULTS = {
     "hmode": {"lr": 2e-5, "epochs": 200, "lr_step": 100, "crop": 256, "crop_sha": 128, "batch_size": 8},
     "hmode-official": {"lr": 2e-5, "epochs": 200, "lr_step": 100, "crop": 256, "crop_sha": 128, "batch_size": 8},
     "l2sm": {"lr": 1e-4, "epochs": 200, "lr_step": None, "crop": None, "crop_sha": None, "batch_size": 1},
     "spn": {"lr": 1e-4, "epochs": 200, "lr_step": None, "crop": None, "crop_sha": None, "batch_size": 1},
     "csrnet": {"lr": 1e-5, "epochs": 200, "lr_step": None, "crop": 256, "crop_sha": 128, "batch_size": 8},
 }
+PAPER_DEFAULTS = MODEL_DEFAULTS  # the old name (they were never all the papers' settings)
+
+#: The ground truth when no recipe says otherwise: geometry-adaptive "exact" maps that sum to the count.
+DEFAULT_TARGET = {"style": "exact", "sigma": "adaptive", "k": 3, "beta": 0.3, "truncate": 4.0, "kernel_size": 15,
+                  "scale": 1.0}
 
 
 class TrainError(ValueError):
@@ -91,27 +103,41 @@ def build_model(name: str, **model_kwargs) -> torch.nn.Module:
 
 @dataclass
 class TrainConfig:
-    """Settings of a run (all JSON-serializable; saved in every checkpoint)."""
+    """Settings of a run (all JSON-serializable; saved in every checkpoint). See :func:`build_config`."""
 
     out: str = "runs/train"
+    recipe: str | None = None  # the recipe the settings came from (crowdkernels.engine.recipes)
     model: str = "hmode"
     model_kwargs: dict = field(default_factory=dict)
     criterion_kwargs: dict = field(default_factory=dict)
+    encoder: str | None = None  # the ImageNet encoder the recipe starts from ("vgg16", "vgg16_bn")
+    pretrained: str | None = None  # a local torchvision vgg16 / vgg16_bn file for the encoder
+    init: str | None = None  # initial weights: a crowdkernels checkpoint or a released HMoDE file
     dataset: str = "synthetic"
     root: str | None = None
     fold: int | None = None
     epochs: int = 200
     batch_size: int = 8
+    optimizer: str = "adam"  # "adam" or "sgd"
     lr: float = 2e-5
+    momentum: float = 0.0  # SGD only
     lr_step: int | None = 100  # the lr is multiplied by lr_gamma after this many epochs (None: constant)
     lr_gamma: float = 0.5
     weight_decay: float = 0.0
+    # the ground truth: crowdkernels.density_maps settings, made after the crop and flip; maps are
+    # multiplied by "scale" in the loss and the model predicts in those units (model.density_scale)
+    target: dict = field(default_factory=lambda: dict(DEFAULT_TARGET))
     crop: int | None = 256
     max_size: object = None  # int or [a, b] box (e.g. [1920, 1080] for UCF-QNRF)
-    multiple: int = 16
+    multiple: int = 16  # the batch is zero-padded to a multiple of this
     flip: bool = True
+    tiles: int = 1  # each image cut into tiles x tiles parts, batched together (L2SM on UCF-QNRF: 2)
+    patches: str | None = None  # "csrnet9": CSRNet's nine quarter-size patches, mirrored, per image
     shuffle: bool = True
+    val_start: int = 1  # the first epoch that is validated
     val_every: int = 1
+    val_from_train: float | None = None  # hold this fraction of the training images out for validation
+    fit_levels: bool = False  # L2SM: fit the G density levels over the training set before training
     workers: int = 2
     seed: int = 0
     amp: bool = False
@@ -119,12 +145,12 @@ class TrainConfig:
     strict: bool = False
     resume: bool = False
     tile: int | None = 2048  # validation: tile images larger than this (pixels)
-    # the model's input convention (crowdkernels.data.transforms.normalize_image): ImageNet mean/std, or
-    # None for raw RGB in [0, 1]; every image of the run goes through it, and checkpoints keep it
-    input_norm: dict | None = field(default_factory=lambda: {"mean": list(IMAGENET_NORM["mean"]), "std": list(IMAGENET_NORM["std"])})
     max_seconds: float | None = None  # stop after the epoch that passes this wall time (a time budget)
     synthetic: dict = field(default_factory=lambda: {"train": 200, "val": 40, "size": 128})
     quiet: bool = False
+    # the model's input convention (crowdkernels.data.transforms.normalize_image): ImageNet mean/std, or
+    # None for raw RGB in [0, 1]; every image of the run goes through it, and checkpoints keep it
+    input_norm: dict | None = field(default_factory=lambda: {"mean": list(IMAGENET_NORM["mean"]), "std": list(IMAGENET_NORM["std"])})
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -172,7 +198,7 @@ class Trainer:
         self.model = model
         self.criterion = criterion
         self.train_set, self.val_set = train_set, val_set
-        self.collate = collate or CrowdCollate(multiple=config.multiple)
+        self.collate = collate or CrowdCollate(target_from_config(config), multiple=config.multiple, tiles=config.tiles)
         self.on_step = on_step
         self._print = log or (lambda msg: print(msg, file=sys.stderr))
         self.out = Path(config.out)
@@ -259,7 +285,7 @@ class Trainer:
         params = list(model.parameters())
         if isinstance(self.criterion, torch.nn.Module):
             params += [p for p in self.criterion.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = make_optimizer(params, cfg)
         milestones = [cfg.lr_step] if cfg.lr_step else []
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.lr_gamma)
         use_scaler = cfg.amp and self.device.type == "cuda" and not torch.cuda.is_bf16_supported()
@@ -286,6 +312,8 @@ class Trainer:
             self.log(f"resuming {self.out} at epoch {start_epoch + 1}" + (f", step {start_step}" if start_step else ""))
         elif main:
             (self.out / "log.jsonl").write_text("")
+        if ckpt is None and cfg.fit_levels and hasattr(model, "fit_levels"):
+            self._fit_levels(model)
 
         ddp_model = model
         if dist_utils.is_distributed():
@@ -316,8 +344,9 @@ class Trainer:
                 if main and not cfg.quiet:
                     from tqdm import tqdm
 
+                    # disable=None: a bar on a terminal only; logs get the line per epoch that log() writes
                     bar = tqdm(total=len(train_loader), initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                               file=sys.stderr, dynamic_ncols=True, leave=False)
+                               file=sys.stderr, dynamic_ncols=True, leave=False, disable=None)
                 model.train()
                 stopped = False
                 for i, batch in enumerate(train_loader):
@@ -380,6 +409,19 @@ class Trainer:
         return {"status": status, "epoch": completed, "best": dict(self.best),
                 "history": list(self.history), "skipped": dict(self.skipped)}
 
+    def _fit_levels(self, model) -> None:
+        """L2SM sec. 4.2: the G density levels over every region of the training set's ground truth (whole
+        images, the run's target settings), before the first step."""
+        from torch.utils.data import DataLoader
+
+        from ..data.targets import CrowdCollate
+
+        base = getattr(self.train_set, "unaugmented", lambda: self.train_set)()
+        collate = CrowdCollate(target_from_config(self.config), multiple=getattr(model, "pad_multiple", 1))
+        loader = DataLoader(base, batch_size=1, shuffle=False, collate_fn=collate, num_workers=0)
+        levels = model.fit_levels({"density": b["density"]} for b in loader if b["images"] is not None)
+        self.log(f"L2SM density levels fitted over {len(base)} training images: {[round(float(v), 6) for v in levels]}")
+
     def _stop_everywhere(self) -> bool:
         flag = self.stop.requested
         if dist_utils.is_distributed():  # every rank must leave the loop at the same step
@@ -432,7 +474,7 @@ class Trainer:
             "images_per_s": seen_all / elapsed if elapsed > 0 else None,
             "val": None,
         }
-        due = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
+        due = epoch + 1 >= cfg.val_start and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs)
         if val_loader is not None and due:
             metrics, _ = evaluate(self.model, val_loader, self.device, tile=cfg.tile, amp=cfg.amp, game_levels=0,
                                   all_reduce=dist_utils.all_reduce_sum if dist_utils.is_distributed() else None,
@@ -454,6 +496,167 @@ class Trainer:
             + f"  ({elapsed:.1f} s)"
         )
         return entry
+
+
+# ----------------------------------------------------------------------------------------- config
+def _set_dotted(d: dict, key: str, value) -> None:
+    """d["a"]["b"] = value for key "a.b" (one level of nesting: target.*, model_kwargs.*, criterion_kwargs.*)."""
+    head, _, rest = key.partition(".")
+    if rest:
+        if not isinstance(d.get(head), dict):
+            raise ValueError(f"setting {key!r}: {head!r} is not a group of settings")
+        d[head] = dict(d[head])
+        d[head][rest] = value
+    else:
+        d[head] = value
+
+
+def build_config(*, recipe: str | None = None, model: str | None = None, dataset: str = "synthetic",
+                 overrides: dict | None = None) -> TrainConfig:
+    """The settings of a run: recipe ``recipe`` resolved for ``dataset`` (:mod:`crowdkernels.engine.recipes`),
+    or, without one, ``model``'s defaults (:data:`MODEL_DEFAULTS`: crops of 128 on ShanghaiTech A, 256
+    elsewhere, clamped to the synthetic image size); then ``overrides``, a dict of settings whose keys are
+    :class:`TrainConfig` fields or dotted keys into its groups ("target.sigma", "criterion_kwargs.rel",
+    "model_kwargs.width"). Unknown keys raise a ValueError naming them."""
+    from . import recipes as recipes_mod
+
+    fields = TrainConfig.__dataclass_fields__
+    overrides = dict(overrides or {})
+    d = TrainConfig(dataset=dataset).to_dict()
+    d["synthetic"] = overrides.get("synthetic", d["synthetic"])
+    if recipe is not None:
+        flat = recipes_mod.resolve(recipe, dataset)
+        d["recipe"] = recipe
+        d["criterion_kwargs"] = {}
+        for key, value in flat.items():
+            if key == "input_norm":
+                value = None if value is None else {"mean": list(IMAGENET_NORM["mean"]), "std": list(IMAGENET_NORM["std"])}
+            _set_dotted(d, key, value)
+        if dataset == "synthetic" and d["crop"] is not None:
+            d["crop"] = min(d["crop"], int(d["synthetic"]["size"]))
+    else:
+        name = overrides.get("model", model or d["model"])
+        if name not in MODEL_DEFAULTS:
+            raise ValueError(f"model must be one of {sorted(MODEL_DEFAULTS)}, got {name!r}")
+        m = MODEL_DEFAULTS[name]
+        crop = m["crop_sha"] if dataset == "shanghaitech-a" else m["crop"]
+        if dataset == "synthetic" and crop is not None:
+            crop = min(crop, int(d["synthetic"]["size"]))
+        d.update(model=name, lr=m["lr"], epochs=m["epochs"], lr_step=m["lr_step"], crop=crop,
+                 batch_size=m["batch_size"] if crop else 1,
+                 max_size=[1920, 1080] if dataset == "ucf-qnrf" else None)
+    if model is not None:
+        d["model"] = model
+    for key, value in overrides.items():
+        if key.partition(".")[0] not in fields:
+            raise ValueError(f"unknown setting {key!r} (settings: {', '.join(sorted(fields))})")
+        _set_dotted(d, key, value)
+    if d["model"] not in MODEL_BUILDERS:
+        raise ValueError(f"model must be one of {sorted(MODEL_BUILDERS)}, got {d['model']!r}")
+    return TrainConfig(**d)
+
+
+#: What ``--resume`` may change in a run: how long it runs and how it is run, not what it learns.
+RESUME_MAY_CHANGE = ("epochs", "workers", "device", "strict", "amp", "val_every", "val_start", "max_seconds", "quiet",
+                     "tile")
+
+
+def resume_config(out, overrides: dict | None = None) -> TrainConfig:
+    """The settings of the run in ``out`` (its last.pt), for ``--resume``, with those of ``overrides`` that a
+    resumed run may change (:data:`RESUME_MAY_CHANGE`). Any other override that differs from the run's own
+    value raises a TrainError naming each one: a resumed run continues the same training, so silently
+    applying (or silently ignoring) a new lr, batch or crop would both be wrong."""
+    last = Path(out) / "last.pt"
+    ckpt = load_checkpoint(last)
+    saved = dict(ckpt.get("config") or {})
+    fields = TrainConfig.__dataclass_fields__
+    base = TrainConfig().to_dict()
+    d = {k: saved.get(k, base[k]) for k in fields}
+    differ = []
+    for key, value in (overrides or {}).items():
+        head, _, rest = key.partition(".")
+        if head not in fields:
+            raise ValueError(f"unknown setting {key!r}")
+        now = d[head].get(rest) if rest and isinstance(d[head], dict) else d[head]
+        if json.loads(json.dumps(value)) == json.loads(json.dumps(now)):
+            continue
+        if head in RESUME_MAY_CHANGE:
+            _set_dotted(d, key, value)
+        else:
+            differ.append(f"{key} {json.dumps(value)} (the run's: {json.dumps(now)})")
+    if differ:
+        raise TrainError(f"--resume continues the run in {out} with its own settings, but these options differ from "
+                         f"them: {'; '.join(differ)}. Drop them, or start a new run in another --out")
+    d.update(out=str(out), resume=True)
+    return TrainConfig(**d)
+
+
+def target_from_config(config: TrainConfig):
+    """The run's :class:`crowdkernels.data.DensityTarget` (``config.target`` without its scale)."""
+    from ..data.targets import DensityTarget
+
+    t = {k: v for k, v in (config.target or {}).items() if k != "scale"}
+    return DensityTarget(**t)
+
+
+def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    raise ValueError(f"optimizer must be 'adam' or 'sgd', got {config.optimizer!r}")
+
+
+def build_run(config: TrainConfig, *, warn=None):
+    """(model, criterion, train_set, val_set) of a run: the model with its pretrained encoder
+    (``config.pretrained``) or initial weights (``config.init``), its input and output conventions
+    (``input_norm``, ``density_scale`` = the target's scale), its criterion with ``config.criterion_kwargs``,
+    and the datasets (:func:`build_datasets`)."""
+    from ..data.transforms import check_norm
+
+    kwargs = dict(config.model_kwargs)
+    if config.pretrained is not None:
+        kwargs["pretrained"] = config.pretrained
+    try:
+        model = build_model(config.model, **kwargs)
+    except (FileNotFoundError, KeyError) as exc:
+        raise TrainError(f"--pretrained: {exc.args[0] if exc.args else exc}") from None
+    except ValueError as exc:
+        if config.pretrained is not None:
+            raise TrainError(f"--pretrained: {exc}") from None
+        raise
+    if config.init is not None:
+        load_initial_weights(model, config.init)
+    model.input_norm = check_norm(config.input_norm)
+    model.density_scale = float((config.target or {}).get("scale", 1.0))
+    criterion = model.criterion(**config.criterion_kwargs)
+    train_set, val_set = build_datasets(config, warn=warn)
+    return model, criterion, train_set, val_set
+
+
+def load_initial_weights(model, path) -> str:
+    """Loads ``path`` into ``model`` (a fresh run's starting point, nothing else of the file): a crowdkernels
+    checkpoint (its "model"), or one of the authors' released HMoDE files (a plain state_dict, or their
+    training checkpoint ``{"model": state_dict with "module." keys, ...}``), detected by their key names and
+    mapped with :func:`crowdkernels.models.hmode.official_key_map` (HMoDE models, K = 3, N = 2). Returns
+    "crowdkernels" or "released". CheckpointError naming the file when it does not fit."""
+    from .checkpoint import read_weights_file
+
+    kind, state = read_weights_file(path)
+    if kind == "released":
+        from ..models.hmode import HMoDE, official_key_map
+
+        if not isinstance(model, HMoDE) or model.num_experts != 3 or model.group_size != 2 or model.fusion != "hmode":
+            raise CheckpointError(f"{path} holds the authors' released HMoDE weights (K = 3, N = 2): train an 'hmode' or "
+                                  "'hmode-official' model from it")
+        state = {official_key_map(k): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise CheckpointError(f"{path}: its weights do not fit the {type(model).__name__} model of this run "
+                              f"({first[0] if first else exc}{'; ' + first[1].strip() if len(first) > 1 else ''})") from None
+    return kind
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -478,10 +681,47 @@ def build_transforms(config: TrainConfig, train: bool, sha: bool = False):
     return Compose(steps) if steps else None
 
 
+def split_off(samples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held-out): ``round(fraction * n)`` samples (at least 1, leaving at least 1) drawn with ``seed``
+    from the samples in natural name order, so the split does not depend on the file system's order."""
+    import numpy as np
+
+    from ..data.datasets import natural_key
+
+    if not (isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction < 1):
+        raise ValueError(f"--val-from-train must be a fraction in (0, 1), got {fraction!r}")
+    ordered = sorted(samples, key=lambda s: natural_key(s.name))
+    n = len(ordered)
+    if n < 2:
+        raise TrainError(f"--val-from-train needs at least 2 training images, got {n}")
+    k = min(n - 1, max(1, round(fraction * n)))
+    held = set(np.random.default_rng(seed).permutation(n)[:k].tolist())
+    return [s for i, s in enumerate(ordered) if i not in held], [s for i, s in enumerate(ordered) if i in held]
+
+
+def _warn_upsampling_crop(samples, crop: int, warn) -> None:
+    """A crop larger than an image makes Resize(min_size=crop) upsample it first: slower (an epoch of
+    small images at a large crop took 250x longer) and heads drawn larger than they are."""
+    small = []
+    for s in samples:
+        try:
+            h, w = s.size()
+        except Exception:  # unreadable files are reported by the dataset itself
+            continue
+        if min(h, w) < crop:
+            small.append(crop / min(h, w))
+    if small and warn:
+        warn(f"warning: {len(small)} training image(s) are smaller than --crop {crop} and are upsampled first "
+             f"(up to {max(small):.1f}x): training is slower and heads look larger; pass a smaller --crop")
+
+
 def build_datasets(config: TrainConfig, *, split: str = "train", warn=None, levels=None):
     """(train_set, val_set) of ``config.dataset`` with the training transforms (split "train"), or
     (None, eval_set) for ``split`` "val"/"test". Synthetic crowds: ``config.synthetic`` gives the sizes;
-    the held-out set uses another seed."""
+    the held-out set uses another seed. ``config.val_from_train`` holds a seeded fraction of the training
+    images out as the validation set (instead of the dataset's val/test split); ``config.patches`` =
+    "csrnet9" trains on CSRNet's nine patches per image (:class:`crowdkernels.data.patches.NinePatches`).
+    The training set's ``unaugmented()`` gives its images without the random transforms."""
     from ..data.datasets import CrowdDataset, SyntheticCrowds, dataset_samples
 
     if config.dataset == "synthetic":
@@ -489,27 +729,84 @@ def build_datasets(config: TrainConfig, *, split: str = "train", warn=None, leve
         val = SyntheticCrowds(int(syn["val"]), int(syn["size"]), config.seed + 1000, transform=build_transforms(config, False))
         if split != "train":
             return None, val
-        return SyntheticCrowds(int(syn["train"]), int(syn["size"]), config.seed, transform=build_transforms(config, True)), val
+        if config.crop and config.crop > int(syn["size"]) and warn:
+            warn(f"warning: the synthetic images ({syn['size']} px) are smaller than --crop {config.crop} and are upsampled first")
+        train = SyntheticCrowds(int(syn["train"]), int(syn["size"]), config.seed, transform=build_transforms(config, True))
+        train.unaugmented = lambda: SyntheticCrowds(int(syn["train"]), int(syn["size"]), config.seed,
+                                                    transform=build_transforms(config, False))
+        return train, val
     if config.root is None:
         raise TrainError(f"--root is required for --dataset {config.dataset}")
-    val_samples, note = dataset_samples(config.dataset, config.root, "val" if split == "train" else split, fold=config.fold)
-    val = CrowdDataset(val_samples, build_transforms(config, False), strict=config.strict, warn=warn, levels=levels)
     if split != "train":
-        return None, val
-    train_samples, train_note = dataset_samples(config.dataset, config.root, "train", fold=config.fold)
+        val_samples, note = dataset_samples(config.dataset, config.root, split, fold=config.fold)
+        return None, CrowdDataset(val_samples, build_transforms(config, False), strict=config.strict, warn=warn, levels=levels)
+    if config.val_from_train is not None:
+        everything, train_note = dataset_samples(config.dataset, config.root, "train", fold=config.fold, whole=True)
+        train_samples, val_samples = split_off(everything, config.val_from_train, config.seed)
+        note = f"{config.val_from_train:g} of the training images held out with seed {config.seed} (--val-from-train)"
+    else:
+        val_samples, note = dataset_samples(config.dataset, config.root, "val", fold=config.fold)
+        train_samples, train_note = dataset_samples(config.dataset, config.root, "train", fold=config.fold)
+    val = CrowdDataset(val_samples, build_transforms(config, False), strict=config.strict, warn=warn, levels=levels)
     if warn:
         warn(f"train: {len(train_samples)} images ({train_note}); val: {len(val_samples)} images ({note})")
-    train = CrowdDataset(train_samples, build_transforms(config, True), strict=config.strict, warn=warn)
+    if config.crop:
+        _warn_upsampling_crop(train_samples, config.crop, warn)
+    plain = build_transforms(config, False)
+    if config.patches is not None:
+        from ..data.patches import NinePatches
+
+        if config.patches != "csrnet9":
+            raise ValueError(f"patches must be None or 'csrnet9', got {config.patches!r}")
+        base = CrowdDataset(train_samples, None if config.max_size is None else _resize_only(config),
+                            strict=config.strict, warn=warn)
+        train = NinePatches(base, post=None if config.input_norm is None else _normalize_only(config))
+    else:
+        train = CrowdDataset(train_samples, build_transforms(config, True), strict=config.strict, warn=warn)
+    train.unaugmented = lambda: CrowdDataset(train_samples, plain, strict=config.strict)
     return train, val
 
 
-def model_from_checkpoint(path, device="cpu", *, model: str | None = None, model_kwargs: dict | None = None):
-    """(model in eval mode on ``device``, checkpoint dict) from a checkpoint of :class:`Trainer`. With
-    ``model`` (and ``model_kwargs``) given, a checkpoint of another model or variant is refused with an
-    error naming both. ``model.input_norm`` is the checkpoint's input convention."""
-    from ..data.transforms import check_norm
+def _resize_only(config: TrainConfig):
+    from ..data.transforms import Resize
 
-    ckpt = load_checkpoint(path)
+    m = tuple(config.max_size) if isinstance(config.max_size, (list, tuple)) else config.max_size
+    return Resize(max_size=m)
+
+
+def _normalize_only(config: TrainConfig):
+    from ..data.transforms import Normalize
+
+    return Normalize(config.input_norm)
+
+
+def model_from_checkpoint(path, device="cpu", *, model: str | None = None, model_kwargs: dict | None = None):
+    """(model in eval mode on ``device``, checkpoint dict) from a checkpoint of :class:`Trainer`, or from one of
+    the authors' released HMoDE files (a plain state_dict, or ``{"model": ...}``; the model is then the
+    official variant fed as the released test.py feeds it: ImageNet normalization, unpadded, counts = sum /
+    100; the dict returned has ``"released": True``). With ``model`` (and ``model_kwargs``) given, a
+    checkpoint of another model or variant is refused with an error naming both. ``model.input_norm`` and
+    ``model.density_scale`` are the checkpoint's conventions."""
+    from ..data.transforms import IMAGENET_NORM as NORM
+    from ..data.transforms import check_norm
+    from .checkpoint import read_weights_file
+
+    kind, payload = read_weights_file(path)
+    if kind == "released":
+        from ..models.hmode import HMoDE
+
+        ckpt = {"model_name": "hmode-official", "released": True,
+                "config": {"model": "hmode-official", "model_kwargs": {}, "input_norm": dict(NORM),
+                           "target": {"scale": 100.0}}}
+        if model is not None:
+            check_model(ckpt, path, model, model_kwargs)
+        try:
+            net = HMoDE.from_official(payload)
+        except (RuntimeError, KeyError) as exc:
+            raise CheckpointError(f"{path}: not a complete released HMoDE state_dict ({exc})") from None
+        net.input_norm = check_norm(NORM)
+        return net.to(device).eval(), ckpt
+    ckpt = payload
     if model is not None:
         check_model(ckpt, path, model, model_kwargs)
     cfg = ckpt.get("config") or {}
@@ -521,4 +818,6 @@ def model_from_checkpoint(path, device="cpu", *, model: str | None = None, model
         raise CheckpointError(f"{path}: its weights do not fit a {name!r} model ({exc})") from None
     # fed as it was trained: checkpoints from before the convention was saved were trained on raw [0, 1]
     net.input_norm = check_norm(cfg.get("input_norm")) if "input_norm" in cfg else None
+    if isinstance(cfg.get("target"), dict) and "scale" in cfg["target"]:
+        net.density_scale = float(cfg["target"]["scale"])
     return net.to(device).eval(), ckpt

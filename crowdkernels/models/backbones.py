@@ -141,38 +141,89 @@ class VGG16(nn.Module):
         return outs
 
     def load_torchvision(self, source) -> None:
-        """Loads `features.*` from a torchvision vgg16 / vgg16_bn state_dict (a path or the dict)."""
-        state = _read_state_dict(source, self.batch_norm)
+        """Loads `features.*` from a torchvision vgg16 / vgg16_bn state_dict (a path or the dict; see
+        `read_torchvision_state_dict` for the files accepted). The classifier and anything else outside
+        `features.*` is ignored; BatchNorm's `num_batches_tracked`, absent from torchvision's published
+        vgg16_bn file (it predates that buffer), is kept as initialized. A file of another layout raises a
+        `PretrainedWeightsError` naming the expected layout and the keys that differ."""
+        name = "vgg16_bn" if self.batch_norm else "vgg16"
+        state = read_torchvision_state_dict(source, self.batch_norm)
         own = self.features.state_dict()
+        missing, wrong = [], []
         picked = {}
-        for key in own:
+        for key, value in own.items():
             full = "features." + key
             if full not in state:
-                raise KeyError(
-                    f"pretrained state_dict has no {full!r}: is it a torchvision "
-                    f"{'vgg16_bn' if self.batch_norm else 'vgg16'} state_dict? ({WEIGHTS_URL[self.batch_norm]})"
-                )
-            if tuple(state[full].shape) != tuple(own[key].shape):
-                raise ValueError(f"pretrained {full!r} has shape {tuple(state[full].shape)}, "
-                                 f"expected {tuple(own[key].shape)}")
+                if key.endswith("num_batches_tracked"):
+                    picked[key] = value
+                else:
+                    missing.append(full)
+                continue
+            if tuple(state[full].shape) != tuple(value.shape):
+                wrong.append(f"{full} {list(state[full].shape)} (expected {list(value.shape)})")
+                continue
             picked[key] = state[full]
+        # keys of the file's features.* that this layout does not have (e.g. BatchNorm entries in a plain
+        # vgg16 model, or the other way round); stages a truncated backbone drops are not reported
+        last = max(int(k.split(".")[0]) for k in own)
+        unexpected = [k for k in state if k.startswith("features.") and k[9:] not in own
+                      and not k.endswith("num_batches_tracked") and int(k.split(".")[1]) <= last]
+        if missing or wrong or unexpected:
+            where = source if isinstance(source, (str, os.PathLike)) else "the state_dict"
+            parts = []
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+                if keys:
+                    shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+                    parts.append(f"{label}: {shown}")
+            raise PretrainedWeightsError(
+                f"{os.fspath(where) if not isinstance(where, str) else where} is not a torchvision {name} "
+                f"state_dict (expected features.0.weight [64, 3, 3, 3] ... with torchvision's `features.N` "
+                f"numbering{', a BatchNorm after every conv' if self.batch_norm else ', no BatchNorm'}, as in "
+                f"{WEIGHTS_URL[self.batch_norm]}); {'; '.join(parts)}"
+            )
         self.features.load_state_dict(picked, strict=True)
 
 
-def _read_state_dict(source, batch_norm: bool) -> dict:
+class PretrainedWeightsError(ValueError):
+    """A pretrained-weights file that is not what the model expects (one line naming the expected layout and
+    the keys that differ)."""
+
+
+def read_torchvision_state_dict(source, batch_norm: bool = False) -> dict:
+    """The state_dict in ``source``: a path or a dict. Accepted: a torchvision model's state_dict (features
+    and classifier, as torchvision publishes them), such a dict wrapped as ``{"state_dict": ...}`` or
+    ``{"model": ...}`` (training checkpoints), keys with a ``module.`` prefix (DataParallel), or a whole
+    pickled ``nn.Module`` (its ``state_dict()`` is taken; loading a pickle runs code from the file, so only
+    pass files you trust). Never downloads anything."""
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
+        name = "vgg16_bn" if batch_norm else "vgg16"
         if not os.path.isfile(path):
-            name = "vgg16_bn" if batch_norm else "vgg16"
             raise FileNotFoundError(
                 f"pretrained weights file {path!r} not found. crowdkernels never downloads weights: get "
                 f"torchvision's {name} ImageNet weights from {WEIGHTS_URL[batch_norm]} (or copy "
                 f"~/.cache/torch/hub/checkpoints/{os.path.basename(WEIGHTS_URL[batch_norm])} from a machine "
                 f"that has torchvision) and pass its local path."
             )
-        source = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            source = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as first:  # a pickled nn.Module is refused by weights_only
+            try:
+                source = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception:
+                raise PretrainedWeightsError(
+                    f"{path}: not a readable PyTorch weights file ({type(first).__name__}: {first})"
+                ) from None
+    if isinstance(source, nn.Module):
+        source = source.state_dict()
     if not isinstance(source, dict):
         raise TypeError(f"pretrained must be a path or a state_dict, got {type(source).__name__}")
-    if "state_dict" in source and isinstance(source["state_dict"], dict):
-        source = source["state_dict"]
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in source.items()}
+    for wrapper in ("state_dict", "model"):
+        if isinstance(source.get(wrapper), dict):
+            source = source[wrapper]
+            break
+        if isinstance(source.get(wrapper), nn.Module):
+            source = source[wrapper].state_dict()
+            break
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in source.items()
+            if isinstance(v, torch.Tensor)}
