@@ -478,3 +478,16 @@ def test_csrnet_recipe_uses_sgd_with_momentum_and_the_paper_loss(tmp_path):
     gt = ck.models._common.density_at(dens, 8, out.final.shape[-2:])
     want = ((out.final - gt) ** 2).sum() / (2 * 2)  # 1/(2N) sum ||Z - Z^GT||^2
     torch.testing.assert_close(criterion(out, {"density": dens, "points": [torch.zeros(0, 2)] * 2})["total"], want)
+
+
+def test_validation_reports_the_mean_count_baseline(tmp_path):
+    cfg = build_config(model="csrnet", dataset="synthetic", overrides={
+        "model_kwargs.width": 0.125, "epochs": 1, "workers": 0, "quiet": True, "crop": 32,
+        "synthetic": {"train": 4, "val": 3, "size": 32}})
+    cfg.out = str(tmp_path / "run")
+    model, criterion, train, val = build_run(cfg)
+    summary = Trainer(model, criterion, train, val, cfg).run()
+    got = summary["history"][0]["val"]
+    mean = float(np.mean(train.counts))
+    assert got["baseline_count"] == pytest.approx(mean)
+    assert got["baseline_mae"] == pytest.approx(float(np.mean([abs(c - mean) for c in val.counts])))

@@ -27,6 +27,11 @@ class NinePatches(torch.utils.data.Dataset):
         self.base, self.post = base, post
         self.skipped = dict(getattr(base, "skipped", {}) or {})
 
+    @property
+    def counts(self) -> list:
+        """The head counts of the whole images (not of the patches)."""
+        return list(getattr(self.base, "counts", []))
+
     def __len__(self) -> int:
         return 2 * PATCHES_PER_IMAGE * len(self.base)
 

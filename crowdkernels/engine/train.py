@@ -185,6 +185,19 @@ def _mean_losses(sums: dict, n: float) -> dict:
     return {k: v / n for k, v in sums.items()} if n else {}
 
 
+def mean_count_baseline(train_set, val_set) -> dict | None:
+    """The MAE on ``val_set`` of predicting the training images' mean count for every image: the score a
+    model that learned nothing about the images gets. None when the counts are not known."""
+    import numpy as np
+
+    train = getattr(train_set, "counts", None)
+    val = getattr(val_set, "counts", None)
+    if not train or not val:
+        return None
+    mean = float(np.mean(train))
+    return {"count": mean, "mae": float(np.mean(np.abs(np.asarray(val, dtype=np.float64) - mean)))}
+
+
 class Trainer:
     """Trains ``model`` with ``criterion`` on ``train_set`` and validates on ``val_set`` (datasets of
     samples; see :mod:`crowdkernels.data`). ``collate`` defaults to :class:`crowdkernels.data.CrowdCollate`
@@ -208,6 +221,7 @@ class Trainer:
         self.best = {"mae": None, "epoch": None}
         self.skipped: dict[str, str] = dict(getattr(train_set, "skipped", {}) or {})
         self.skipped.update(getattr(val_set, "skipped", {}) or {})
+        self.baseline = mean_count_baseline(train_set, val_set)
 
     # ------------------------------------------------------------------------------------- helpers
     def log(self, msg: str) -> None:
@@ -479,6 +493,8 @@ class Trainer:
             metrics, _ = evaluate(self.model, val_loader, self.device, tile=cfg.tile, amp=cfg.amp, game_levels=0,
                                   all_reduce=dist_utils.all_reduce_sum if dist_utils.is_distributed() else None,
                                   strict=cfg.strict)
+            if self.baseline is not None:
+                metrics["baseline_mae"], metrics["baseline_count"] = self.baseline["mae"], self.baseline["count"]
             entry["val"] = metrics
             mae = metrics.get("mae")
             if mae is not None and (self.best["mae"] is None or mae < self.best["mae"]):
@@ -493,6 +509,7 @@ class Trainer:
         self.log(
             f"epoch {epoch + 1}/{cfg.epochs}  loss {losses.get('total', float('nan')):.5g}  lr {entry['lr']:.3g}"
             + (f"  val mae {val['mae']:.3f} mse {val['mse']:.3f}" if val and val.get("mae") is not None else "")
+            + (f" (mean-count baseline {val['baseline_mae']:.3f})" if val and val.get("baseline_mae") is not None else "")
             + f"  ({elapsed:.1f} s)"
         )
         return entry
