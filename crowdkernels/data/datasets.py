@@ -57,6 +57,7 @@ __all__ = [
     "relative_to_root",
     "POINT_EXTENSIONS",
     "read_point_file",
+    "point_file_beside",
     "DENSITY_LEVELS",
     "DATASET_NAMES",
     "density_level",
@@ -488,12 +489,19 @@ def read_point_file(path) -> np.ndarray:
     return _as_points(path, rows)
 
 
-def _folder_annotation(root: Path, img: Path) -> Path:
+def point_file_beside(image) -> Path | None:
+    """The point file of an image in the ``folder`` layout: NAME.txt, NAME.csv or NAME.json beside
+    NAME.jpg (the first that exists, in that order), or None."""
+    image = Path(image)
     for ext in POINT_EXTENSIONS:
-        p = img.with_suffix(ext)
+        p = image.with_suffix(ext)
         if p.is_file():
             return p
-    return img.with_suffix(".txt")
+    return None
+
+
+def _folder_annotation(root: Path, img: Path) -> Path:
+    return point_file_beside(img) or img.with_suffix(".txt")
 
 
 FORMATS["folder"] = DatasetFormat(
@@ -716,10 +724,14 @@ def load_image(path) -> torch.Tensor:
         with Image.open(path) as im:
             im.load()
             return pil_to_rgb(im, path)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+    except UnidentifiedImageError:
+        raise ImageError(path, "cannot decode the image (not a format Pillow can identify)") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         if isinstance(exc, ImageError):
             raise
-        raise ImageError(path, f"cannot decode the image ({exc})") from None
+        # the message names the file once, at its start: Pillow's own texts may repeat the path
+        reason = str(exc).replace(repr(str(path)), "the file").replace(str(path), "the file")
+        raise ImageError(path, f"cannot decode the image ({reason})") from None
 
 
 class CrowdDataset(torch.utils.data.Dataset):
