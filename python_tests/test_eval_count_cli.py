@@ -204,3 +204,22 @@ def test_an_output_path_that_is_a_file_is_one_line_and_exit_2(ckpt, tmp_path, ca
 def test_version(capsys):
     assert cli.main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"crowdkernels {ck.__version__} (torch {torch.__version__})"
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_eval_strict_stops_at_an_image_that_does_not_decode(ckpt, tmp_path, capsys, workers):
+    """A file whose header reads but whose pixels do not: skipped and named, or with --strict one line and
+    exit 1, also when DataLoader workers decode it (it used to surface as a worker's RuntimeError)."""
+    root = tmp_path / "crowds"
+    for name in ("a", "b"):
+        _png(root / "val" / f"{name}.png", 40, 56)
+        (root / "val" / f"{name}.txt").write_text("3 4\n")
+    data = (root / "val" / "b.png").read_bytes()
+    (root / "val" / "b.png").write_bytes(data[: len(data) // 2])  # truncated: the header survives
+    args = ["--dataset", "folder", "--root", str(root), "--workers", workers]
+    assert cli.main(["eval", "--checkpoint", str(ckpt), *args]) == 0
+    captured = capsys.readouterr()
+    assert "1 images" in captured.out and "1 file(s) skipped" in captured.out and "b.png" in captured.err
+    assert cli.main(["eval", "--checkpoint", str(ckpt), *args, "--strict"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("crowdkernels eval: error: ") and "b.png" in err[-1] and "Traceback" not in err[-1]

@@ -233,3 +233,18 @@ def test_amp_on_the_cpu_warns_and_runs_in_float32():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert math.isfinite(counter.count(torch.rand(3, 20, 20)))
+
+
+def test_count_images_example(folder, tmp_path, capsys):
+    import runpy
+
+    from conftest import REPO
+    from test_viz import _documented_size
+
+    ckpt = _checkpoint(tmp_path / "run" / "best.pt", "csrnet")
+    main = runpy.run_path(str(REPO / "examples" / "count_images.py"))["main"]
+    counts = main(ckpt, [folder / "a.png"], tmp_path / "pics")
+    assert counts == {str(folder / "a.png"): pytest.approx(ck.load(ckpt).count(folder / "a.png"), rel=1e-6)}
+    assert "people" in capsys.readouterr().out
+    with Image.open(tmp_path / "pics" / "a.png") as im:
+        assert im.size == _documented_size(61, 77, 3)  # a.txt lies beside a.png: the true map is drawn too

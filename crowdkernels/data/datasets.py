@@ -741,7 +741,8 @@ class CrowdDataset(torch.utils.data.Dataset):
     Annotations and image headers are checked once, up front: a missing file, a corrupt annotation, or
     NaN points give a warning naming the file and the sample is left out (``skipped`` maps its name to
     the reason), or, with ``strict=True``, the error is raised. An image that fails to decode later
-    yields ``{"name", "error"}``, which the collate reports instead of batching (or raises with strict).
+    yields ``{"name", "error"}`` (with strict too), which the collate reports instead of batching and the
+    consumer (:func:`crowdkernels.engine.evaluate`, the Trainer) raises when strict.
     Points outside their image are dropped at load, so ``counts`` are the heads a density map holds.
 
     Args:
@@ -793,8 +794,8 @@ class CrowdDataset(torch.utils.data.Dataset):
             if self.density_cache is not None:
                 item["density"] = self.density_cache.load(s.name, item["image"].shape[-2:])
         except (ImageError, ValueError, OSError) as exc:
-            if self.strict:
-                raise
+            # returned even with strict: raised here, in a DataLoader worker, it would reach the main process
+            # as a RuntimeError holding a traceback; the consumer (evaluate, Trainer) raises it with strict
             return {"name": s.name, "error": str(exc), "index": index}
         return self.transform(item) if self.transform is not None else item
 

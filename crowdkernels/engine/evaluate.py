@@ -144,7 +144,10 @@ def evaluate(
         for batch in loader:
             for name, reason in batch["skipped"]:
                 if strict:
-                    raise ValueError(reason)
+                    from ..data.datasets import ImageError
+
+                    path, sep, why = reason.partition(": ")
+                    raise ImageError(path, why) if sep else ImageError(name, reason)
                 skipped.append(name)
                 if warn:
                     warn(f"skipping {reason}")
