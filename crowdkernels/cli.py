@@ -300,7 +300,6 @@ def _run_train(args) -> int:
     return 130 if summary["status"] == "interrupted" else EXIT_OK
 
 
-
 # ----------------------------------------------------------------------------------------- eval
 def _load_counter(args, max_size=None):
     """The Counter of ``--checkpoint`` on ``--device`` (``--model`` refuses another model's checkpoint)."""
