@@ -308,15 +308,18 @@ class Counter:
         ``errors``: "raise" (an unreadable image raises ImageError naming it) or "skip" (its Prediction
         holds ``error``). ``progress``: True, False, or None (a bar when stderr is a terminal, else a line
         at the end)."""
-        from ._progress import Progress
-
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if errors not in ("raise", "skip"):
             raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
         if isinstance(images, (str, Path)):
             images = image_paths(images)
-        images = list(images)
+        # checked above, now; the images are read as the caller iterates
+        return self._predictions(list(images), batch_size, workers, errors, progress)
+
+    def _predictions(self, images, batch_size, workers, errors, progress):
+        from ._progress import Progress
+
         loader = torch.utils.data.DataLoader(_Sources(images), batch_size=batch_size, num_workers=workers,
                                              collate_fn=_as_list)
         with Progress(len(images), "count", bar=progress, lines=progress is not False) as bar:

@@ -209,6 +209,10 @@ def test_count_many_batches_folders_globs_and_errors(tmp_path, capsys):
         got = counter.count_many([paths[0], broken, paths[1]], errors="skip", progress=False)
     assert got[0] == pytest.approx(single[0], rel=1e-5) and math.isnan(got[1]) and got[2] == pytest.approx(single[1], rel=1e-5)
     assert capsys.readouterr().err.count("count:") == 0  # progress=False: silent
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        counter.predictions(paths, 0)  # at the call, not at the first image
+    with pytest.raises(ValueError, match="errors must be"):
+        counter.count_many(paths, errors="ignore")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="folder without images"):
         counter.count_many(tmp_path / "empty")
