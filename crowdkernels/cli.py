@@ -484,7 +484,7 @@ def _demo_command(p: argparse.ArgumentParser):
 
     p.description = (
         "Renders a synthetic crowd set (train and held-out), makes its density maps with the kernel, trains a "
-        "reduced-width model on the CPU (about half a minute), and evaluates it on the held-out images against "
+        "reduced-width model on the CPU (under a minute), and evaluates it on the held-out images against "
         "the mean-count baseline. Writes OUT/metrics.json, OUT/learning_curve.png, OUT/pictures/*.png "
         "(image | predicted | true density), OUT/density/*.npy, OUT/data/{train,val}/ (the images and their "
         "points, a 'folder' dataset), OUT/summary.json and the run in OUT/run/ (last.pt, best.pt)."

@@ -13,7 +13,7 @@ normalized. The counter feeds it to the model as the model was trained
 whole image (tiled with overlap beyond ``tile`` pixels, as ``crowdkernels eval`` does, so memory stays
 bounded) through :func:`crowdkernels.engine.predict_density`, and sums the map.
 
-Units. A model of output stride s (CSRNet and SPN 8, HMoDE 4, the released HMoDE 1) predicts a map of
+Units. A model of output stride s (CSRNet 8; HMoDE, SPN and L2SM 4; the released HMoDE 1) predicts a map of
 ceil(H/s) x ceil(W/s) cells, each holding the people in its s x s block of pixels; the count is its sum
 (:attr:`Prediction.cells`). :meth:`Counter.density` returns the map *at image resolution*: each cell's
 people spread evenly over the image pixels it covers (s x s, fewer in the last row and column when H or

@@ -1,4 +1,4 @@
-"""The demo: the whole job on built-in synthetic crowds, on a CPU, in about half a minute.
+"""The demo: the whole job on built-in synthetic crowds, on a CPU, in under a minute (about 35 s of CPU time).
 
 :func:`run_demo` renders a training set and a held-out set of synthetic crowds, makes their density maps
 with the kernel, trains a width-reduced model from scratch, evaluates it on the held-out images against
