@@ -56,7 +56,11 @@ def test_eval_split_train_evaluates_the_training_images(ckpt, tmp_path, capsys):
         counts[split] = [r["true"] for r in json.loads(out.read_text())["per_image"]]
     assert counts["train"] == SyntheticCrowds(8, 32, 0).counts
     assert counts["val"] == SyntheticCrowds(3, 32, 1000).counts
-    assert f"eval synthetic/train: 8 images" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "eval synthetic/train: 8 images" in captured.out
+    # not a terminal: one progress line per evaluation, no bar frames
+    assert captured.err.count("eval: 8/8 img in") == 1 and captured.err.count("eval: 3/3 img in") == 1
+    assert "\r" not in captured.err
 
     root = tmp_path / "crowds"
     for split, names in (("train", ("t1", "t2", "t3")), ("val", ("v1", "v2"))):
