@@ -395,7 +395,7 @@ def _run_eval(args) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         save_json(out, result)
     if writer is not None:
-        writer.finish(metrics, result)
+        writer.finish(metrics, result, title=f"{result['model']} ({args.checkpoint.name}) on {args.dataset}/{args.split}")
         print(f"  predictions.csv, scatter.png, metrics.json and {writer.drawn} picture(s) in {save_dir}")
     _report_skipped(getattr(data, "skipped", {}))
     return EXIT_OK

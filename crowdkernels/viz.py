@@ -222,7 +222,7 @@ def save_scatter(path, true_counts, pred_counts, *, mae: float | None = None, ms
     ax.set_ylim(lo, hi * 1.03)
     ax.set_xlabel("true count")
     ax.set_ylabel("predicted count")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     head = f"{title}\n" if title else ""
     ax.set_title(f"{head}MAE {mae:.2f}, MSE {mse:.2f} (an RMSE, as the papers name it)", fontsize=10)
     _save(fig, path)

@@ -247,9 +247,9 @@ class EvaluationWriter:
                      name=name, count=count, true_count=true, norm=self.norm)
         self.drawn += 1
 
-    def finish(self, metrics: dict, result: dict | None = None) -> None:
-        """Writes predictions.csv, scatter.png (with ``metrics``' mae and mse) and metrics.json (``result``,
-        default ``metrics``)."""
+    def finish(self, metrics: dict, result: dict | None = None, *, title: str = "") -> None:
+        """Writes predictions.csv, scatter.png (``title`` above ``metrics``' mae and mse) and metrics.json
+        (``result``, default ``metrics``)."""
         import csv
 
         from .._io import atomic_write, save_json
@@ -262,5 +262,5 @@ class EvaluationWriter:
 
         atomic_write(self.save_dir / "predictions.csv", rows, mode="w")
         save_scatter(self.save_dir / "scatter.png", [r["true_count"] for r in self.rows],
-                     [r["predicted_count"] for r in self.rows], mae=metrics.get("mae"), mse=metrics.get("mse"))
+                     [r["predicted_count"] for r in self.rows], mae=metrics.get("mae"), mse=metrics.get("mse"), title=title)
         save_json(self.save_dir / "metrics.json", metrics if result is None else result)
