@@ -280,7 +280,13 @@ class Counter:
         from .data.transforms import normalize_image
         from .engine.evaluate import predict_density
 
-        x = normalize_image(rgb.to(self.device, torch.float32), self.input_norm)
+        x = rgb.to(self.device, torch.float32)
+        lo, hi = float(x.min()), float(x.max())
+        if not (lo >= -1e-6 and hi <= 1.0 + 1e-6):  # NaN fails too
+            # an image normalized already (a dataset ending in Normalize) would be normalized twice here
+            raise ValueError(f"images must be RGB in [0, 1], got values in [{lo:g}, {hi:g}]: leave out the Normalize "
+                             "step, the counter applies the model's normalization itself")
+        x = normalize_image(x, self.input_norm)
         out = predict_density(self.model, x, tile=self.tile, overlap=self.overlap, amp=self.amp)
         return out.float().cpu()
 

@@ -252,3 +252,14 @@ def test_count_images_example(folder, tmp_path, capsys):
     assert "people" in capsys.readouterr().out
     with Image.open(tmp_path / "pics" / "a.png") as im:
         assert im.size == _documented_size(61, 77, 3)  # a.txt lies beside a.png: the true map is drawn too
+
+
+def test_evaluate_refuses_a_dataset_that_normalizes_already():
+    from crowdkernels.data import SyntheticCrowds
+    from crowdkernels.data.transforms import IMAGENET_NORM, Normalize
+
+    counter = _tiny_counter()
+    metrics, _ = counter.evaluate(SyntheticCrowds(2, 32, 0), progress=False)
+    assert metrics["images"] == 2
+    with pytest.raises(ValueError, match=r"RGB in \[0, 1\].*leave out the Normalize"):
+        counter.evaluate(SyntheticCrowds(2, 32, 0, transform=Normalize(IMAGENET_NORM)), progress=False)
