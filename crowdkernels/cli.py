@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command whose reader went away
 
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]]] = {}
 
@@ -585,6 +586,20 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"crowdkernels {args.command}: interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:  # `crowdkernels count ... | head`: the reader has gone, which is no error of ours
+            _silence_stdout()
+            return EXIT_BROKEN_PIPE
+
+
+def _silence_stdout() -> None:
+    """Points stdout at /dev/null, so that the interpreter's final flush does not fail on the closed pipe."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (e.g. captured in a test)
+        pass
 
 
 if __name__ == "__main__":

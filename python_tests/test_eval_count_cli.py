@@ -227,3 +227,28 @@ def test_eval_strict_stops_at_an_image_that_does_not_decode(ckpt, tmp_path, caps
     assert cli.main(["eval", "--checkpoint", str(ckpt), *args, "--strict"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("crowdkernels eval: error: ") and "b.png" in err[-1] and "Traceback" not in err[-1]
+
+
+def test_count_into_a_closed_pipe_is_not_a_traceback(tmp_path):
+    """`crowdkernels count FOLDER | head -1` gave a BrokenPipeError traceback once head had its line."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    shots = tmp_path / "shots"
+    for i in range(30):
+        _png(shots / f"s{i}.png", 16, 16, seed=i)
+    # a subprocess: a real small CSRNet (the tiny stand-in of the other tests exists in this process only)
+    from test_inference import _checkpoint
+
+    real = _checkpoint(tmp_path / "real" / "best.pt", "csrnet")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "crowdkernels", "count", str(shots), "--checkpoint", str(real)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # what head does after its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141, err
+    assert first.startswith(str(shots).encode()) and "Traceback" not in err
