@@ -1,6 +1,7 @@
 """crowdkernels: fast, tested kernels, losses and models for density-map crowd counting.
 
     >>> import torch, crowdkernels as ck
+    >>> counter = ck.load("runs/b/best.pt")      # a trained checkpoint: counter.count("crowd.jpg") -> float
     >>> pts = torch.tensor([[10.5, 20.2], [30.0, 12.7]])
     >>> d = ck.density_map(pts, (64, 64))        # geometry-adaptive Gaussian density map, sums to 2
 """
@@ -33,6 +34,10 @@ from . import losses
 # ---- models (issue 6)
 from . import models
 from .models import CSRNet, HMoDE, L2SM, SPN, VGG16
+
+
+# ---- one-line inference (issue 15)
+from .inference import Counter, Prediction, load
 
 
 __version__ = "0.1.0"

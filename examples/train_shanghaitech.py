@@ -12,11 +12,9 @@ Stop with Ctrl-C at any time; add ``--resume`` to continue exactly where it stop
 """
 import argparse
 
-import torch
-
-from crowdkernels.data import DENSITY_LEVELS, CrowdCollate
-from crowdkernels.engine import PAPER_DEFAULTS, TrainConfig, Trainer, build_datasets, build_model, evaluate
-from crowdkernels.engine.train import model_from_checkpoint
+import crowdkernels as ck
+from crowdkernels.data import DENSITY_LEVELS
+from crowdkernels.engine import PAPER_DEFAULTS, TrainConfig, Trainer, build_datasets, build_model, evaluation_dataset
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("root", help="the ShanghaiTech folder (holding part_B/train_data and part_B/test_data)")
@@ -35,8 +33,7 @@ train_set, val_set = build_datasets(config, warn=print)
 summary = Trainer(model, model.criterion(), train_set, val_set, config).run()
 print(f"{summary['status']} after {summary['epoch']} epochs; best validation MAE {summary['best']['mae']}")
 
-device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-best, _ = model_from_checkpoint(f"{args.out}/best.pt", device)
-loader = torch.utils.data.DataLoader(val_set, batch_size=1, collate_fn=CrowdCollate(target=None))
-metrics, _ = evaluate(best, loader, device, levels=DENSITY_LEVELS)
-print({k: metrics[k] for k in ("images", "mae", "mse", "nae", "game0", "game1", "game2", "game3")})
+counter = ck.load(f"{args.out}/best.pt")            # the best model, fed as it was trained; tiles huge images
+test_set, note = evaluation_dataset(config, "val")  # ShanghaiTech B's test_data, unnormalized: the counter normalizes
+metrics, _ = counter.evaluate(test_set, levels=DENSITY_LEVELS)
+print(note, {k: metrics[k] for k in ("images", "mae", "mse", "nae", "game0", "game1", "game2", "game3")})

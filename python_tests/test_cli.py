@@ -18,7 +18,7 @@ from PIL import Image
 import crowdkernels
 from conftest import REPO, require_data
 from crowdkernels import cli
-from crowdkernels.data import read_shanghaitech_mat
+from crowdkernels.data import density_job, read_shanghaitech_mat
 
 # three small Part A images (298x446, 270x360, 388x690): quick even on the reference fallback
 SMALL = ("IMG_215", "IMG_275", "IMG_36")
@@ -58,13 +58,13 @@ def _size(root, name):
 def writes(monkeypatch):
     """The names of the maps the CLI writes (a counter, not mtimes, which can be coarse)."""
     written = []
-    save = cli._save_npy
+    save = density_job.save_npy
 
     def counting(path, array):
         written.append(path.name)
         save(path, array)
 
-    monkeypatch.setattr(cli, "_save_npy", counting)
+    monkeypatch.setattr(density_job, "save_npy", counting)
     return written
 
 
@@ -141,15 +141,15 @@ def test_manifest_sigmas_are_the_ones_the_map_used(sha, style):
     own adaptive sigma (the rule is not a second guess at the kernel's behaviour)."""
     name = "IMG_275"
     pts, size = _points(sha, name), _size(sha, name)
-    settings = cli.DensitySettings(style=style)
-    sig = cli._effective_sigmas(pts, size, settings)
+    settings = density_job.DensitySettings(style=style)
+    sig = density_job.effective_sigmas(pts, size, settings)
     used = np.unique(np.floor(pts), axis=0) if style == "csrnet" else pts
     assert sig.shape == (used.shape[0],)
     rebuilt = crowdkernels.density_map(torch.from_numpy(used), size, style=style, sigma=torch.from_numpy(sig))
     direct = crowdkernels.density_map(torch.from_numpy(pts), size, style=style)
     torch.testing.assert_close(rebuilt, direct, rtol=0, atol=1e-12)
-    assert np.allclose(cli._effective_sigmas(pts, size, cli.DensitySettings(style="matlab")), 4.0)
-    assert np.allclose(cli._effective_sigmas(pts, size, cli.DensitySettings(style=style, sigma=2.5)), 2.5)
+    assert np.allclose(density_job.effective_sigmas(pts, size, density_job.DensitySettings(style="matlab")), 4.0)
+    assert np.allclose(density_job.effective_sigmas(pts, size, density_job.DensitySettings(style=style, sigma=2.5)), 2.5)
 
 
 def test_density_other_styles_and_stride(sha, tmp_path):
@@ -204,15 +204,17 @@ def test_density_resume_skips_finished_maps(sha, tmp_path, capsys, writes):
     assert _density(sha, out) == 0
     assert sorted(writes) == sorted(p.name for p in (a, b, c))
 
-    # killed between manifest flushes: valid maps without a record are reused, their record rebuilt
+    # killed between manifest flushes: a map without a record cannot be shown to come from its
+    # annotation, so it is made again (at most the last 10 s of work), and its record comes back the same
     full = _manifest(out)
     (out / "manifest.json").write_text(json.dumps(dict(full, images={})))
     writes.clear()
     assert _density(sha, out) == 0
-    assert writes == []
+    assert sorted(writes) == sorted(f"{n}.npy" for n in SMALL)
     assert _manifest(out)["images"] == full["images"]
 
     # --overwrite recomputes everything; other settings without it are refused
+    writes.clear()
     assert _density(sha, out, "--overwrite") == 0
     assert sorted(writes) == sorted(f"{n}.npy" for n in SMALL)
     capsys.readouterr()
@@ -220,6 +222,59 @@ def test_density_resume_skips_finished_maps(sha, tmp_path, capsys, writes):
     err = capsys.readouterr().err
     assert "other settings" in err and "style 'exact' -> 'csrnet'" in err and "--overwrite" in err
     assert not list(out.glob(".*.tmp"))  # no temp file left behind
+
+
+def _write_gt(root, name, points):
+    """A ShanghaiTech GT file holding `points` in the dataset's nested struct layout."""
+    info = np.empty((1, 1), dtype=object)
+    inner = np.empty((1, 1), dtype=[("location", "O"), ("number", "O")])
+    inner[0, 0] = (np.asarray(points, dtype=np.float64), np.array([[float(len(points))]]))
+    info[0, 0] = inner
+    scipy.io.savemat(root / "ground-truth" / f"GT_{name}.mat", {"image_info": info})
+
+
+def test_density_remakes_a_map_whose_annotation_changed(sha, tmp_path, writes):
+    """Issue 15, defect 3: the map of an edited annotation used to be reused, and the manifest kept the old
+    head count. Now the manifest records the annotation's SHA-256 and a changed file is made again."""
+    out = tmp_path / "maps"
+    assert _density(sha, out) == 0
+    name = SMALL[1]
+    m = _manifest(out)
+    assert len(m["images"][name]["annotation_sha256"]) == 64
+    before = m["images"][name]["head_count"]
+    fewer = _points(sha, name)[:10]  # the annotation is edited: 10 heads left
+    _write_gt(sha, name, fewer)
+    writes.clear()
+    assert _density(sha, out) == 0
+    assert writes == [f"{name}.npy"]  # only the changed one
+    e = _manifest(out)["images"][name]
+    assert e["head_count"] == 10 != before
+    np.testing.assert_allclose(np.load(out / f"{name}.npy").sum(dtype=np.float64), 10, rtol=1e-5)
+    assert _manifest(out)["summary"]["heads"] == sum(_points(sha, n).shape[0] for n in SMALL)
+
+    # the same file written again (a new mtime, the same bytes) is reused; an image of another size is not
+    writes.clear()
+    gt = sha / "ground-truth" / f"GT_{name}.mat"
+    gt.write_bytes(gt.read_bytes())
+    assert _density(sha, out) == 0 and writes == []
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(sha / "images" / f"{SMALL[0]}.jpg")
+    assert _density(sha, out) == 0
+    assert writes == [f"{SMALL[0]}.npy"] and np.load(out / f"{SMALL[0]}.npy").shape == (40, 50)
+
+
+def test_density_corrupted_annotation_leaves_no_stale_map(sha, tmp_path, capsys):
+    """A corrupted annotation after a finished run: reported as failed, its old map and record gone."""
+    out = tmp_path / "maps"
+    assert _density(sha, out) == 0
+    name = SMALL[2]
+    (sha / "ground-truth" / f"GT_{name}.mat").write_bytes(b"MATLAB 5.0 MAT-file, corrupted" + b"\x00" * 50)
+    capsys.readouterr()
+    assert _density(sha, out) == 1
+    assert "not a readable MATLAB .mat file" in capsys.readouterr().err
+    m = _manifest(out)
+    assert name not in m["images"] and name in m["failures"]
+    assert not (out / f"{name}.npy").exists()
+    assert sorted(p.stem for p in out.glob("*.npy")) == sorted(SMALL[:2])
 
 
 def test_density_bad_annotation_is_reported_and_the_rest_goes_on(sha, tmp_path, capsys, writes):
@@ -248,6 +303,18 @@ def test_density_bad_annotation_is_reported_and_the_rest_goes_on(sha, tmp_path, 
     m = _manifest(out)
     assert m["failures"] == {} and m["summary"]["written"] == 2 and m["summary"]["reused"] == 1
     assert sorted(writes) == sorted(f"{n}.npy" for n in SMALL[1:])
+
+
+def test_density_names_annotations_whose_image_is_missing(sha, tmp_path, capsys):
+    """Defect 8: an annotation without its image was left out silently; progress suits a log (no bar frames)."""
+    (sha / "images" / f"{SMALL[0]}.jpg").unlink()
+    assert _density(sha, tmp_path / "maps") == 0
+    captured = capsys.readouterr()
+    assert "2/2 images" in captured.out
+    warning = [line for line in captured.err.splitlines() if "warning" in line]
+    assert len(warning) == 1 and warning[0].startswith("crowdkernels density: warning: ")
+    assert f"GT_{SMALL[0]}.mat" in warning[0] and "without an image" in warning[0]
+    assert "\r" not in captured.err and "density: 2/2 img in" in captured.err
 
 
 def test_density_strict_stops_at_the_first_bad_file(sha, tmp_path, capsys):

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import scipy.io
+import torch
 from PIL import Image, ImageFile
 
 from conftest import require_data
@@ -346,3 +347,140 @@ def test_dataset_layout_errors(tmp_path):
         ds.dataset_samples("ucf-qnrf", tmp_path, "train")
     with pytest.raises(LayoutError, match="not a folder"):
         ds.dataset_samples("jhu", tmp_path / "nowhere", "train")
+
+
+# ----------------------------------------------------------------------------------------- image modes
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _write_png16(path, array: np.ndarray) -> None:
+    """A 16-bit PNG written by hand (Pillow cannot write 16-bit colour): [H, W] gray, [H, W, 2] gray+alpha,
+    [H, W, 3] RGB or [H, W, 4] RGBA, uint16, per the PNG specification (filter 0 on every row)."""
+    import struct
+    import zlib
+
+    a = array if array.ndim == 3 else array[:, :, None]
+    h, w, c = a.shape
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
+    raw = b"".join(b"\x00" + a[y].astype(">u2").tobytes() for y in range(h))
+    png = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))
+           + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b""))
+    path.write_bytes(png)
+
+
+# mode -> (fill value, the RGB it means, tolerance): what every mode Pillow opens must load as
+MODE_MEANINGS = {
+    "1": (1, (1.0, 1.0, 1.0), 0),
+    "L": (128, (128 / 255,) * 3, 1e-7),
+    "P": (0, (0.0, 0.0, 0.0), 0),  # Pillow's default palette: index 0 is black
+    "LA": ((128, 7), (128 / 255,) * 3, 1e-7),  # alpha dropped
+    "La": ((128, 255), (128 / 255,) * 3, 1e-7),
+    "PA": ((0, 7), (0.0, 0.0, 0.0), 0),
+    "RGB": ((255, 128, 0), (1.0, 128 / 255, 0.0), 1e-7),
+    "RGBA": ((255, 128, 0, 3), (1.0, 128 / 255, 0.0), 1e-7),
+    "RGBa": ((255, 128, 0, 255), (1.0, 128 / 255, 0.0), 1e-7),
+    "RGBX": ((255, 128, 0, 0), (1.0, 128 / 255, 0.0), 1e-7),
+    "CMYK": ((0, 255, 255, 0), (1.0, 0.0, 0.0), 1e-7),  # pure red
+    "YCbCr": ((76, 85, 255), (1.0, 0.0, 0.0), 2 / 255),  # red in JPEG's YCbCr
+    "HSV": ((0, 255, 255), (1.0, 0.0, 0.0), 1e-7),
+    "LAB": ((255, 128, 128), (1.0, 1.0, 1.0), 2 / 255),  # white
+    "I;16": (32768, (32768 / 65535,) * 3, 1e-7),
+    "I;16L": (32768, (32768 / 65535,) * 3, 1e-7),
+    "I;16B": (32768, (32768 / 65535,) * 3, 1e-7),
+    "I;16N": (32768, (32768 / 65535,) * 3, 1e-7),
+    "F": (0.25, (0.25,) * 3, 1e-7),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(set(Image.MODES) | set(MODE_MEANINGS)))
+def test_every_pillow_mode_loads_by_its_meaning_or_is_refused(mode):
+    """Issue 15, defect 2: an image is read by what its pixels mean, in every mode Pillow has; "I" (32-bit
+    integers without a stated white level) is refused with a message instead of being clipped to white."""
+    if mode == "I":
+        with pytest.raises(ImageError, match="white level"):
+            ds.pil_to_rgb(Image.new("I", (5, 3), 1000), "x.tif")
+        return
+    fill, rgb, tol = MODE_MEANINGS[mode]
+    t = ds.pil_to_rgb(Image.new(mode, (5, 3), fill), "x")
+    assert t.dtype == torch.float32 and t.shape == (3, 3, 5)
+    expected = torch.tensor(rgb, dtype=torch.float32)[:, None, None].expand(3, 3, 5)
+    torch.testing.assert_close(t, expected, rtol=0, atol=tol)
+
+
+def test_sixteen_bit_pngs_load_as_their_values_not_white(tmp_path):
+    """A 16-bit gray PNG (what a scientific camera or an export writes) used to load as a white image,
+    which a model counts at about twice the heads. It loads as value / 65535; 16-bit colour PNGs
+    through Pillow's own reduction to 8 bits."""
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 65536, (6, 7), dtype=np.uint16)
+    _write_png16(tmp_path / "g16.png", gray)
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode.startswith("I")  # what makes convert("RGB") clip to white
+    t = ds.load_image(tmp_path / "g16.png")
+    np.testing.assert_allclose(t.numpy(), np.broadcast_to(gray / 65535.0, (3, 6, 7)), rtol=0, atol=1e-7)
+    assert 0.3 < float(t.mean()) < 0.7
+    for channels in (2, 3, 4):
+        arr = rng.integers(0, 65536, (6, 7, channels), dtype=np.uint16)
+        _write_png16(tmp_path / f"c{channels}.png", arr)
+        t = ds.load_image(tmp_path / f"c{channels}.png")
+        colour = arr[:, :, :3] if channels >= 3 else np.repeat(arr[:, :, :1], 3, axis=2)
+        # within one 8-bit step of the 16-bit value (Pillow keeps the high byte)
+        np.testing.assert_allclose(t.permute(1, 2, 0).numpy(), colour / 65535.0, rtol=0, atol=1 / 255 + 1e-6)
+
+
+def test_float_and_wide_integer_tiffs(tmp_path):
+    ok = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
+    Image.fromarray(ok, "F").save(tmp_path / "f.tif")
+    np.testing.assert_allclose(ds.load_image(tmp_path / "f.tif")[0].numpy(), ok, rtol=0, atol=1e-7)
+    Image.fromarray(ok * 255, "F").save(tmp_path / "f255.tif")
+    with pytest.raises(ImageError, match=r"f255.tif.*values in \[0, 255\].*expected \[0, 1\]"):
+        ds.load_image(tmp_path / "f255.tif")
+    nan = ok.copy()
+    nan[0, 0] = np.nan
+    Image.fromarray(nan, "F").save(tmp_path / "nan.tif")
+    with pytest.raises(ImageError, match="nan.tif.*NaN"):
+        ds.load_image(tmp_path / "nan.tif")
+    # a 32-bit integer TIFF states its bit depth and sign (Pillow writes signed): white is 2^31 - 1
+    wide = np.array([[0, 2**30, 2**31 - 1]], dtype=np.int32)
+    Image.fromarray(wide, "I").save(tmp_path / "i32.tif")
+    with Image.open(tmp_path / "i32.tif") as im:
+        assert im.mode == "I" and im.tag_v2.get(258) in (32, (32,)) and im.tag_v2.get(339) in (2, (2,))
+    got = ds.load_image(tmp_path / "i32.tif")[0, 0].double().numpy()
+    np.testing.assert_allclose(got, wide[0] / (2**31 - 1), rtol=1e-6)
+    Image.fromarray(np.array([[-5, 3]], dtype=np.int32), "I").save(tmp_path / "neg.tif")
+    with pytest.raises(ImageError, match=r"neg.tif.*\[-5, 3\]"):
+        ds.load_image(tmp_path / "neg.tif")
+
+
+# ----------------------------------------------------------------------------------------- left-out annotations
+def test_annotations_without_an_image_are_reported(tmp_path):
+    """Issue 15, defect 8: an annotation whose image is missing was dropped from the split without a word."""
+    root = tmp_path / "crowds"
+    for name in ("a", "b"):
+        _write_image(root / f"{name}.png", 10, 12)
+        (root / f"{name}.txt").write_text("1 1\n")
+    (root / "gone.txt").write_text("1 1\n2 2\n")
+    (root / "b.json").write_text(json.dumps([[1, 1]]))  # a second point file of an image that exists: not orphaned
+    notes = []
+    samples = list_samples(root, "folder", warn=notes.append)
+    assert [s.name for s in samples] == ["a", "b"]
+    assert len(notes) == 1 and "1 annotation file(s) without an image" in notes[0] and "gone.txt" in notes[0]
+    assert ds.orphan_annotations(root, "folder", samples) == [root / "gone.txt"]
+    with pytest.warns(ds.DatasetWarning, match="gone.txt"):
+        list_samples(root, "folder")
+
+    sha = tmp_path / "train_data"
+    _write_image(sha / "images" / "IMG_1.jpg", 10, 12)
+    (sha / "ground-truth").mkdir()
+    for n in (1, 2, 3):
+        scipy.io.savemat(sha / "ground-truth" / f"GT_IMG_{n}.mat", {"x": np.zeros(1)})
+    notes.clear()
+    list_samples(sha, "shanghaitech", warn=notes.append)
+    assert len(notes) == 1 and "2 annotation file(s)" in notes[0] and "GT_IMG_2.mat, GT_IMG_3.mat" in notes[0]
+    notes.clear()
+    ds.dataset_samples("folder", root, "train", warn=notes.append)
+    assert len(notes) == 1 and "gone.txt" in notes[0]

@@ -1,6 +1,6 @@
 """Data: annotation readers, dataset layouts and dataset classes (`datasets`), synthetic crowds
 (`synthetic`), joint image/point/map augmentation (`transforms`), ground-truth targets and the batch
-collate (`targets`)."""
+collate (`targets`), the density maps of a whole split as files (`density_job`)."""
 from .datasets import (
     DATASET_NAMES,
     DENSITY_LEVELS,
@@ -8,6 +8,7 @@ from .datasets import (
     AnnotationError,
     CrowdDataset,
     DatasetFormat,
+    DatasetWarning,
     ImageError,
     LayoutError,
     Sample,
@@ -18,6 +19,9 @@ from .datasets import (
     image_size,
     list_samples,
     load_image,
+    orphan_annotations,
+    pil_to_rgb,
+    point_file_beside,
     read_jhu_txt,
     read_nwpu_json,
     read_point_file,
@@ -37,6 +41,7 @@ __all__ = [
     "AnnotationError",
     "CrowdDataset",
     "DatasetFormat",
+    "DatasetWarning",
     "ImageError",
     "LayoutError",
     "Sample",
@@ -47,6 +52,9 @@ __all__ = [
     "image_size",
     "list_samples",
     "load_image",
+    "orphan_annotations",
+    "pil_to_rgb",
+    "point_file_beside",
     "read_jhu_txt",
     "read_nwpu_json",
     "read_point_file",

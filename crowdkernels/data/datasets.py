@@ -57,6 +57,7 @@ __all__ = [
     "relative_to_root",
     "POINT_EXTENSIONS",
     "read_point_file",
+    "point_file_beside",
     "DENSITY_LEVELS",
     "DATASET_NAMES",
     "density_level",
@@ -64,6 +65,9 @@ __all__ = [
     "holdout",
     "dataset_samples",
     "load_image",
+    "pil_to_rgb",
+    "orphan_annotations",
+    "DatasetWarning",
     "CrowdDataset",
     "SyntheticCrowds",
 ]
@@ -251,6 +255,10 @@ class DatasetFormat:
     required_dirs: tuple[str, ...] = ()
     image_filter: Callable[[Path], bool] = lambda p: True
     split_hint: tuple[str, ...] = ()  # sub-folders that mean "you passed the dataset, not a split"
+    # where the annotation files lie (relative to ROOT) and their glob patterns: the files found there
+    # that belong to no image are reported (an annotation whose image is missing is otherwise dropped unseen)
+    annotation_dir: str = ""
+    annotation_globs: tuple[str, ...] = ()
 
 
 def _is_ucf_cc_50_image(p: Path) -> bool:
@@ -271,6 +279,8 @@ FORMATS: dict[str, DatasetFormat] = {
             annotation_path=lambda root, img: root / "ground-truth" / f"GT_{img.stem}.mat",
             reader=read_shanghaitech_mat,
             required_dirs=("images", "ground-truth"),
+            annotation_dir="ground-truth",
+            annotation_globs=("GT_*.mat",),
             split_hint=("train_data", "test_data", "part_A", "part_B"),
         ),
         DatasetFormat(
@@ -280,6 +290,7 @@ FORMATS: dict[str, DatasetFormat] = {
             annotation_path=lambda root, img: img.with_name(f"{img.stem}_ann.mat"),
             reader=read_ucf_mat,
             image_filter=_is_ucf_cc_50_image,
+            annotation_globs=("[0-9]*_ann.mat",),
         ),
         DatasetFormat(
             name="ucf_qnrf",
@@ -288,6 +299,7 @@ FORMATS: dict[str, DatasetFormat] = {
             annotation_path=lambda root, img: img.with_name(f"{img.stem}_ann.mat"),
             reader=read_ucf_mat,
             image_filter=_is_qnrf_image,
+            annotation_globs=("img_*_ann.mat",),
             split_hint=("Train", "Test"),
         ),
         DatasetFormat(
@@ -298,6 +310,8 @@ FORMATS: dict[str, DatasetFormat] = {
             reader=read_jhu_txt,
             required_dirs=("images", "gt"),
             split_hint=("train", "val", "test"),
+            annotation_dir="gt",
+            annotation_globs=("*.txt",),
         ),
         DatasetFormat(
             name="nwpu",
@@ -306,6 +320,8 @@ FORMATS: dict[str, DatasetFormat] = {
             annotation_path=lambda root, img: root / "jsons" / f"{img.stem}.json",
             reader=read_nwpu_json,
             required_dirs=("images", "jsons"),
+            annotation_dir="jsons",
+            annotation_globs=("*.json",),
         ),
     )
 }
@@ -330,15 +346,52 @@ def _layout_error(fmt: DatasetFormat, root: Path, problem: str) -> LayoutError:
     return LayoutError(msg)
 
 
-def list_samples(root, format: str, *, missing: str = "raise") -> list[Sample]:
+def orphan_annotations(root, format: str, samples) -> list[Path]:
+    """The annotation files of a split folder that belong to no image of ``samples`` (their image is
+    missing), in natural order. A generic ``folder`` point file counts as belonging to an image of the same
+    stem even when another point file of that stem is the one read."""
+    fmt = _format(format)
+    root = Path(root)
+    folder = root / fmt.annotation_dir if fmt.annotation_dir else root
+    if not fmt.annotation_globs or not folder.is_dir():
+        return []
+    used = {s.annotation.resolve() for s in samples}
+    stems = {s.image.stem for s in samples}
+    found = {p for pattern in fmt.annotation_globs for p in folder.glob(pattern) if p.is_file()}
+    orphans = [p for p in found if p.resolve() not in used and not (fmt.name == "folder" and p.stem in stems)]
+    return sorted(orphans, key=lambda p: natural_key(p.name))
+
+
+class DatasetWarning(UserWarning):
+    """Something in a dataset folder is left out (e.g. an annotation file whose image is missing)."""
+
+
+def _report_orphans(root: Path, fmt: DatasetFormat, samples, warn) -> None:
+    orphans = orphan_annotations(root, fmt.name, samples)
+    if not orphans:
+        return
+    shown = ", ".join(p.name for p in orphans[:5]) + (f" and {len(orphans) - 5} more" if len(orphans) > 5 else "")
+    msg = (f"{root}: {len(orphans)} annotation file(s) without an image are left out (their heads are not "
+           f"counted): {shown}")
+    if warn is not None:
+        warn(msg)
+    else:
+        import warnings
+
+        warnings.warn(msg, DatasetWarning, stacklevel=3)
+
+
+def list_samples(root, format: str, *, missing: str = "raise", warn=None) -> list[Sample]:
     """The (image, annotation) pairs of one split folder, in natural order of the image names.
 
     Args:
         root: the split folder (see the module docstring for each format's layout).
-        format: one of :data:`FORMATS` ("shanghaitech", "ucf_cc_50", "ucf_qnrf", "jhu", "nwpu").
+        format: one of :data:`FORMATS` ("shanghaitech", "ucf_cc_50", "ucf_qnrf", "jhu", "nwpu", "folder").
         missing: "raise" (default): an AnnotationError listing every image whose annotation file is
             absent; "keep": return those samples anyway (reading their points raises AnnotationError
             naming the absent file), so a long run can report them per file and go on.
+        warn: called with one message naming the annotation files whose image is missing (they are left
+            out); default: a :class:`DatasetWarning`.
     Raises:
         LayoutError: ROOT is not a folder, lacks the format's sub-folders, or holds no images; the
             message gives the expected layout.
@@ -365,6 +418,7 @@ def list_samples(root, format: str, *, missing: str = "raise") -> list[Sample]:
         where = f"{fmt.image_dir}/" if fmt.image_dir else "the folder itself"
         raise _layout_error(fmt, root, f"no matching images ({', '.join(IMAGE_EXTENSIONS)}) in {where}")
     samples = [Sample(p.stem, p, fmt.annotation_path(root, p), fmt.name) for p in images]
+    _report_orphans(root, fmt, samples, warn)
     if missing == "raise":
         lost = [s.annotation for s in samples if not s.annotation.is_file()]
         if lost:
@@ -435,12 +489,19 @@ def read_point_file(path) -> np.ndarray:
     return _as_points(path, rows)
 
 
-def _folder_annotation(root: Path, img: Path) -> Path:
+def point_file_beside(image) -> Path | None:
+    """The point file of an image in the ``folder`` layout: NAME.txt, NAME.csv or NAME.json beside
+    NAME.jpg (the first that exists, in that order), or None."""
+    image = Path(image)
     for ext in POINT_EXTENSIONS:
-        p = img.with_suffix(ext)
+        p = image.with_suffix(ext)
         if p.is_file():
             return p
-    return img.with_suffix(".txt")
+    return None
+
+
+def _folder_annotation(root: Path, img: Path) -> Path:
+    return point_file_beside(img) or img.with_suffix(".txt")
 
 
 FORMATS["folder"] = DatasetFormat(
@@ -450,6 +511,7 @@ FORMATS["folder"] = DatasetFormat(
     annotation_path=_folder_annotation,
     reader=read_point_file,
     split_hint=("train", "val", "test"),
+    annotation_globs=tuple(f"*{ext}" for ext in POINT_EXTENSIONS),
 )
 
 
@@ -524,7 +586,7 @@ def _has_layout(folder: Path, fmt: DatasetFormat) -> bool:
 
 
 def dataset_samples(dataset: str, root, split: str = "train", *, fold: int | None = None, missing: str = "keep",
-                    whole: bool = False):
+                    warn=None, whole: bool = False):
     """The samples of one split of a named dataset (:data:`DATASET_NAMES`, not "synthetic").
 
     ``root`` is the dataset folder (e.g. ``ShanghaiTech/`` holding ``part_A/train_data``), one part of it,
@@ -532,8 +594,9 @@ def dataset_samples(dataset: str, root, split: str = "train", *, fold: int | Non
     validation split, as the papers do; JHU and NWPU use their val split). UCF_CC_50 takes ``fold``
     (1-5). Where the root holds only one split (e.g. a single train_data folder), every 10th image is
     held out for "val" (:func:`holdout`); ``whole=True`` keeps every training image instead (for a
-    validation split the caller makes itself, ``train --val-from-train``). Returns (samples, note) with note
-    saying which split was used. Raises LayoutError naming the expected layout.
+    validation split the caller makes itself, ``train --val-from-train``). ``warn`` reports annotation
+    files without an image (see :func:`list_samples`). Returns (samples, note) with note saying which split
+    was used. Raises LayoutError naming the expected layout.
     """
     if dataset not in _FORMAT_OF:
         raise ValueError(f"dataset must be one of {[d for d in DATASET_NAMES if d != 'synthetic']}, got {dataset!r}")
@@ -545,12 +608,12 @@ def dataset_samples(dataset: str, root, split: str = "train", *, fold: int | Non
         raise LayoutError(f"--root {root} is not a folder (expected the {dataset} dataset: {fmt.layout})")
 
     if dataset == "ucf-cc-50":
-        samples = list_samples(root, fmt.name, missing=missing)
+        samples = list_samples(root, fmt.name, missing=missing, warn=warn)
         train, test = ucf_cc_50_folds(samples, 1 if fold is None else fold)
         return (train if split == "train" else test), f"fold {fold or 1} of 5 ({len(test)} test images)"
 
     if dataset == "nwpu":
-        samples = list_samples(root, fmt.name, missing=missing)
+        samples = list_samples(root, fmt.name, missing=missing, warn=warn)
         listed = root / f"{split}.txt"
         if listed.is_file():
             ids = {line.split()[0] for line in listed.read_text().splitlines() if line.strip()}
@@ -566,9 +629,9 @@ def dataset_samples(dataset: str, root, split: str = "train", *, fold: int | Non
         if _has_layout(root / rel, fmt):
             if split == "train" and not has_other and not whole:
                 # no validation split beside it: hold out the same images "val" will get
-                train, _ = holdout(list_samples(root / rel, fmt.name, missing=missing))
+                train, _ = holdout(list_samples(root / rel, fmt.name, missing=missing, warn=warn))
                 return train, f"{root / rel} less every 10th image (held out: there is no val/test split)"
-            return list_samples(root / rel, fmt.name, missing=missing), f"{root / rel}"
+            return list_samples(root / rel, fmt.name, missing=missing, warn=warn), f"{root / rel}"
     train_folders = [rel for rel in _split_folders(dataset, "train") if _has_layout(root / rel, fmt)]
     if train_folders:  # the dataset has a train split but not this one
         base = root / train_folders[0]
@@ -581,15 +644,83 @@ def dataset_samples(dataset: str, root, split: str = "train", *, fold: int | Non
             f"{fmt.layout}"
         )
     if whole and split == "train":
-        return list_samples(base, fmt.name, missing=missing), f"every image of {base}"
-    train, held = holdout(list_samples(base, fmt.name, missing=missing))
+        return list_samples(base, fmt.name, missing=missing, warn=warn), f"every image of {base}"
+    train, held = holdout(list_samples(base, fmt.name, missing=missing, warn=warn))
     return (train if split == "train" else held), f"no {split} split under {root}: every 10th image of {base} held out"
 
 
 # ----------------------------------------------------------------------------------------- datasets
+#: Pillow modes whose pixels are 8-bit per channel (or fewer), converted by Pillow's own ``convert("RGB")``:
+#: palettes, bilevel, grayscale, with alpha (dropped), CMYK, YCbCr, LAB, HSV. ``La`` (premultiplied
+#: alpha) goes through ``LA`` first, which Pillow requires.
+_EIGHT_BIT_MODES = ("1", "L", "P", "LA", "La", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # 16-bit grayscale (PNG, TIFF, PGM): white is 65535
+
+
+def _integer_white(im) -> int | None:
+    """The white level of a 32-bit integer image when its file states it: a TIFF's BitsPerSample (tag 258)
+    and SampleFormat (tag 339: 1 unsigned, 2 signed), as 2^bits - 1 or 2^(bits-1) - 1. None otherwise."""
+    tags = getattr(im, "tag_v2", None)
+    if tags is None:
+        return None
+    bits, fmt = tags.get(258), tags.get(339, 1)
+    if isinstance(bits, tuple):
+        bits = bits[0] if bits and all(b == bits[0] for b in bits) else None
+    if isinstance(fmt, tuple):
+        fmt = fmt[0] if fmt else 1
+    if not isinstance(bits, int) or not 1 <= bits <= 32 or fmt not in (1, 2):
+        return None
+    return 2**bits - 1 if fmt == 1 else 2 ** (bits - 1) - 1
+
+
+def pil_to_rgb(im, source="image") -> torch.Tensor:
+    """A Pillow image as float32 [3, H, W] RGB in [0, 1], by what its pixels mean, not by clipping them to
+    8 bits (which turns a 16-bit image white and doubles a count):
+
+    - 8-bit modes (``1 L P LA PA RGB RGBA RGBX CMYK YCbCr LAB HSV ...``): Pillow's ``convert("RGB")``, / 255;
+      alpha is dropped (the colour is kept as stored);
+    - 16-bit grayscale (``I;16``, ``I;16B``, ...; 16-bit PNGs and TIFFs): / 65535, repeated over RGB;
+    - 32-bit integers (``I``): / the white level when the file states it (a TIFF's bit depth and sign), else
+      refused;
+    - 32-bit floats (``F``): used as they are when every value lies in [0, 1], else refused.
+
+    Pillow reads 16-bit colour PNGs as 8-bit RGB(A) itself (the high byte of each sample), which is right.
+    Raises ImageError naming ``source`` for pixels whose white level is unknown.
+    """
+    mode = im.mode
+    if mode in _EIGHT_BIT_MODES:
+        rgb = (im.convert("LA") if mode == "La" else im).convert("RGB")
+        return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float().div_(255.0)
+    if mode in _SIXTEEN_BIT_MODES:
+        gray = np.asarray(im).astype(np.float32) / np.float32(65535.0)
+    elif mode == "I":
+        arr = np.asarray(im)
+        white = _integer_white(im)
+        if white is None:
+            raise ImageError(source, "32-bit integer pixels (Pillow mode I) whose white level the file does not state; "
+                                     "save the image as 8-bit or 16-bit")
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > white:
+            raise ImageError(source, f"integer pixels (Pillow mode I) with values in [{lo}, {hi}], outside [0, {white}]")
+        gray = (arr.astype(np.float64) / float(white)).astype(np.float32)
+    elif mode == "F":
+        gray = np.array(im, dtype=np.float32)
+        if not np.isfinite(gray).all():
+            raise ImageError(source, "floating-point pixels (Pillow mode F) holding NaN or inf")
+        lo, hi = float(gray.min()), float(gray.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ImageError(source, f"floating-point pixels (Pillow mode F) with values in [{lo:g}, {hi:g}]: expected "
+                                     "[0, 1]; save the image as 8-bit or 16-bit")
+    else:
+        raise ImageError(source, f"Pillow image mode {mode!r} is not supported; save the image as 8-bit RGB or grayscale")
+    return torch.from_numpy(np.ascontiguousarray(gray))[None].expand(3, -1, -1).contiguous()
+
+
 def load_image(path) -> torch.Tensor:
-    """float32 [3, H, W] RGB in [0, 1] (grayscale images are repeated over the channels); ImageError
-    naming the file when it is missing or does not decode."""
+    """float32 [3, H, W] RGB in [0, 1] of an image file (the first frame of a multi-frame file); every Pillow
+    mode is read by what its pixels mean (:func:`pil_to_rgb`: 16-bit images are / 65535, grayscale is
+    repeated over the channels). ImageError naming the file when it is missing, does not decode, or has
+    pixels whose white level is unknown."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -597,10 +728,16 @@ def load_image(path) -> torch.Tensor:
         raise ImageError(path, "image file not found")
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise ImageError(path, f"cannot decode the image ({exc})") from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+            im.load()
+            return pil_to_rgb(im, path)
+    except UnidentifiedImageError:
+        raise ImageError(path, "cannot decode the image (not a format Pillow can identify)") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        if isinstance(exc, ImageError):
+            raise
+        # the message names the file once, at its start: Pillow's own texts may repeat the path
+        reason = str(exc).replace(repr(str(path)), "the file").replace(str(path), "the file")
+        raise ImageError(path, f"cannot decode the image ({reason})") from None
 
 
 class CrowdDataset(torch.utils.data.Dataset):
@@ -610,7 +747,8 @@ class CrowdDataset(torch.utils.data.Dataset):
     Annotations and image headers are checked once, up front: a missing file, a corrupt annotation, or
     NaN points give a warning naming the file and the sample is left out (``skipped`` maps its name to
     the reason), or, with ``strict=True``, the error is raised. An image that fails to decode later
-    yields ``{"name", "error"}``, which the collate reports instead of batching (or raises with strict).
+    yields ``{"name", "error"}`` (with strict too), which the collate reports instead of batching and the
+    consumer (:func:`crowdkernels.engine.evaluate`, the Trainer) raises when strict.
     Points outside their image are dropped at load, so ``counts`` are the heads a density map holds.
 
     Args:
@@ -662,8 +800,8 @@ class CrowdDataset(torch.utils.data.Dataset):
             if self.density_cache is not None:
                 item["density"] = self.density_cache.load(s.name, item["image"].shape[-2:])
         except (ImageError, ValueError, OSError) as exc:
-            if self.strict:
-                raise
+            # returned even with strict: raised here, in a DataLoader worker, it would reach the main process
+            # as a RuntimeError holding a traceback; the consumer (evaluate, Trainer) raises it with strict
             return {"name": s.name, "error": str(exc), "index": index}
         return self.transform(item) if self.transform is not None else item
 

@@ -1,7 +1,8 @@
 """Training and evaluation: the loop (`train`), full-image inference and metrics (`evaluate`,
-`metrics`), atomic checkpoints (`checkpoint`) and torchrun/DDP helpers (`distributed`)."""
+`metrics`), atomic checkpoints (`checkpoint`), torchrun/DDP helpers (`distributed`) and the demo
+(`demo`)."""
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .evaluate import evaluate, final_of, predict_density
+from .evaluate import EvaluationWriter, evaluate, evaluation_dataset, final_of, predict_density
 from .metrics import MSE_NOTE, CountMetrics, game, grid_counts, grid_counts_from_points
 from .train import MODEL_NAMES, PAPER_DEFAULTS, TrainConfig, Trainer, TrainError, build_datasets, build_model
 
@@ -10,6 +11,8 @@ __all__ = [
     "load_checkpoint",
     "save_checkpoint",
     "evaluate",
+    "evaluation_dataset",
+    "EvaluationWriter",
     "final_of",
     "predict_density",
     "MSE_NOTE",

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .metrics import CountMetrics, game
 
-__all__ = ["final_of", "predict_density", "evaluate", "autocast"]
+__all__ = ["final_of", "predict_density", "evaluate", "evaluation_dataset", "EvaluationWriter", "autocast"]
 
 
 def final_of(output) -> torch.Tensor:
@@ -61,15 +61,15 @@ def predict_density(model, image: torch.Tensor, *, tile: int | None = None, over
 
     Args:
         model: ``model(images)`` returning ``.final`` [B, 1, h, w] (or a tensor); in eval mode.
-        image: [3, H, W] or [1, 3, H, W] on the model's device.
+        image: [3, H, W], or a batch [B, 3, H, W] of images of one size, on the model's device.
         tile: the largest tile side in pixels (None: never tile). Tiles are used when H or W exceeds it.
         overlap: context around each tile core, pixels; a multiple of ``align``.
         align: the image is zero-padded to a multiple of it (>= the model's total downsampling); default:
             the model's ``input_multiple`` (1 for HMoDE's official variant, run unpadded as the released
             test.py runs it), else 16.
     Returns:
-        [1, 1, ceil(H/s), ceil(W/s)] float32, s the model's output stride, in people per output cell
-        (divided by the model's ``density_scale`` where it has one): its sum is the count.
+        [B, 1, ceil(H/s), ceil(W/s)] float32 (B = 1 for one image), s the model's output stride, in people
+        per output cell (divided by the model's ``density_scale`` where it has one): its sum is the count.
     """
     if align is None:
         align = int(getattr(model, "input_multiple", 16))
@@ -98,7 +98,7 @@ def predict_density(model, image: torch.Tensor, *, tile: int | None = None, over
             if canvas is None:
                 if align % s:
                     raise ValueError(f"align={align} must be a multiple of the model's output stride {s}")
-                canvas = out.new_zeros(1, out.shape[1], Hp // s, Wp // s)
+                canvas = out.new_zeros(x.shape[0], out.shape[1], Hp // s, Wp // s)
             canvas[..., y0 // s : y1 // s, x0 // s : x1 // s] = out[
                 ..., (y0 - ty0) // s : (y1 - ty0) // s, (x0 - tx0) // s : (x1 - tx0) // s
             ]
@@ -120,15 +120,27 @@ def evaluate(
     all_reduce=None,
     strict: bool = False,
     warn=None,
+    predict=None,
+    on_image=None,
+    progress=None,
 ) -> tuple[dict, CountMetrics]:
     """Counts and metrics of every image of ``loader`` (batches from :class:`crowdkernels.data.CrowdCollate`;
     padded images are cut back to their own size before inference).
+
+    ``predict(image [3, h, w]) -> [1, 1, h', w']`` replaces the default, :func:`predict_density` of ``model``
+    on ``device`` (:class:`crowdkernels.Counter` passes its own, which normalizes the image first).
+    ``on_image(name, image [3, h, w], pred [1, 1, h', w'], points [N, 2])`` is called after each image
+    (per-image files, pictures); ``progress`` (a :class:`crowdkernels._progress.Progress`) is advanced per image.
 
     Returns ``(metrics, accumulator)``: metrics as :meth:`CountMetrics.compute` (mae, mse (an RMSE),
     nae, game0..L, per-level results) plus ``skipped`` (images that failed to load). With
     ``all_reduce`` (distributed), the sums are added over processes first, so every process gets the
     metrics of the whole set.
     """
+    if predict is None:
+        def predict(image):
+            return predict_density(model, image.to(device), tile=tile, overlap=overlap, align=align, amp=amp)
+
     was_training = model.training
     model.eval()
     acc = CountMetrics(game_levels=game_levels, levels=levels)
@@ -137,18 +149,28 @@ def evaluate(
         for batch in loader:
             for name, reason in batch["skipped"]:
                 if strict:
-                    raise ValueError(reason)
+                    from ..data.datasets import ImageError
+
+                    path, sep, why = reason.partition(": ")
+                    raise ImageError(path, why) if sep else ImageError(name, reason)
                 skipped.append(name)
                 if warn:
                     warn(f"skipping {reason}")
+                if progress is not None:
+                    progress.update(1)
             if batch["images"] is None:
                 continue
-            images = batch["images"].to(device)
+            images = batch["images"]
             for i, (h, w) in enumerate(batch["sizes"]):
-                pred = predict_density(model, images[i, :, :h, :w], tile=tile, overlap=overlap, align=align, amp=amp)
+                image = images[i, :, :h, :w]
+                pred = predict(image)
                 pts = batch["points"][i]
                 games = [game(pred, pts, lv, image_size=(h, w)) for lv in range(game_levels + 1)]
                 acc.update(float(pred.sum(dtype=torch.float64)), float(pts.shape[0]), games, name=batch["names"][i])
+                if on_image is not None:
+                    on_image(batch["names"][i], image, pred, pts)
+                if progress is not None:
+                    progress.update(1)
     finally:
         model.train(was_training)
     n_skipped = torch.tensor([float(len(skipped))], dtype=torch.float64)
@@ -158,3 +180,92 @@ def evaluate(
     metrics = acc.compute()
     metrics["skipped"] = int(n_skipped.item())
     return metrics, acc
+
+
+def evaluation_dataset(config, split: str = "val", *, warn=None):
+    """The images of one split of ``config.dataset``, as evaluation sees them: its own split (``"train"``
+    gives the training images, not the validation ones), with the evaluation transforms (``config.max_size``
+    only: no crops, no flips) and *not* normalized (RGB in [0, 1]: :class:`crowdkernels.Counter` applies the
+    model's normalization). Synthetic crowds: ``config.synthetic`` sizes, the training seed for "train",
+    seed + 1000 for "val"/"test", as :func:`crowdkernels.engine.train.build_datasets` draws them.
+
+    Returns ``(dataset, note)``, the note saying which images were used. ``warn`` reports left-out files.
+    """
+    from dataclasses import replace
+
+    from ..data.datasets import CrowdDataset, SyntheticCrowds, dataset_samples
+    from .train import TrainError, build_transforms
+
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    transform = build_transforms(replace(config, input_norm=None), False)
+    if config.dataset == "synthetic":
+        syn = config.synthetic
+        train = split == "train"
+        n, seed = (int(syn["train"]), config.seed) if train else (int(syn["val"]), config.seed + 1000)
+        return SyntheticCrowds(n, int(syn["size"]), seed, transform=transform), (
+            f"{n} synthetic {'training' if train else 'held-out'} images (seed {seed})")
+    if config.root is None:
+        raise TrainError(f"--root is required for --dataset {config.dataset}")
+    samples, note = dataset_samples(config.dataset, config.root, split, fold=config.fold, warn=warn)
+    return CrowdDataset(samples, transform, strict=config.strict, warn=warn), note
+
+
+class EvaluationWriter:
+    """The per-image outputs of an evaluation in ``save_dir``: pass it as ``on_image`` to :func:`evaluate` or
+    :meth:`crowdkernels.Counter.evaluate`, then call :meth:`finish`.
+
+    - ``predictions.csv``: one row per image: image (its path, or its name), true_count, predicted_count,
+      error (predicted - true);
+    - ``pictures/<name>.png``: the image beside its predicted and true maps
+      (:func:`crowdkernels.viz.save_picture`; the true map is ``density_map(points)``, style exact), for the
+      first ``pictures`` images (None: all);
+    - ``scatter.png``: predicted against true counts, MAE and MSE in the title;
+    - ``metrics.json``: the ``result`` given to :meth:`finish`.
+
+    ``paths`` maps image names to their files (for the CSV). Images come as RGB in [0, 1] (unnormalized, as
+    the Counter sees them), or normalized with ``norm`` given (then de-normalized for the pictures)."""
+
+    def __init__(self, save_dir, *, pictures: int | None = None, paths: dict | None = None, norm=None):
+        from pathlib import Path
+
+        self.save_dir = Path(save_dir)
+        self.pictures, self.paths, self.norm = pictures, dict(paths or {}), norm
+        self.rows: list[dict] = []
+        self.drawn = 0
+        (self.save_dir / "pictures").mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, name, image, cells, points) -> None:
+        from ..inference import spread_cells
+        from ..ops.density import density_map
+        from ..viz import save_picture
+
+        count = float(cells.sum(dtype=torch.float64))
+        true = float(points.shape[0])
+        self.rows.append({"image": self.paths.get(name, name), "true_count": true, "predicted_count": count,
+                          "error": count - true})
+        if self.pictures is not None and self.drawn >= self.pictures:
+            return
+        size = tuple(image.shape[-2:])
+        truth = density_map(points.detach().cpu().to(torch.float64).reshape(-1, 2), size).float()
+        save_picture(self.save_dir / "pictures" / f"{name}.png", image, spread_cells(cells, size), truth=truth,
+                     name=name, count=count, true_count=true, norm=self.norm)
+        self.drawn += 1
+
+    def finish(self, metrics: dict, result: dict | None = None, *, title: str = "") -> None:
+        """Writes predictions.csv, scatter.png (``title`` above ``metrics``' mae and mse) and metrics.json
+        (``result``, default ``metrics``)."""
+        import csv
+
+        from .._io import atomic_write, save_json
+        from ..viz import save_scatter
+
+        def rows(f):
+            writer = csv.DictWriter(f, fieldnames=["image", "true_count", "predicted_count", "error"])
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+        atomic_write(self.save_dir / "predictions.csv", rows, mode="w")
+        save_scatter(self.save_dir / "scatter.png", [r["true_count"] for r in self.rows],
+                     [r["predicted_count"] for r in self.rows], mae=metrics.get("mae"), mse=metrics.get("mse"), title=title)
+        save_json(self.save_dir / "metrics.json", metrics if result is None else result)

@@ -1,0 +1,71 @@
+"""Small file helpers shared by the jobs (density job, demo, eval, count): atomic JSON/NumPy writers, the
+clean-up of temp files a killed run left, and the checks of output paths given on the command line.
+
+Every writer goes through :func:`crowdkernels.engine.checkpoint.atomic_write` (a temp file beside the
+target, fsync, rename), so a file is either the old one or the complete new one, never half written.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .engine.checkpoint import atomic_write
+
+__all__ = ["OutputPathError", "atomic_write", "save_json", "save_npy", "clean_stale_temps", "output_dir", "output_file"]
+
+
+class OutputPathError(ValueError):
+    """An output path that cannot be used: an existing file where a folder is needed, or the reverse."""
+
+
+def save_npy(path: Path, array) -> None:
+    import numpy as np
+
+    atomic_write(Path(path), lambda f: np.save(f, array, allow_pickle=False))
+
+
+def save_json(path: Path, data) -> None:
+    """Writes ``data`` as indented JSON (NaN and inf refused: they are not JSON)."""
+    text = json.dumps(data, indent=1, allow_nan=False) + "\n"
+    atomic_write(Path(path), lambda f: f.write(text), mode="w")
+
+
+def clean_stale_temps(folder: Path) -> None:
+    """Removes the temp files a killed run may have left (".<name>.<random>.tmp")."""
+    for p in Path(folder).glob(".*.tmp"):
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
+def _blocking_file(path: Path) -> Path | None:
+    """The first existing non-folder among ``path`` and its parents, if any."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
+def output_dir(path, flag: str) -> Path:
+    """``path`` as a folder that can be created (or already is one). Raises OutputPathError naming ``flag``
+    when it, or a folder above it, is an existing file. Nothing is created here: the checks run before a
+    job starts, so a bad path costs no work."""
+    path = Path(path)
+    blocker = _blocking_file(path)
+    if blocker == path:
+        raise OutputPathError(f"{flag} {path} is an existing file, not a folder: choose a folder")
+    if blocker is not None:
+        raise OutputPathError(f"{flag} {path}: {blocker} is an existing file, not a folder")
+    return path
+
+
+def output_file(path, flag: str) -> Path:
+    """``path`` as a file that can be written: not a folder, and no file where a folder above it must be."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"{flag} {path} is a folder: give a file name (e.g. {path / 'metrics.json'})")
+    blocker = _blocking_file(path.parent)
+    if blocker is not None:
+        raise OutputPathError(f"{flag} {path}: {blocker} is an existing file, not a folder")
+    return path

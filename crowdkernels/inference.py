@@ -1,0 +1,419 @@
+"""Counting people with a trained model, in one line.
+
+    >>> import crowdkernels as ck
+    >>> counter = ck.load("runs/b/best.pt")              # any checkpoint `crowdkernels train` writes
+    >>> counter.count("crowd.jpg")                       # people in the image: a float
+    >>> counter.density("crowd.jpg")                     # [H, W] people per pixel; sums to the count
+    >>> counter.count_many(["a.jpg", "b.jpg"], batch_size=4)
+
+An image is a path, a Pillow image, a NumPy array ([H, W, 3] or [H, W]; uint8, uint16, or floats in
+[0, 1]) or a tensor ([3, H, W] or [1, 3, H, W]; uint8 or floats in [0, 1]), always as stored: RGB, not
+normalized. The counter feeds it to the model as the model was trained
+(:func:`crowdkernels.data.transforms.normalize_image` with the checkpoint's ``input_norm``), runs the
+whole image (tiled with overlap beyond ``tile`` pixels, as ``crowdkernels eval`` does, so memory stays
+bounded) through :func:`crowdkernels.engine.predict_density`, and sums the map.
+
+Units. A model of output stride s (CSRNet 8; HMoDE, SPN and L2SM 4; the released HMoDE 1) predicts a map of
+ceil(H/s) x ceil(W/s) cells, each holding the people in its s x s block of pixels; the count is its sum
+(:attr:`Prediction.cells`). :meth:`Counter.density` returns the map *at image resolution*: each cell's
+people spread evenly over the image pixels it covers (s x s, fewer in the last row and column when H or
+W is not a multiple of s), so it is people per pixel, it aligns with the image pixel for pixel, and its
+sum is the count. With ``max_size`` the model sees a shrunk image; the map is spread back over the
+original pixels the same way.
+"""
+from __future__ import annotations
+
+import glob
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["Counter", "Prediction", "load", "image_paths", "as_rgb", "cell_stride", "spread_cells"]
+
+_GLOB_CHARS = set("*?[")
+
+
+def image_paths(items) -> list[Path]:
+    """Image files from a mix of files, folders (their images, in natural order; not recursive) and glob
+    patterns (``"shots/*.jpg"``, ``"**/*.png"``; matches in natural order). Files are kept as given, even
+    missing ones (they fail per file later, with their name). A folder without images or a pattern that
+    matches nothing raises ValueError naming it."""
+    from .data.datasets import IMAGE_EXTENSIONS, natural_key
+
+    if isinstance(items, (str, Path)):
+        items = [items]
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted((q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTENSIONS and q.is_file()),
+                           key=lambda q: natural_key(q.name))
+            if not found:
+                raise ValueError(f"{p} is a folder without images ({', '.join(IMAGE_EXTENSIONS)})")
+            out += found
+        elif not p.exists() and _GLOB_CHARS & set(str(item)):
+            found = sorted((Path(q) for q in glob.glob(str(item), recursive=True)
+                            if Path(q).is_file() and Path(q).suffix.lower() in IMAGE_EXTENSIONS),
+                           key=lambda q: natural_key(str(q)))
+            if not found:
+                raise ValueError(f"no image matches the pattern {str(item)!r}")
+            out += found
+        else:
+            out.append(p)
+    return out
+
+
+def _source_name(image) -> str:
+    if isinstance(image, (str, Path)):
+        return str(image)
+    return f"<{type(image).__module__}.{type(image).__name__}>"
+
+
+def as_rgb(image) -> torch.Tensor:
+    """Any accepted image (see the module docstring) as float32 [3, H, W] RGB in [0, 1] on the CPU.
+    ValueError/TypeError naming ``image`` and what was received; ImageError for a file that cannot be read."""
+    from PIL import Image
+
+    from .data.datasets import load_image, pil_to_rgb
+
+    if isinstance(image, (str, Path)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        return pil_to_rgb(image, "image")
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        if arr.ndim != 3 or arr.shape[2] not in (1, 3):
+            raise ValueError(f"image: a NumPy array must be [H, W, 3] or [H, W] (RGB or gray), got shape {image.shape}")
+        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+        # NumPy images come as [H, W, C]; uint16 is a 16-bit image (white 65535)
+        if arr.dtype == np.uint16:
+            t = (t.to(torch.float64) / 65535.0).float()
+        return _tensor_rgb(t, "a NumPy array")
+    if isinstance(image, torch.Tensor):
+        t = image.detach()
+        if t.dim() == 4 and t.shape[0] == 1:
+            t = t[0]
+        if t.dim() != 3 or t.shape[0] not in (1, 3):
+            raise ValueError(f"image: a tensor must be [3, H, W] or [1, 3, H, W] (RGB), got shape {tuple(image.shape)}")
+        return _tensor_rgb(t.cpu(), "a tensor")
+    raise TypeError(f"image must be a path, a PIL image, a NumPy array or a tensor, got {type(image).__name__}")
+
+
+def _tensor_rgb(t: torch.Tensor, what: str) -> torch.Tensor:
+    if t.shape[-2] < 1 or t.shape[-1] < 1:
+        raise ValueError(f"image: {what} of an empty size {tuple(t.shape)}")
+    if t.dtype == torch.uint8:
+        t = t.float().div_(255.0)
+    elif t.dtype.is_floating_point:
+        t = t.float()
+        if not torch.isfinite(t).all():
+            raise ValueError(f"image: {what} holding NaN or inf")
+        lo, hi = float(t.min()), float(t.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(
+                f"image: {what} of floats must be RGB in [0, 1], got values in [{lo:g}, {hi:g}] (uint8 images are "
+                "divided by 255 here; do not normalize: the counter applies the model's own normalization)")
+    else:
+        raise TypeError(f"image: {what} must be uint8, uint16 (NumPy) or floating point in [0, 1], got {t.dtype}")
+    return t.expand(3, -1, -1).contiguous() if t.shape[0] == 1 else t.contiguous()
+
+
+def cell_stride(cells_size, input_size) -> int:
+    """The output stride s of a map of (h, w) cells over an (H', W') image: the power of two with
+    ceil(H'/s) = h and ceil(W'/s) = w (the models pool by 2; where two strides fit, h = w = 1 and they
+    split the image alike). ValueError when none fits."""
+    (h, w), (H, W) = cells_size, input_size
+    for k in range(16):
+        s = 2**k
+        if -(-H // s) == h and -(-W // s) == w:
+            return s
+    raise ValueError(f"a map of {h} x {w} cells does not tile an image of {H} x {W} pixels at a power-of-two stride")
+
+
+def spread_cells(cells: torch.Tensor, size, input_size=None) -> torch.Tensor:
+    """A map of people per cell ([h, w] over an image of ``input_size`` = (H', W') pixels, cells of s x s
+    pixels, s = :func:`cell_stride`, the last row and column cut at the border) spread evenly over the
+    pixels of an (H, W) = ``size`` image of the same scene (default: the same image). Image pixel (y, x)
+    belongs to the cell holding input pixel (floor((y + 0.5) H'/H), floor((x + 0.5) W'/W)), and each
+    cell's people are divided by the number of image pixels belonging to it. float32 [H, W], people per
+    pixel; its sum is the map's (up to float32 rounding)."""
+    H, W = (int(size[0]), int(size[1]))
+    Hs, Ws = (H, W) if input_size is None else (int(input_size[0]), int(input_size[1]))
+    h, w = cells.shape[-2:]
+    s = cell_stride((h, w), (Hs, Ws))
+    rows = torch.clamp(((torch.arange(H, dtype=torch.float64) + 0.5) * Hs / H).long(), max=Hs - 1) // s
+    cols = torch.clamp(((torch.arange(W, dtype=torch.float64) + 0.5) * Ws / W).long(), max=Ws - 1) // s
+    n_rows = torch.bincount(rows, minlength=h).to(torch.float64)
+    n_cols = torch.bincount(cols, minlength=w).to(torch.float64)
+    # a cell no image pixel falls in (only when the image is smaller than the model's input) keeps its
+    # people out of the sum; clamp avoids 0/0 for it
+    per_pixel = cells.detach().reshape(h, w).to("cpu", torch.float64) / (n_rows[:, None] * n_cols[None, :]).clamp_min(1.0)
+    return per_pixel[rows][:, cols].to(torch.float32)
+
+
+@dataclass
+class Prediction:
+    """One image's result. ``cells``: float32 [h, w] people per output cell of the model (its grid at
+    stride s of the image the model saw); ``count``: their sum (float64 accumulation); ``image``: the image
+    as RGB [3, H, W] in [0, 1] (CPU), at its own size; ``input_size``: (H', W') the model saw (smaller
+    than (H, W) only with ``max_size``); ``error``: why the image failed (then the rest is None)."""
+
+    source: str
+    count: float | None = None
+    cells: torch.Tensor | None = None
+    image: torch.Tensor | None = None
+    input_size: tuple | None = None
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        return None if self.image is None else (int(self.image.shape[-2]), int(self.image.shape[-1]))
+
+    def density(self) -> torch.Tensor:
+        """float32 [H, W] people per pixel at the image's resolution (see the module docstring); sums to
+        ``count``."""
+        if self.cells is None:
+            raise ValueError(f"{self.source}: no prediction ({self.error})")
+        return spread_cells(self.cells, self.size, self.input_size)
+
+
+class _Sources(torch.utils.data.Dataset):
+    """Images decoded in DataLoader workers: (index, source name, RGB tensor or None, error or None), the
+    error as (exception class name, message): exceptions with their own constructor arguments do not
+    cross process boundaries."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        from .data.datasets import ImageError
+
+        image = self.images[i]
+        try:
+            return i, _source_name(image), as_rgb(image), None
+        except ImageError as exc:
+            return i, _source_name(image), None, ("ImageError", exc.reason, str(exc))
+        except (ValueError, TypeError, OSError) as exc:
+            return i, _source_name(image), None, (type(exc).__name__, str(exc), f"{_source_name(image)}: {exc}")
+
+
+def _raise(name: str, err) -> None:
+    from .data.datasets import ImageError
+
+    kind, reason, _ = err
+    if kind == "ImageError":
+        raise ImageError(name, reason)
+    raise {"TypeError": TypeError, "OSError": OSError}.get(kind, ValueError)(reason)
+
+
+def _as_list(batch):
+    return batch
+
+
+class Counter:
+    """A trained counting model with its input convention, ready for images of any size.
+
+    Args:
+        model: a model whose forward returns ``.final`` [B, 1, h, w] (the models of
+            :mod:`crowdkernels.models`); put in eval mode and moved to ``device``.
+        device: torch device (default: CUDA when visible, else the CPU).
+        input_norm: the model's input normalization (default: ``model.input_norm``, which every model of
+            this library and :func:`load` set; None feeds raw RGB in [0, 1]).
+        tile: images whose padded side exceeds it run in overlapping tiles (pixels; None: never).
+        overlap: context around each tile, pixels (a multiple of 16).
+        amp: bfloat16/float16 autocast on a GPU; on the CPU it has no effect and a warning says so.
+        max_size: shrink larger images first: a longest side (int) or a box (a, b), e.g. (1920, 1080).
+        info: what :func:`load` read from the checkpoint (``path``, ``model``, ``config``).
+    """
+
+    def __init__(self, model, device=None, *, input_norm="model", tile: int | None = 2048, overlap: int = 64,
+                 amp: bool = False, max_size=None, info: dict | None = None):
+        from .data.transforms import check_norm
+
+        self.device = _device(device)
+        if input_norm == "model":
+            if not hasattr(model, "input_norm"):
+                raise TypeError(
+                    f"input_norm: {type(model).__name__} has no input_norm attribute; pass input_norm='imagenet', "
+                    "None (raw RGB in [0, 1]) or {'mean': [...], 'std': [...]}, as the model was trained")
+            input_norm = model.input_norm
+        self.input_norm = check_norm(input_norm)
+        if amp and self.device.type != "cuda":
+            warnings.warn(f"amp: autocast runs on GPUs only; on {self.device} the model runs in float32", UserWarning,
+                          stacklevel=2)
+            amp = False
+        if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 1):
+            raise ValueError(f"tile must be a positive int or None, got {tile!r}")
+        self.model = model.to(self.device).eval()
+        self.tile, self.overlap, self.amp, self.max_size = tile, overlap, amp, max_size
+        self.info = dict(info or {})
+
+    def __repr__(self) -> str:
+        name = self.info.get("model") or type(self.model).__name__
+        return f"Counter({name}, device={self.device}, tile={self.tile})"
+
+    # ----------------------------------------------------------------------------------- one image
+    def _model_input(self, rgb: torch.Tensor) -> torch.Tensor:
+        """The RGB image as the model sees it: shrunk to ``max_size`` if set (antialiased bilinear)."""
+        if self.max_size is None:
+            return rgb
+        from .data.transforms import resize_sample, resized_shape
+
+        box = tuple(self.max_size) if isinstance(self.max_size, (list, tuple)) else self.max_size
+        size = resized_shape(*rgb.shape[-2:], max_size=box)
+        return resize_sample({"image": rgb, "points": torch.zeros(0, 2)}, size)["image"]
+
+    @torch.no_grad()
+    def predict_cells(self, rgb: torch.Tensor) -> torch.Tensor:
+        """The model's map of a batch of RGB images in [0, 1] of one size ([B, 3, H, W] or [3, H, W]), as
+        the model is fed them (normalized on its device): [B, 1, h, w] people per cell, on the CPU."""
+        from .data.transforms import normalize_image
+        from .engine.evaluate import predict_density
+
+        x = rgb.to(self.device, torch.float32)
+        lo, hi = float(x.min()), float(x.max())
+        if not (lo >= -1e-6 and hi <= 1.0 + 1e-6):  # NaN fails too
+            # an image normalized already (a dataset ending in Normalize) would be normalized twice here
+            raise ValueError(f"images must be RGB in [0, 1], got values in [{lo:g}, {hi:g}]: leave out the Normalize "
+                             "step, the counter applies the model's normalization itself")
+        x = normalize_image(x, self.input_norm)
+        out = predict_density(self.model, x, tile=self.tile, overlap=self.overlap, amp=self.amp)
+        return out.float().cpu()
+
+    def predict(self, image) -> Prediction:
+        """A :class:`Prediction` of one image (see :func:`as_rgb` for what ``image`` may be)."""
+        rgb = as_rgb(image)
+        x = self._model_input(rgb)
+        cells = self.predict_cells(x)[0, 0]
+        return Prediction(_source_name(image), float(cells.sum(dtype=torch.float64)), cells, rgb, tuple(x.shape[-2:]))
+
+    def count(self, image) -> float:
+        """The number of people in ``image`` (the sum of the predicted map)."""
+        return self.predict(image).count
+
+    def density(self, image) -> torch.Tensor:
+        """float32 [H, W], people per pixel at the image's resolution: each output cell's people spread over
+        the pixels it covers (see the module docstring); sums to :meth:`count`."""
+        return self.predict(image).density()
+
+    # ----------------------------------------------------------------------------------- many images
+    def predictions(self, images, batch_size: int = 1, *, workers: int = 0, errors: str = "raise", progress=None):
+        """Yields a :class:`Prediction` per image, in order. ``images``: a list of images (paths, arrays, ...)
+        or a folder / glob pattern (see :func:`image_paths`). Images are decoded by ``workers`` DataLoader
+        processes (0: here); up to ``batch_size`` consecutive images of one size run as one batch.
+        ``errors``: "raise" (an unreadable image raises ImageError naming it) or "skip" (its Prediction
+        holds ``error``). ``progress``: True, False, or None (a bar when stderr is a terminal, else a line
+        at the end)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if errors not in ("raise", "skip"):
+            raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
+        if isinstance(images, (str, Path)):
+            images = image_paths(images)
+        # checked above, now; the images are read as the caller iterates
+        return self._predictions(list(images), batch_size, workers, errors, progress)
+
+    def _predictions(self, images, batch_size, workers, errors, progress):
+        from ._progress import Progress
+
+        loader = torch.utils.data.DataLoader(_Sources(images), batch_size=batch_size, num_workers=workers,
+                                             collate_fn=_as_list)
+        with Progress(len(images), "count", bar=progress, lines=progress is not False) as bar:
+            for batch in loader:
+                results: list[Prediction | None] = [None] * len(batch)
+                good = []
+                for k, (_, name, rgb, err) in enumerate(batch):
+                    if err is not None:
+                        if errors == "raise":
+                            _raise(name, err)
+                        results[k] = Prediction(name, error=err[2])
+                    else:
+                        good.append((k, name, rgb, self._model_input(rgb)))
+                # consecutive images of one size share a forward pass
+                start = 0
+                while start < len(good):
+                    stop = start + 1
+                    while stop < len(good) and good[stop][3].shape == good[start][3].shape:
+                        stop += 1
+                    chunk = good[start:stop]
+                    cells = self.predict_cells(torch.stack([g[3] for g in chunk]))
+                    for (k, name, rgb, x), c in zip(chunk, cells):
+                        results[k] = Prediction(name, float(c[0].sum(dtype=torch.float64)), c[0], rgb, tuple(x.shape[-2:]))
+                    start = stop
+                for r in results:
+                    bar.update(1)
+                    yield r
+
+    def count_many(self, images, batch_size: int = 1, *, workers: int = 0, errors: str = "raise", progress=None) -> list[float]:
+        """The counts of many images, in order (see :meth:`predictions` for the arguments); with
+        ``errors="skip"`` an unreadable image counts NaN and a warning names it."""
+        counts = []
+        for p in self.predictions(images, batch_size, workers=workers, errors=errors, progress=progress):
+            if p.error is not None:
+                warnings.warn(f"skipping {p.error}", UserWarning, stacklevel=2)
+                counts.append(math.nan)
+            else:
+                counts.append(p.count)
+        return counts
+
+    # ----------------------------------------------------------------------------------- data sets
+    def evaluate(self, dataset, *, levels=None, game_levels: int = 3, strict: bool = False, warn=None, workers: int = 0,
+                 progress=None, on_image=None):
+        """Metrics of an annotated data set (samples of :class:`crowdkernels.data.CrowdDataset` or
+        :class:`~crowdkernels.data.SyntheticCrowds` as RGB in [0, 1], *without* the ``Normalize`` step: the
+        counter normalizes), as :func:`crowdkernels.engine.evaluate` returns them: ``(metrics, accumulator)``.
+        ``on_image(name, rgb [3, H, W], cells [1, 1, h, w], points [N, 2])`` is called per image."""
+        from ._progress import Progress
+        from .data.targets import CrowdCollate
+        from .engine.evaluate import evaluate
+
+        loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=workers, collate_fn=CrowdCollate(target=None))
+        with Progress(len(dataset), "eval", bar=progress, lines=progress is not False) as bar:
+            return evaluate(self.model, loader, self.device, levels=levels, game_levels=game_levels, strict=strict,
+                            warn=warn if warn is not None else bar.write, predict=self.predict_cells,
+                            on_image=on_image, progress=bar)
+
+
+def _device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: no CUDA GPU is visible to torch {torch.__version__}")
+    return dev
+
+
+def load(checkpoint, device=None, *, model: str | None = None, model_kwargs: dict | None = None,
+         tile: int | None = 2048, amp: bool = False, max_size=None) -> Counter:
+    """A :class:`Counter` for a checkpoint: any ``last.pt``/``best.pt`` that ``crowdkernels train`` writes
+    (and whatever else :func:`crowdkernels.engine.train.model_from_checkpoint` loads). The model is built
+    from the checkpoint's own settings and fed as it was trained (its ``input_norm``).
+
+    Args:
+        checkpoint: path of the checkpoint file.
+        device: e.g. "cuda", "cpu" (default: CUDA when visible, else the CPU).
+        model, model_kwargs: refuse a checkpoint of another model (e.g. ``model="hmode"``), with an error
+            naming both.
+        tile, amp, max_size: see :class:`Counter`.
+    Raises:
+        CheckpointError naming the file when it is missing, unreadable, or of another model.
+    """
+    from .engine.train import model_from_checkpoint
+
+    dev = _device(device)
+    net, ckpt = model_from_checkpoint(checkpoint, dev, model=model, model_kwargs=model_kwargs)
+    info = {"path": str(checkpoint), "model": ckpt.get("model_name"), "config": ckpt.get("config") or {}}
+    return Counter(net, dev, tile=tile, amp=amp, max_size=max_size, info=info)
