@@ -90,7 +90,9 @@ def as_rgb(image) -> torch.Tensor:
             arr = arr[:, :, None]
         if arr.ndim != 3 or arr.shape[2] not in (1, 3):
             raise ValueError(f"image: a NumPy array must be [H, W, 3] or [H, W] (RGB or gray), got shape {image.shape}")
-        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+        # a copy when NumPy marks the array read-only (np.asarray of a Pillow image): torch wants writable memory
+        arr = np.ascontiguousarray(arr) if arr.flags.writeable else np.array(arr)
+        t = torch.from_numpy(arr).permute(2, 0, 1)
         # NumPy images come as [H, W, C]; uint16 is a 16-bit image (white 65535)
         if arr.dtype == np.uint16:
             t = (t.to(torch.float64) / 65535.0).float()

@@ -154,6 +154,9 @@ def test_released_checkpoints_count_as_released_test_py(released_files, tmp_path
         capsys.readouterr()
         per = json.loads(report.read_text())["per_image"]
         assert per[0]["pred"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+        counter = ck.load(path, device="cpu")
+        assert counter.count(str(root / "img0.png")) == pytest.approx(want, rel=1e-5, abs=1e-6)
+        assert counter.count(rgb) == pytest.approx(want, rel=1e-5, abs=1e-6)
         net, ckpt = ck.engine.train.model_from_checkpoint(path)
         assert ckpt["released"] and ckpt["model_name"] == "hmode-official"
         assert net.input_multiple == 1 and net.density_scale == 100.0
@@ -379,7 +382,8 @@ def test_a_crop_larger_than_the_images_is_said(tmp_path, capsys):
 
 
 def test_one_input_convention_for_training_eval_and_count(tmp_path, capsys, monkeypatch):
-    """The same image reaches the model as the same tensor in training (no crop, no flip), `eval` and `count`."""
+    """The same image reaches the model as the same tensor in training (no crop, no flip), `eval`, `count` and
+    `crowdkernels.load`."""
     from crowdkernels.engine import train as train_mod
 
     root = _folder(tmp_path, n=1, size=(48, 64), heads=5)
@@ -402,12 +406,14 @@ def test_one_input_convention_for_training_eval_and_count(tmp_path, capsys, monk
                      "--workers", "0", "--device", "cpu"]) == 0
     spy_build.where = "count"
     assert cli.main(["count", str(root / "img0.png"), "--checkpoint", str(out / "last.pt"), "--device", "cpu"]) == 0
+    spy_build.where = "load"
+    ck.load(out / "last.pt", device="cpu").count(str(root / "img0.png"))
     capsys.readouterr()
     train_in = fed["train"][0]  # the training step (validation comes after)
-    rgb = torch.from_numpy(np.asarray(Image.open(root / "img0.png"))).permute(2, 0, 1).float() / 255
+    rgb = torch.from_numpy(np.array(Image.open(root / "img0.png"))).permute(2, 0, 1).float() / 255
     want = ck.data.transforms.normalize_image(rgb, ck.data.transforms.IMAGENET_NORM)[None]
     torch.testing.assert_close(train_in, want, rtol=0, atol=1e-6)
-    for where in ("eval", "count"):
+    for where in ("eval", "count", "load"):
         torch.testing.assert_close(fed[where][0], want, rtol=0, atol=1e-6, msg=where)
     assert all(t.shape == want.shape for w in fed.values() for t in w)
 
