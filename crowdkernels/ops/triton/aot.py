@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import itertools
 import json
@@ -36,8 +37,9 @@ TARGETS = (80, 90)  # compute capabilities: sm_80 (A100), sm_90 (H100/H200)
 
 @dataclass
 class Launch:
-    """One recorded launch: the kernel's name and module, the call's arguments (tensors replaced by their
-    dtypes), its constexprs and options, and the configuration (an entry of the module's CONFIGURATIONS)."""
+    """One recorded launch: the kernel's module (import path) and name, the configuration (an entry of the
+    module's CONFIGURATIONS, as text), the call's arguments (tensors replaced by their dtypes), its
+    constexprs and launch options."""
 
     module: str
     kernel: str
@@ -69,11 +71,11 @@ def _restore(desc):
 
 
 @contextlib.contextmanager
-def _recording(out: list, module: str, config: str):
+def _recording(out: list, config: str):
     from . import _launch
 
     def record(kernel, grid, device, *args, **constexprs):
-        out.append(Launch(module, kernel.__name__, config, [_describe(a) for a in args],
+        out.append(Launch(kernel.__module__, kernel.__name__, config, [_describe(a) for a in args],
                           {k: _describe(v) for k, v in {**constexprs, **_launch.LAUNCH_OPTIONS}.items()}))
 
     real = _launch.launch
@@ -99,7 +101,7 @@ def record_launches() -> list[Launch]:
         g2 = torch.zeros(2, 3, 2, 2, dtype=dtype)
         grads = (torch.zeros(2, 1, 13, 11, dtype=dtype), torch.zeros(2, 3, 13, 11, dtype=dtype),
                  torch.zeros(2, 3, 2, dtype=dtype))
-        with _recording(launches, "gating", config):
+        with _recording(launches, config):
             tg.gating_forward_triton(experts, sizes, g1, g2, groups, 13, 11, bilinear)
             tg.gating_backward_triton(*grads, experts, sizes, g1, g2, groups, 13, 11, bilinear)
     for kind, dtype, block in tlc.CONFIGURATIONS:
@@ -108,7 +110,7 @@ def record_launches() -> list[Launch]:
         h, w = 8, block // 8
         assert tlc.forward_block(h, w) == block or kind == "backward"
         pred = torch.zeros(2, 2 * h, 2 * w + 1, dtype=dtype)
-        with _recording(launches, "local_count", config):
+        with _recording(launches, config):
             if kind == "forward":
                 tlc.local_counts_triton(pred, pred, h, w, True)
             else:
@@ -139,10 +141,7 @@ def compile_launch(launch: Launch, capability: int) -> dict:
 
     if knobs.runtime.interpret:
         raise RuntimeError("TRITON_INTERPRET is set: the kernels are interpreted functions, not compilable")
-    module = {"gating": "crowdkernels.ops.triton.gating", "local_count": "crowdkernels.ops.triton.local_count"}
-    import importlib
-
-    fn = getattr(importlib.import_module(module[launch.module]), launch.kernel)
+    fn = getattr(importlib.import_module(launch.module), launch.kernel)
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
