@@ -103,6 +103,8 @@ def test_benchmark_summary_ratios_and_targets(tmp_path):
     assert rows["test_gpu_182_images"]["met"] is False
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine .ci/gpu runs for real (and this run would "
+                    "share its work folder)")
 def test_stage_plumbing_with_a_pretend_gpu(tmp_path):
     """The whole script with torch claiming a GPU: it passes the GPU check, runs the selected stages (a
     small test file passes; the sanitizer stage cannot pass without a GPU), prints the table last, writes
