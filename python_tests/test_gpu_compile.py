@@ -73,7 +73,8 @@ def _unspecialized(obj):
         return ([p.name for p in obj.params if p.do_not_specialize],
                 [p.name for p in obj.params if p.do_not_specialize_on_alignment])
     if kind == "InterpretedFunction":
-        return list(obj.kwargs.get("do_not_specialize") or []), list(obj.kwargs.get("do_not_specialize_on_alignment") or [])
+        kw = obj.kwargs
+        return list(kw.get("do_not_specialize") or []), list(kw.get("do_not_specialize_on_alignment") or [])
     return None
 
 
@@ -130,7 +131,8 @@ def test_the_compiled_launches_are_every_configuration_of_the_ops(report):
 def test_no_kernel_spills_registers(report):
     heavy = [f"{r['kernel']} [{r['config']}] {r['arch']}: {r['registers']} registers, spills "
              f"{r['spill_stores']}/{r['spill_loads']} B, stack {r['stack_frame']} B"
-             for r in report["results"] if "error" not in r and (r["spill_stores"] or r["spill_loads"] or r["stack_frame"])]
+             for r in report["results"]
+             if "error" not in r and (r["spill_stores"] or r["spill_loads"] or r["stack_frame"])]
     assert not heavy, "\n".join(heavy)
     assert all(0 < r["registers"] <= 255 for r in report["results"])
 

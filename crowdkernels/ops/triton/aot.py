@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -66,7 +66,8 @@ def _restore(desc):
     if kind == "tensor":
         return torch.empty(4, dtype=getattr(torch, value))
     if kind == "tl_dtype":
-        return getattr(tl, {"fp32": "float32", "fp64": "float64", "fp16": "float16", "bf16": "bfloat16"}.get(value, value))
+        names = {"fp32": "float32", "fp64": "float64", "fp16": "float16", "bf16": "bfloat16"}
+        return getattr(tl, names.get(value, value))
     return value
 
 

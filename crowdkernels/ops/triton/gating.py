@@ -132,8 +132,9 @@ def _group_map(E, GEO, SCL, G1, GROUPS, g1_base, p1, i, N, b, y, x, t1, pmask,
     m1, s1 = _softmax_stats(G1 + g1_base + i * N * p1, p1, N, o00, o01, o10, o11, ly, lx, pmask, BILINEAR, ACC, BLOCK)
     gm = tl.zeros([BLOCK], ACC)
     for j in range(N):
-        g1 = tl.exp(_gather(G1 + g1_base + (i * N + j) * p1, o00, o01, o10, o11, ly, lx, pmask, BILINEAR, ACC) - m1) / s1
-        eb, e00, e01, e10, e11, ely, elx = _expert_taps(GEO, SCL, GROUPS, i * N + j, b, y, x, BILINEAR, ACC)
+        c = i * N + j
+        g1 = tl.exp(_gather(G1 + g1_base + c * p1, o00, o01, o10, o11, ly, lx, pmask, BILINEAR, ACC) - m1) / s1
+        eb, e00, e01, e10, e11, ely, elx = _expert_taps(GEO, SCL, GROUPS, c, b, y, x, BILINEAR, ACC)
         gm += g1 * _gather(E + eb, e00, e01, e10, e11, ely, elx, pmask, BILINEAR, ACC)
     return gm
 
