@@ -399,3 +399,125 @@ def test_opcheck_triton_cuda(mode, layout):
     grads = [g.cuda() for g in upstream(2, 3, 2, (H, W), torch.float64, "cpu")]
     base = (packed.detach(), sizes, g1.detach(), g2.detach(), groups, H, W, bil)
     torch.library.opcheck(torch.ops.crowdkernels.gating_backward_triton.default, (*grads, *base))
+
+
+# ------------------------------------------------------------------ Triton launches: device, grid, geometry
+
+
+def _recording_guard(monkeypatch):
+    """Replaces the launch helper's device guard and kernel wrapper with recorders that still run the kernels:
+    -> a list of (guard device, grid, whether the launch ran inside that guard) per launch."""
+    from contextlib import contextmanager
+
+    from crowdkernels.ops.triton import _launch
+
+    active, launches = [], []
+    real_wrap = _launch.wrap_triton
+
+    @contextmanager
+    def guard(device):
+        active.append(device)
+        try:
+            yield
+        finally:
+            active.pop()
+
+    def wrap(kernel):
+        class Launcher:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    launches.append((active[-1] if active else None, grid))
+                    return real_wrap(kernel)[grid](*args, **kwargs)
+                return run
+        return Launcher()
+
+    monkeypatch.setattr(_launch, "device_guard", guard)
+    monkeypatch.setattr(_launch, "wrap_triton", wrap)
+    return launches
+
+
+@triton_runs
+def test_triton_launches_run_inside_the_inputs_device_guard(monkeypatch):
+    # Triton launches on the current device: inputs on cuda:1 with device 0 current would run device-1
+    # pointers on device 0. Each launch must be inside the guard of the inputs' device, on the flat grid.
+    from crowdkernels.ops.triton import gating as tg
+
+    launches = _recording_guard(monkeypatch)
+    experts, g1, g2, groups = make_inputs([(4, 5), (2, 3), (3, 2)], None, (2, 3), (3, 3), B=3)
+    leaves = [t.requires_grad_() for t in [*experts, g1, g2]]
+    packed = torch.cat([e.reshape(-1) for e in leaves[:3]])
+    sizes = [s for e in experts for s in e.shape[2:]]
+    out = torch.ops.crowdkernels.gating_forward_triton(packed, sizes, leaves[3], leaves[4], groups, 9, 7, True)
+    torch.autograd.grad(out[0].sum(), leaves)
+    assert len(launches) == 2
+    assert launches == [(torch.device("cpu"), tg.grid(3, 9, 7)[0])] * 2
+
+
+def test_device_guard_makes_the_tensors_device_current():
+    from crowdkernels.ops.triton import _launch
+
+    guard = _launch.device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1  # built without touching CUDA
+    with _launch.device_guard(torch.device("cpu")):  # the interpreter's CPU tensors: nothing to switch
+        pass
+
+
+@pytest.mark.skipif(not gating_mod._TRITON_OPS, reason="Triton is not importable")
+def test_triton_grid_is_one_axis_within_cuda_limits():
+    # The batch used to be grid axis 1, capped at 65,535 by CUDA: 70,000 images could not launch.
+    from crowdkernels.ops.triton import _launch
+    from crowdkernels.ops.triton import gating as tg
+
+    limits = (2**31 - 1, 65535, 65535)
+    for B, H, W in [(70_000, 16, 16), (1, 1, 1), (3, 127, 129), (65_536, 1, 1), (8, 512, 512)]:
+        grid, nblk = tg.grid(B, H, W)
+        assert nblk == -(-(H * W) // tg._BLOCK)
+        assert grid == (B * nblk,) and all(n <= cap for n, cap in zip(grid, limits))
+    with pytest.raises(ValueError, match="programs"):
+        _launch.flat_grid(2**20, 2**12)
+
+
+@triton_runs
+def test_triton_geometry_is_built_once_per_shape(monkeypatch):
+    # The geometry tables used to be built from Python lists at every call: a blocking host-to-device copy
+    # on a GPU, and impossible under CUDA-graph capture. A second call with the same shapes builds nothing.
+    from crowdkernels.ops.triton import gating as tg
+
+    args = _op_args("bilinear", B=2, size=(6, 5))
+    torch.ops.crowdkernels.gating_forward_triton(*args)
+    built = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: built.append(a) or real(*a, **k))
+    for _ in range(2):
+        torch.ops.crowdkernels.gating_forward_triton(*args)
+        torch.ops.crowdkernels.gating_backward_triton(*upstream(2, 3, 2, (6, 5), torch.float64, "cpu"), *args)
+    assert built == []
+    # Fake tensors (tracing) get their own tables, never cached ones.
+    from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(args[0])
+        geo, _, _ = tg._geometry(fake, args[1], mode.from_tensor(args[2]), mode.from_tensor(args[3]), 6, 5, True)
+    assert is_fake(geo) and geo is not tg._geometry(args[0], args[1], args[2], args[3], 6, 5, True)[0]
+
+
+@triton_runs
+@pytest.mark.parametrize("change, exc, match", [
+    (lambda a: a.__setitem__(4, a[4].int()), TypeError, "groups"),
+    (lambda a: a.__setitem__(2, a[2].float()), TypeError, "gate1"),
+    (lambda a: a.__setitem__(0, a[0][:, :-1]), ValueError, "experts"),
+    (lambda a: a.__setitem__(3, a[3][:, :2]), ValueError, "gate2"),
+    (lambda a: a.__setitem__(slice(5, 7), [2**16, 2**16]), ValueError, "plane"),
+])
+def test_triton_ops_check_their_arguments(change, exc, match):
+    # Direct op calls: the kernels would index out of bounds, or compile a configuration never tested.
+    args = list(_op_args("nearest", B=2, size=(6, 5)))
+    change(args)
+    with pytest.raises(exc, match=match):
+        torch.ops.crowdkernels.gating_forward_triton(*args)
+    grads = upstream(2, 3, 2, (6, 5), torch.float64, "cpu")
+    good = list(_op_args("nearest", B=2, size=(6, 5)))
+    with pytest.raises(TypeError, match="grad_final"):
+        torch.ops.crowdkernels.gating_backward_triton(grads[0].float(), None, None, *good)
+    with pytest.raises(ValueError, match="grad_group_maps"):
+        torch.ops.crowdkernels.gating_backward_triton(None, grads[1][:, :2], None, *good)

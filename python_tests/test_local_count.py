@@ -307,3 +307,75 @@ def test_triton_opcheck_on_gpu():
     torch.library.opcheck(local_counts_triton_backward, (*grads, p.detach(), t, 8, 10, True, [True, True]))
     torch.library.opcheck(local_counts_triton_backward, (grads[0], None, None, p.detach(), t, 8, 10, True,
                                                          [True, False]))
+
+
+# ------------------------------------------------------------------ Triton launches: device, grid, configurations
+@needs_triton_interp
+def test_triton_launches_run_inside_the_inputs_device_guard(monkeypatch):
+    # Triton launches on the current CUDA device: each launch must be inside the guard of the inputs' device
+    # (see test_gating.py for the guard itself), on a one-axis grid.
+    from contextlib import contextmanager
+
+    from crowdkernels.ops.triton import _launch
+    from crowdkernels.ops.triton.local_count import BACKWARD_BLOCK, local_counts_triton
+
+    active, launches = [], []
+    real_wrap = _launch.wrap_triton
+
+    @contextmanager
+    def guard(device):
+        active.append(device)
+        try:
+            yield
+        finally:
+            active.pop()
+
+    def wrap(kernel):
+        class Launcher:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    launches.append((active[-1] if active else None, grid))
+                    return real_wrap(kernel)[grid](*args, **kwargs)
+                return run
+        return Launcher()
+
+    monkeypatch.setattr(_launch, "device_guard", guard)
+    monkeypatch.setattr(_launch, "wrap_triton", wrap)
+    pred, target = maps(3, 13, 17, seed=41)
+    p = pred[:, 0].requires_grad_()
+    out = local_counts_triton(p, target[:, 0], 4, 5, True)
+    torch.autograd.grad(out[0].sum() + out[2].sum(), p)
+    cpu = torch.device("cpu")
+    assert launches == [(cpu, (3 * 16,)), (cpu, (3 * -(-13 * 17 // BACKWARD_BLOCK),))]
+
+
+def test_triton_forward_block_is_a_declared_configuration():
+    # Every window gets one of the compiled BLOCKs (test_gpu_compile.py compiles exactly those).
+    pytest.importorskip("triton")
+    from crowdkernels.ops.triton.local_count import FORWARD_BLOCKS, forward_block
+
+    seen = {forward_block(h, w) for h in range(1, 70) for w in range(1, 70)}
+    seen |= {forward_block(h, w) for h in (1, 255, 4096, 2**16) for w in (1, 7, 4096, 2**16)}
+    assert seen == set(FORWARD_BLOCKS)
+    assert forward_block(8, 10) == 128 and forward_block(16, 16) == 256 and forward_block(64, 64) == 1024
+
+
+@needs_triton_interp
+def test_triton_ops_check_their_arguments():
+    from crowdkernels.ops.triton.local_count import local_counts_triton, local_counts_triton_backward
+
+    pred, target = maps(2, 13, 17, seed=43)
+    p, t = pred[:, 0], target[:, 0]
+    with pytest.raises(TypeError, match="target"):
+        local_counts_triton(p, t.float(), 4, 5, True)
+    with pytest.raises(ValueError, match="target"):
+        local_counts_triton(p, t[:, :-1], 4, 5, True)
+    with pytest.raises(ValueError, match="window"):
+        local_counts_triton(p, t, 14, 5, True)
+    with pytest.raises(TypeError, match="pred"):
+        local_counts_triton(p.to(torch.int32), t.to(torch.int32), 4, 5, True)
+    g = torch.randn(2, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="grad_sq_error"):
+        local_counts_triton_backward(g, None, g[:, :9], p, t, 4, 5, True, [True, True])
+    with pytest.raises(TypeError, match="grad_pred_counts"):
+        local_counts_triton_backward(g.float(), None, None, p, t, 4, 5, True, [True, True])

@@ -2,6 +2,8 @@
 setup.py stopping at once without torch, and backends() reporting what was built."""
 from __future__ import annotations
 
+import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -88,3 +90,81 @@ def test_every_schema_has_a_cpu_kernel_or_a_triton_path():
             assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeExplicitAutograd"), name
             continue
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), f"{name} has no CPU kernel"
+
+
+# ------------------------------------------------------------------ setup.py: which GPU architectures nvcc gets
+NVCC13 = {75, 80, 86, 87, 88, 89, 90, 100, 103, 110, 120, 121}  # `nvcc --list-gpu-code`, CUDA 13.0
+NVCC12 = {50, 52, 53, 60, 61, 62, 70, 72, 75, 80, 86, 87, 89, 90}
+
+
+@pytest.fixture(scope="module")
+def setup_py():
+    """setup.py's globals, without running setup() (it only runs as __main__, as pip's backend runs it)."""
+    import runpy
+
+    return runpy.run_path(str(REPO / "setup.py"), run_name="crowdkernels_setup")
+
+
+def _archs(flags):
+    return sorted(re.findall(r"code=((?:sm|compute)_\d+a?)", " ".join(flags)))
+
+
+@pytest.mark.parametrize("arch_list", ["7.0;8.0;9.0+PTX", "Volta;Hopper", "7.0 8.0 9.0+PTX"])
+def test_setup_never_asks_nvcc13_for_sm70_and_says_so(setup_py, arch_list):
+    flags, notes = setup_py["cuda_arch_flags"](arch_list, [], NVCC13)
+    assert not any("_70" in f for f in flags)
+    assert "sm_90" in _archs(flags) and "compute_90" in _archs(flags)
+    assert len(notes) == 1 and "TORCH_CUDA_ARCH_LIST" in notes[0] and "sm_70" in notes[0]
+    # the same list with an nvcc that still builds Volta keeps it
+    flags, notes = setup_py["cuda_arch_flags"](arch_list, [], NVCC12)
+    assert "sm_70" in _archs(flags) and notes == []
+
+
+def test_setup_arch_choice_without_a_list(setup_py):
+    choose = setup_py["cuda_arch_flags"]
+    assert _archs(choose(None, [], NVCC13)[0]) == ["compute_90", "sm_80", "sm_90"]  # no GPU: the default
+    assert _archs(choose("", [(9, 0)], NVCC13)[0]) == ["compute_90", "sm_90"]  # the visible H100/H200
+    assert _archs(choose("native", [(8, 6), (9, 0), (8, 6)], NVCC13)[0]) == ["compute_90", "sm_86", "sm_90"]
+    flags, notes = choose(None, [(12, 1)], NVCC12)  # a GPU newer than nvcc: its newest arch + PTX
+    assert _archs(flags) == ["compute_90", "sm_90"] and "sm_121" in notes[0]
+    with pytest.raises(ValueError, match="sm_70.*CROWDKERNELS_CUDA=0"):  # a V100 with nvcc 13: nothing left
+        choose(None, [(7, 0)], NVCC13)
+    with pytest.raises(ValueError, match="'banana'"):
+        choose("8.0;banana", [], NVCC13)
+    with pytest.raises(ValueError, match="native"):
+        choose("native", [], NVCC13)
+
+
+def test_setup_never_passes_an_arch_nvcc_cannot_build(setup_py):
+    names = ["Kepler", "Maxwell", "Pascal", "Volta", "Turing", "Ampere", "Ada", "Hopper", "Blackwell", "9.0a", "10.0a"]
+    for name in names:
+        try:
+            flags, _ = setup_py["cuda_arch_flags"](name + ";9.0", [], NVCC13)
+        except ValueError:
+            continue
+        assert all(int(re.search(r"\d+", a).group()) in NVCC13 for a in _archs(flags)), (name, flags)
+
+
+def test_setup_cuda_build_gets_our_arch_flags(setup_py, monkeypatch, capsys):
+    """The CUDA branch of extensions(), up to the extension it declares: TORCH_CUDA_ARCH_LIST=7.0;9.0 with
+    the real nvcc here (13.0, which rejects sm_70) gives nvcc sm_90 only, recorded in the binary, and a note
+    on stderr. torch adds no -gencode of its own once the nvcc flags name an arch."""
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None or 70 in setup_py["nvcc_sm_list"](nvcc):
+        pytest.skip("needs an nvcc that cannot build sm_70 (CUDA 13 or later)")
+    cuda_home = str(pathlib.Path(os.path.realpath(nvcc)).parents[1])
+    captured = {}
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cuda_home)
+    monkeypatch.setattr(cpp_extension, "CUDAExtension", lambda **kw: captured.update(kw) or "ext")
+    monkeypatch.setitem(setup_py["extensions"].__globals__, "_want_cuda", lambda: True)  # run_path returned a copy
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.0;9.0")
+    assert setup_py["extensions"]() == ["ext"]
+    nvcc_flags = captured["extra_compile_args"]["nvcc"]
+    assert _archs(f for f in nvcc_flags if f.startswith("-gencode")) == ["sm_90"]
+    assert '-DCK_CUDA_ARCHS="sm_90"' in nvcc_flags
+    assert cpp_extension._get_cuda_arch_flags(nvcc_flags) == []
+    assert "sm_70" in capsys.readouterr().err

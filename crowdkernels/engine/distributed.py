@@ -47,15 +47,23 @@ def is_main() -> bool:
 
 
 def local_device(requested: str | None = None) -> torch.device:
-    """The device of this process: the requested one, or cuda:LOCAL_RANK when CUDA is there, else cpu."""
+    """The device of this process: the requested one, or cuda:LOCAL_RANK when CUDA is there, else cpu.
+
+    A CUDA device with an index (`--device cuda:1`) is also made the current device when the run is not
+    distributed (a distributed run has set cuda:LOCAL_RANK in `init_from_env`): code that launches on the
+    current device (Triton kernels, `torch.cuda` streams and events, `.cuda()`) then uses the one asked for,
+    not device 0."""
     if requested:
         dev = torch.device(requested)
         if dev.type == "cuda" and dev.index is None and is_distributed():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return dev
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    elif torch.cuda.is_available():
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        dev = torch.device("cpu")
+    if dev.type == "cuda" and dev.index is not None and not is_distributed():
+        torch.cuda.set_device(dev)
+    return dev
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
