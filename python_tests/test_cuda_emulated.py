@@ -124,13 +124,21 @@ def test_planted_missing_barrier_changes_with_the_seed(ops):
     blocks, threads = 4, 64
     x = torch.randn(blocks * threads, generator=torch.Generator().manual_seed(0))
     want = x.view(blocks, threads).double().sum(1)
-    wrong = 0
+    wrong, unwritten = 0, 0
     for seed in range(6):
         with emulation(seed=seed):
             torch.testing.assert_close(ops._selftest("block_sum", x, blocks, threads).double(), want, atol=1e-5, rtol=0)
             broken = ops._selftest("block_sum_no_barrier", x, blocks, threads).double()
         wrong += not torch.allclose(broken, want, atol=1e-5, rtol=0)
-    assert wrong > 0
+        unwritten += int(broken.isnan().sum())  # a slot read before any thread wrote it: the block's poison
+    assert wrong > 0 and unwritten > 0
+
+
+def test_shared_memory_is_found_and_poisoned(ops):
+    """The __shared__ arrays of the kernels (density's grid_kernel: 4 x 256 doubles, regions' block_sum: 256
+    doubles, the selftests' 1024 floats) are all found in the library's symbol table, to be filled with
+    NaN before each block."""
+    assert ops._shared_bytes() >= 4 * 256 * 8 + 256 * 8 + 1024 * 4
 
 
 def test_planted_order_dependent_sum_changes_with_the_seed(ops):

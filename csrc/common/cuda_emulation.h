@@ -14,7 +14,9 @@
 //   barrier or a sum whose result depends on the order of arrival changes with the seed. A barrier that
 //   only part of the block reaches, or threads waiting at different barriers, fail the launch.
 // - __shared__ is one static object per declaration: blocks never run at the same time, so the threads
-//   of the running block share it, and as on a GPU it keeps what the previous block left there.
+//   of the running block share it. Every block starts with it filled with 0xFF bytes (NaN in floating
+//   point, -1 in integers; the runtime finds these objects by their abi_tag in the library's symbol
+//   table), so that a read of a slot that no thread of the block wrote yet gives garbage, as on a GPU.
 // - atomicAdd and the other atomics: plain read-modify-writes, atomic because fibers switch only at
 //   barriers; min and max as CUDA's math library overloads them (the rest comes from <cmath>).
 // - A launch of zero blocks, of more blocks than CUDA allows, or of a block over 1024 threads fails as
@@ -48,7 +50,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline __attribute__((always_inline))
-#define __shared__ static
+#define __shared__ static __attribute__((abi_tag("ck_emu_shared")))  // see the file comment
 #define __launch_bounds__(...)
 
 struct uint3 {

@@ -8,11 +8,17 @@
 // ucontext. Under AddressSanitizer the switches are announced to it (__sanitizer_*_switch_fiber), and a
 // stack is unpoisoned before it is reused, so that the fibers' frames are checked like any other.
 //
+// Shared memory: the __shared__ objects (static, tagged by cuda_emulation.h) are found once in the library's
+// symbol table and filled with 0xFF bytes before every block, as a GPU's shared memory starts undefined.
+//
 // A block runs in phases: every ready thread, in a shuffled order, runs until it reaches __syncthreads()
 // or returns. When none is ready, either all returned (the block is done), or all that did not return
 // wait at the same barrier (the next phase starts), or the launch fails: a barrier reached by part of the
 // block while the rest returned, or threads waiting at different barriers. A GPU would hang or silently
 // misbehave there.
+#include <dlfcn.h>
+#include <elf.h>
+#include <link.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -24,6 +30,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -222,6 +230,70 @@ void fiber_entry() {
   std::abort();  // a returned fiber is never resumed
 }
 
+// ---------------------------------------------------------------------------------- shared memory
+
+struct Range {
+  unsigned char* begin;
+  size_t bytes;
+};
+
+// The __shared__ objects of this library: the OBJECT symbols of its ELF symbol table whose mangled name
+// carries the abi_tag that cuda_emulation.h's __shared__ gives them ("B13ck_emu_shared"), at the load
+// base plus their value. Read once, from the library file.
+std::vector<Range> find_shared_objects() {
+  std::vector<Range> out;
+  Dl_info info;
+  if (dladdr(reinterpret_cast<void*>(&find_shared_objects), &info) == 0 || info.dli_fname == nullptr) return out;
+  struct Find {
+    const char* name;
+    uintptr_t base;
+    bool found;
+  } find{info.dli_fname, 0, false};
+  dl_iterate_phdr(
+      [](dl_phdr_info* phdr, size_t, void* data) {
+        auto* f = static_cast<Find*>(data);
+        if (phdr->dlpi_name == nullptr || std::strcmp(phdr->dlpi_name, f->name) != 0) return 0;
+        f->base = phdr->dlpi_addr;
+        f->found = true;
+        return 1;
+      },
+      &find);
+  std::ifstream file(info.dli_fname, std::ios::binary);
+  const std::vector<char> elf((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  if (!find.found || elf.size() < sizeof(Elf64_Ehdr)) return out;
+  const auto* eh = reinterpret_cast<const Elf64_Ehdr*>(elf.data());
+  if (std::memcmp(eh->e_ident, ELFMAG, SELFMAG) != 0 || eh->e_ident[EI_CLASS] != ELFCLASS64 ||
+      eh->e_shoff + eh->e_shnum * sizeof(Elf64_Shdr) > elf.size())
+    return out;
+  const auto* sh = reinterpret_cast<const Elf64_Shdr*>(elf.data() + eh->e_shoff);
+  for (int i = 0; i < eh->e_shnum; ++i) {
+    if (sh[i].sh_type != SHT_SYMTAB || sh[i].sh_link >= eh->e_shnum) continue;
+    const Elf64_Shdr& strtab = sh[sh[i].sh_link];
+    if (sh[i].sh_offset + sh[i].sh_size > elf.size() || strtab.sh_offset + strtab.sh_size > elf.size()) continue;
+    const auto* syms = reinterpret_cast<const Elf64_Sym*>(elf.data() + sh[i].sh_offset);
+    const char* names = elf.data() + strtab.sh_offset;
+    for (size_t k = 0; k < sh[i].sh_size / sizeof(Elf64_Sym); ++k) {
+      const Elf64_Sym& sym = syms[k];
+      if (ELF64_ST_TYPE(sym.st_info) != STT_OBJECT || sym.st_size == 0 || sym.st_shndx == SHN_UNDEF ||
+          sym.st_name >= strtab.sh_size)
+        continue;
+      if (std::strstr(names + sym.st_name, "B13ck_emu_shared") == nullptr) continue;
+      out.push_back(Range{reinterpret_cast<unsigned char*>(find.base + sym.st_value), static_cast<size_t>(sym.st_size)});
+    }
+  }
+  return out;
+}
+
+const std::vector<Range>& shared_objects() {
+  static const std::vector<Range> ranges = find_shared_objects();
+  return ranges;
+}
+
+// 0xFF bytes: NaN in float and double, -1 in integers.
+void poison_shared() {
+  for (const Range& r : shared_objects()) std::memset(r.begin, 0xFF, r.bytes);
+}
+
 // ---------------------------------------------------------------------------------------- launches
 
 std::string where(const char* file, int line) {
@@ -237,6 +309,7 @@ std::string triple(long long x, long long y, long long z) {
 std::string run_block(unsigned n, std::mt19937_64& rng) {
   while (g_fibers.size() < n) g_fibers.push_back(std::make_unique<Fiber>());
   for (unsigned t = 0; t < n; ++t) init_fiber(*g_fibers[t]);
+  poison_shared();  // a block's shared memory starts undefined
   const unsigned bx = g_block_dim.x, by = g_block_dim.y;
   std::vector<unsigned> order;
   order.reserve(n);
@@ -392,6 +465,12 @@ std::string get_kernel_counts() {
 
 bool asan_build() { return CK_EMU_ASAN != 0; }
 
+int64_t shared_bytes() {
+  int64_t bytes = 0;
+  for (const Range& r : shared_objects()) bytes += static_cast<int64_t>(r.bytes);
+  return bytes;
+}
+
 }  // namespace
 }  // namespace ck_emu
 
@@ -401,4 +480,6 @@ TORCH_LIBRARY_FRAGMENT(crowdkernels_cuda_emulated, m) {
   m.def("_counts() -> int[]", &ck_emu::get_counts);
   m.def("_kernel_counts() -> str", &ck_emu::get_kernel_counts);
   m.def("_asan_build() -> bool", &ck_emu::asan_build);
+  // bytes of __shared__ objects found (and poisoned at the start of every block)
+  m.def("_shared_bytes() -> int", &ck_emu::shared_bytes);
 }
