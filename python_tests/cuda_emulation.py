@@ -256,7 +256,14 @@ def run_under_asan(code: str, timeout: float = 900) -> subprocess.CompletedProce
         "ops = emulated_ops('asan')\n"
         "assert ops._asan_build()\n"
     )
+    import crowdkernels
+
+    # the crowdkernels this process imported (an installed one, or the checkout's with PYTHONPATH=.), first
+    # on the path; run from build/, where no other crowdkernels/ lies
+    paths = [str(pathlib.Path(crowdkernels.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
     env = dict(os.environ, LD_PRELOAD=preload, ASAN_OPTIONS=ASAN_OPTIONS, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    BUILD.mkdir(parents=True, exist_ok=True)
     return subprocess.run(
-        [sys.executable, "-c", prelude + code], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
+        [sys.executable, "-c", prelude + code], env=env, capture_output=True, text=True, timeout=timeout, cwd=BUILD
     )
