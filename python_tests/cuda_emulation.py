@@ -51,7 +51,7 @@ VARIANTS = {
     # -O2: the tests run a few million fiber switches; the build takes about as long as with -O1
     "plain": dict(cflags=["-O2", *_COMMON_FLAGS], ldflags=[]),
     "asan": dict(
-        cflags=["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address", *_COMMON_FLAGS],
+        cflags=["-O1", "-g1", "-fno-omit-frame-pointer", "-fsanitize=address", *_COMMON_FLAGS],
         ldflags=["-fsanitize=address"],
     ),
 }
