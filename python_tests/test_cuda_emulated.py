@@ -177,6 +177,22 @@ def test_invalid_launch_configurations_are_rejected(ops, blocks, threads, what):
         ops._selftest("fill", torch.zeros(8), blocks, threads)
 
 
+def test_grids_too_large_to_emulate_are_refused(ops):
+    """A valid CUDA grid of 2^31 - 1 blocks would take the emulation hours and 16 GiB of indices: refused
+    with the way out (a forced smaller grid), which then runs."""
+    with pytest.raises(RuntimeError, match=r"more blocks than the emulation runs .*max_grid"):
+        ops._selftest("fill", torch.zeros(8), 2**31 - 1, 32)
+    with emulation(max_grid=4):
+        assert torch.equal(ops._selftest("fill", torch.zeros(8), 2**31 - 1, 32), torch.arange(8.0))
+
+
+def test_missing_compiler_skips_with_the_reason(monkeypatch):
+    import cuda_emulation
+
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    assert "no C++ compiler ('no-such-compiler' not on PATH)" in cuda_emulation.compiler_missing()
+
+
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_grid_stride_fill(ops, geometry):
     """The selftest's grid-stride loop, as the sources' are, under every forced geometry."""

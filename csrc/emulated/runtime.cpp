@@ -75,6 +75,10 @@ struct Counts {
 };
 
 std::mutex g_mutex;  // one launch at a time: the coordinates, the fibers and __shared__ objects are global
+thread_local bool t_launching = false;  // this OS thread is running a launch (its kernel threads are)
+// The block order is shuffled in a vector of this many indices at most (32 MiB); the sources clamp their
+// grids to 65535 * 32 blocks.
+constexpr long long kMaxBlocks = 1LL << 22;
 Config g_config;
 int64_t g_launch_index = 0;  // launches since the last _configure
 Counts g_counts;
@@ -387,8 +391,10 @@ const char* signature_of(const char* mangled) {
 
 void launch(const Extent& grid_in, const Extent& block_in, const char* kernel, const char* signature, const char* file,
             int line, void (*body)(void*), void* arg) {
-  std::lock_guard<std::mutex> lock(g_mutex);
   const std::string site = std::string("kernel ") + kernel + " launched at " + where(file, line);
+  // (a launch from a kernel thread would wait for the launch lock for ever)
+  TORCH_CHECK(!t_launching, "CUDA emulation: ", site, " from inside a kernel: dynamic parallelism is not emulated");
+  std::lock_guard<std::mutex> lock(g_mutex);
   const bool grid_ok = grid_in.x >= 1 && grid_in.x <= 2147483647LL && grid_in.y >= 1 && grid_in.y <= 65535 &&
                        grid_in.z >= 1 && grid_in.z <= 65535;
   const bool block_ok = block_in.x >= 1 && block_in.y >= 1 && block_in.z >= 1 && block_in.x <= 1024 &&
@@ -399,6 +405,9 @@ void launch(const Extent& grid_in, const Extent& block_in, const char* kernel, c
   Extent grid = grid_in, block = block_in;
   if (g_config.max_grid > 0) grid.x = std::min<long long>(grid.x, g_config.max_grid);
   if (g_config.max_block > 0) block.x = std::min<long long>(block.x, g_config.max_block);
+  TORCH_CHECK(grid.x * grid.y * grid.z <= kMaxBlocks, "CUDA emulation: ", site, " with grid ",
+              triple(grid.x, grid.y, grid.z), ": more blocks than the emulation runs (", kMaxBlocks,
+              "); force a smaller grid (max_grid)");
 
   ++g_counts.launches;
   ++g_per_kernel[{kernel, signature}];
@@ -414,6 +423,7 @@ void launch(const Extent& grid_in, const Extent& block_in, const char* kernel, c
   g_body = body;
   g_arg = arg;
   g_error.clear();
+  t_launching = true;
   std::string error;
   for (uint64_t b : order) {
     g_block_idx = uint3{static_cast<unsigned>(b % grid.x), static_cast<unsigned>((b / grid.x) % grid.y),
@@ -423,6 +433,7 @@ void launch(const Extent& grid_in, const Extent& block_in, const char* kernel, c
     g_counts.threads += threads;
     if (!error.empty()) break;
   }
+  t_launching = false;
   g_current = nullptr;
   g_body = nullptr;
   g_arg = nullptr;
