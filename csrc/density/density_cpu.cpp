@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/checks.h"
 #include "common/output_pool.h"
 #include "common/parallel.h"
 #include "common/simd.h"
@@ -35,8 +36,7 @@ PointSets read_point_sets(const at::Tensor& points_in, const at::Tensor& offsets
   ps.B = ps.offsets.numel() - 1;
   ps.pts = ps.points.data_ptr<double>();
   ps.off = ps.offsets.data_ptr<int64_t>();
-  TORCH_CHECK(ps.off[0] == 0 && ps.off[ps.B] == ps.T, "offsets must run from 0 to the number of points (", ps.T, ")");
-  for (int64_t b = 0; b < ps.B; ++b) TORCH_CHECK(ps.off[b] <= ps.off[b + 1], "offsets must be non-decreasing");
+  check_offsets_values(ps.off, ps.B, ps.T);  // shared with the CUDA entry points (common/checks.h)
   return ps;
 }
 

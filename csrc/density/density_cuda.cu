@@ -5,12 +5,19 @@
 // windows -> one block per point accumulating its Gaussian with atomics. deterministic=true accumulates
 // in 2^-40 fixed point with integer atomics, whose sums do not depend on the order of arrival, and so
 // gives bit-reproducible maps.
+//
+// Every kernel loops with a grid stride, so the grids are clamped (blocks_for, clamp_blocks), and launches
+// through CK_LAUNCH (common/cuda_emulation.h), so that the tests also run these kernels on the CPU
+// (python_tests/test_cuda_emulated.py). The offsets are checked as the CPU kernels check them
+// (common/checks.h: one copy of B + 1 numbers to the host) before any kernel indexes with them.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cfloat>
 
+#include "common/checks.h"
+#include "common/cuda_emulation.h"
 #include "density/density.h"
 
 namespace ck {
@@ -20,7 +27,11 @@ namespace {
 constexpr int kThreads = 256;
 constexpr double kFixedScale = 1099511627776.0;  // 2^40: 1e-12 resolution, sums up to 2^23 heads per pixel
 
-inline int blocks_for(int64_t n) { return (int)std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 32); }
+// Grid sizes for the grid-stride loops below: at least one block, at most 65535 * 32 (the loops wrap).
+inline int blocks_for(int64_t n) {
+  return (int)std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 32));
+}
+inline int clamp_blocks(int64_t n, int64_t most) { return (int)std::max<int64_t>(1, std::min<int64_t>(n, most)); }
 
 // One block per image: bounding box by block reduction, then the grid parameters.
 __global__ void grid_kernel(const double* __restrict__ pts, const int64_t* __restrict__ off, int64_t B,
@@ -131,6 +142,7 @@ __global__ void fixed_to_float_kernel(const unsigned long long* __restrict__ fix
 at::Tensor knn_sigma_cuda(const at::Tensor& points_in, const at::Tensor& offsets_in, int64_t k, double beta,
                           double lone) {
   check_knn_args(points_in, offsets_in, k);
+  check_offsets_values(offsets_in, points_in.size(0));
   const c10::cuda::CUDAGuard guard(points_in.device());
   const at::Tensor points = points_in.to(at::kDouble).contiguous();
   const at::Tensor offsets = offsets_in.contiguous();
@@ -145,24 +157,25 @@ at::Tensor knn_sigma_cuda(const at::Tensor& points_in, const at::Tensor& offsets
   at::Tensor counts = at::zeros({total_cells}, opts.dtype(at::kLong));
   auto* counts_ptr = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
 
-  grid_kernel<<<(int)std::min<int64_t>(B, 65535), kThreads, 0, stream>>>(points.data_ptr<double>(),
-                                                                         offsets.data_ptr<int64_t>(), B,
-                                                                         grids.data_ptr<double>());
+  CK_LAUNCH(clamp_blocks(B, 65535), kThreads, stream, grid_kernel)(points.data_ptr<double>(), offsets.data_ptr<int64_t>(),
+                                                                   B, grids.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  cell_count_kernel<<<blocks_for(T), kThreads, 0, stream>>>(points.data_ptr<double>(), offsets.data_ptr<int64_t>(), B,
-                                                            T, grids.data_ptr<double>(), cell.data_ptr<int64_t>(),
-                                                            counts_ptr);
+  CK_LAUNCH(blocks_for(T), kThreads, stream, cell_count_kernel)(points.data_ptr<double>(), offsets.data_ptr<int64_t>(),
+                                                                B, T, grids.data_ptr<double>(),
+                                                                cell.data_ptr<int64_t>(), counts_ptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   at::Tensor cell_start = at::zeros({total_cells + 1}, opts.dtype(at::kLong));
   cell_start.narrow(0, 1, total_cells).copy_(at::cumsum(counts, 0));
   counts.zero_();  // reused as the fill cursor
   at::Tensor order = at::empty({T}, opts.dtype(at::kLong));
-  cell_fill_kernel<<<blocks_for(T), kThreads, 0, stream>>>(cell.data_ptr<int64_t>(), T, cell_start.data_ptr<int64_t>(),
-                                                           counts_ptr, order.data_ptr<int64_t>());
+  CK_LAUNCH(blocks_for(T), kThreads, stream, cell_fill_kernel)(cell.data_ptr<int64_t>(), T,
+                                                               cell_start.data_ptr<int64_t>(), counts_ptr,
+                                                               order.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  knn_kernel<<<blocks_for(T), kThreads, 0, stream>>>(points.data_ptr<double>(), offsets.data_ptr<int64_t>(), B, T,
-                                                     grids.data_ptr<double>(), cell_start.data_ptr<int64_t>(),
-                                                     order.data_ptr<int64_t>(), k, beta, lone, out.data_ptr<double>());
+  CK_LAUNCH(blocks_for(T), kThreads, stream, knn_kernel)(points.data_ptr<double>(), offsets.data_ptr<int64_t>(), B, T,
+                                                         grids.data_ptr<double>(), cell_start.data_ptr<int64_t>(),
+                                                         order.data_ptr<int64_t>(), k, beta, lone,
+                                                         out.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -171,6 +184,7 @@ at::Tensor density_splat_cuda(const at::Tensor& points_in, const at::Tensor& off
                               int64_t height, int64_t width, int64_t style, double truncate, int64_t kernel_size,
                               int64_t stride, bool deterministic) {
   check_splat_args(points_in, offsets_in, sigma_in, height, width, style, truncate, kernel_size, stride);
+  check_offsets_values(offsets_in, points_in.size(0));
   const c10::cuda::CUDAGuard guard(points_in.device());
   const at::Tensor points = points_in.to(at::kDouble).contiguous();
   const at::Tensor offsets = offsets_in.contiguous();
@@ -181,11 +195,12 @@ at::Tensor density_splat_cuda(const at::Tensor& points_in, const at::Tensor& off
 
   at::Tensor win = at::empty({std::max<int64_t>(T, 1), kWindowFields}, points.options());
   if (T > 0) {
-    window_kernel<<<blocks_for(T), kThreads, 0, stream>>>(points.data_ptr<double>(), sigma.data_ptr<double>(), T, height,
-                                                          width, style, truncate, kernel_size, win.data_ptr<double>());
+    CK_LAUNCH(blocks_for(T), kThreads, stream, window_kernel)(points.data_ptr<double>(), sigma.data_ptr<double>(), T,
+                                                              height, width, style, truncate, kernel_size,
+                                                              win.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const int splat_blocks = (int)std::min<int64_t>(std::max<int64_t>(T, 1), 65535 * 16);
+  const int splat_blocks = clamp_blocks(T, 65535 * 16);  // one block per point, the loop wraps past that
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(points_in.scalar_type(), "density_splat_cuda", [&] {
     if (deterministic) {
@@ -194,19 +209,19 @@ at::Tensor density_splat_cuda(const at::Tensor& points_in, const at::Tensor& off
       at::Tensor fixed = at::zeros({B, Hs, Ws}, points_in.options().dtype(at::kLong));
       auto* fixed_ptr = reinterpret_cast<unsigned long long*>(fixed.data_ptr<int64_t>());
       if (T > 0) {
-        splat_kernel<scalar_t, true><<<splat_blocks, kThreads, 0, stream>>>(
+        CK_LAUNCH(splat_blocks, kThreads, stream, splat_kernel<scalar_t, true>)(
             win.data_ptr<double>(), offsets.data_ptr<int64_t>(), B, T, Hs, Ws, stride, nullptr, fixed_ptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       if (out.numel() > 0) {
-        fixed_to_float_kernel<scalar_t><<<blocks_for(out.numel()), kThreads, 0, stream>>>(fixed_ptr, out.numel(),
-                                                                                         out.data_ptr<scalar_t>());
+        CK_LAUNCH(blocks_for(out.numel()), kThreads, stream, fixed_to_float_kernel<scalar_t>)(
+            fixed_ptr, out.numel(), out.data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     } else {
       out = at::zeros({B, Hs, Ws}, points_in.options());
       if (T > 0) {
-        splat_kernel<scalar_t, false><<<splat_blocks, kThreads, 0, stream>>>(
+        CK_LAUNCH(splat_blocks, kThreads, stream, splat_kernel<scalar_t, false>)(
             win.data_ptr<double>(), offsets.data_ptr<int64_t>(), B, T, Hs, Ws, stride, out.data_ptr<scalar_t>(), nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/checks.h"
 #include "common/common.h"
 #include "common/simd.h"
 #include "regions/regions.h"
@@ -27,16 +28,9 @@ struct Box {
 std::vector<Box> read_boxes(const at::Tensor& boxes, int64_t B, int64_t H, int64_t W) {
   const int64_t N = boxes.size(0);
   const int64_t* p = boxes.data_ptr<int64_t>();
+  check_boxes_values(p, N, B, H, W);  // shared with the CUDA entry points (common/checks.h)
   std::vector<Box> out(N);
-  for (int64_t n = 0; n < N; ++n) {
-    Box bx{p[5 * n], p[5 * n + 1], p[5 * n + 2], p[5 * n + 3], p[5 * n + 4]};
-    TORCH_CHECK(bx.b >= 0 && bx.b < B, "boxes[", n, "]: batch index ", bx.b, " out of range [0, ", B, ")");
-    TORCH_CHECK(bx.h >= 1 && bx.w >= 1, "boxes[", n, "]: empty box (h=", bx.h, ", w=", bx.w, ")");
-    TORCH_CHECK(bx.y0 >= 0 && bx.x0 >= 0 && bx.y0 + bx.h <= H && bx.x0 + bx.w <= W, "boxes[", n,
-                "] = (y0=", bx.y0, ", x0=", bx.x0, ", h=", bx.h, ", w=", bx.w, ") lies outside the ", H, "x", W,
-                " image");
-    out[n] = bx;
-  }
+  for (int64_t n = 0; n < N; ++n) out[n] = Box{p[5 * n], p[5 * n + 1], p[5 * n + 2], p[5 * n + 3], p[5 * n + 4]};
   return out;
 }
 
@@ -53,12 +47,12 @@ struct Tables {
 // scale_regions: output rows i < min(floor(r*h), Sh) sample the h rows of the box.
 template <typename T>
 Tables<T> upsample_tables(const std::vector<Box>& boxes, const T* scale, int64_t Sh, int64_t Sw) {
+  check_scale_values(scale, static_cast<int64_t>(boxes.size()));  // common/checks.h
   Tables<T> t;
   t.yoff.push_back(0);
   t.xoff.push_back(0);
   for (size_t n = 0; n < boxes.size(); ++n) {
     const double r = static_cast<double>(scale[n]);
-    TORCH_CHECK(r > 0 && std::isfinite(r), "scale[", n, "] must be finite and > 0, got ", r);
     const T inv_r = static_cast<T>(1.0 / r);
     const int64_t vh = std::min(valid_extent(r, boxes[n].h), Sh);
     const int64_t vw = std::min(valid_extent(r, boxes[n].w), Sw);
@@ -74,12 +68,12 @@ Tables<T> upsample_tables(const std::vector<Box>& boxes, const T* scale, int64_t
 // valid part gives an empty table: the box is then 0 (the Python layer rejects such a scale).
 template <typename T>
 Tables<T> downsample_tables(const std::vector<Box>& boxes, const T* scale, int64_t Sh, int64_t Sw) {
+  check_scale_values(scale, static_cast<int64_t>(boxes.size()));  // common/checks.h
   Tables<T> t;
   t.yoff.push_back(0);
   t.xoff.push_back(0);
   for (size_t n = 0; n < boxes.size(); ++n) {
     const double r = static_cast<double>(scale[n]);
-    TORCH_CHECK(r > 0 && std::isfinite(r), "scale[", n, "] must be finite and > 0, got ", r);
     const int64_t vh = std::min(valid_extent(r, boxes[n].h), Sh);
     const int64_t vw = std::min(valid_extent(r, boxes[n].w), Sw);
     if (vh > 0 && vw > 0) {
