@@ -1,5 +1,5 @@
 """Small file helpers shared by the jobs (density job, demo, eval, count): atomic JSON/NumPy writers, the
-clean-up of temp files a killed run left, and the checks of output paths given on the command line.
+clean-up of temp files a killed run left, and the checks of output paths and devices given on the command line.
 
 Every writer goes through :func:`crowdkernels.engine.checkpoint.atomic_write` (a temp file beside the
 target, fsync, rename), so a file is either the old one or the complete new one, never half written.
@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .engine.checkpoint import atomic_write
 
-__all__ = ["OutputPathError", "atomic_write", "save_json", "save_npy", "clean_stale_temps", "output_dir", "output_file"]
+__all__ = ["OutputPathError", "atomic_write", "save_json", "save_npy", "clean_stale_temps", "output_dir", "output_file",
+           "parse_device"]
 
 
 class OutputPathError(ValueError):
@@ -69,3 +70,17 @@ def output_file(path, flag: str) -> Path:
     if blocker is not None:
         raise OutputPathError(f"{flag} {path}: {blocker} is an existing file, not a folder")
     return path
+
+
+def parse_device(device, flag: str):
+    """``torch.device(device)``, or a ValueError naming ``flag`` when it is not a device, or a CUDA device that
+    this torch cannot see."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"{flag}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{flag} {device}: no CUDA GPU is visible to torch {torch.__version__}")
+    return dev

@@ -74,14 +74,24 @@ _positive_int = _int_at_least(1, "a positive integer")
 _nonnegative_int = _int_at_least(0, "an integer >= 0")
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+def _float_where(ok, what: str):
+    """An argparse type: a finite float for which ``ok(value)`` holds, with an error that says so (`what`)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_float = _float_where(lambda v: v > 0, "a positive number")
+_nonnegative_float = _float_where(lambda v: v >= 0, "a number >= 0")
+_fraction = _float_where(lambda v: 0 < v < 1, "a fraction in (0, 1)")
 
 
 def _max_size_arg(text: str):
@@ -271,26 +281,6 @@ def _train_command(p: argparse.ArgumentParser):
     p.add_argument("--synthetic", type=_positive_int, nargs=3, metavar=("TRAIN", "VAL", "SIZE"), default=S,
                    help="synthetic set: images to train on, held out, side; default: 200 40 128")
     return _run_train
-
-
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}")
-    return value
 
 
 def _float_list(text: str) -> list:

@@ -387,15 +387,11 @@ class Counter:
 
 
 def _device(device) -> torch.device:
+    from ._io import parse_device
+
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device}: no CUDA GPU is visible to torch {torch.__version__}")
-    return dev
+    return parse_device(device, "device")
 
 
 def load(checkpoint, device=None, *, model: str | None = None, model_kwargs: dict | None = None,

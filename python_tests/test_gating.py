@@ -406,7 +406,7 @@ def test_opcheck_triton_cuda(mode, layout):
 
 def _recording_guard(monkeypatch):
     """Replaces the launch helper's device guard and kernel wrapper with recorders that still run the kernels:
-    -> a list of (guard device, grid, whether the launch ran inside that guard) per launch."""
+    -> a list of (the device of the innermost guard around the launch, or None; grid) per launch."""
     from contextlib import contextmanager
 
     from crowdkernels.ops.triton import _launch

@@ -314,33 +314,11 @@ def test_triton_opcheck_on_gpu():
 def test_triton_launches_run_inside_the_inputs_device_guard(monkeypatch):
     # Triton launches on the current CUDA device: each launch must be inside the guard of the inputs' device
     # (see test_gating.py for the guard itself), on a one-axis grid.
-    from contextlib import contextmanager
+    from test_gating import _recording_guard
 
-    from crowdkernels.ops.triton import _launch
     from crowdkernels.ops.triton.local_count import BACKWARD_BLOCK, local_counts_triton
 
-    active, launches = [], []
-    real_wrap = _launch.wrap_triton
-
-    @contextmanager
-    def guard(device):
-        active.append(device)
-        try:
-            yield
-        finally:
-            active.pop()
-
-    def wrap(kernel):
-        class Launcher:
-            def __getitem__(self, grid):
-                def run(*args, **kwargs):
-                    launches.append((active[-1] if active else None, grid))
-                    return real_wrap(kernel)[grid](*args, **kwargs)
-                return run
-        return Launcher()
-
-    monkeypatch.setattr(_launch, "device_guard", guard)
-    monkeypatch.setattr(_launch, "wrap_triton", wrap)
+    launches = _recording_guard(monkeypatch)
     pred, target = maps(3, 13, 17, seed=41)
     p = pred[:, 0].requires_grad_()
     out = local_counts_triton(p, target[:, 0], 4, 5, True)

@@ -202,17 +202,16 @@ def run_density_job(root, format: str, out, settings: DensitySettings = DensityS
     """
     import crowdkernels
 
+    from .._io import parse_device
     from .._progress import Progress
     from ..ops.density import density_map
     from .datasets import list_samples
 
     settings.check()
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise DensityJobError(f"--device: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DensityJobError(f"--device {device}: no CUDA GPU is visible to torch {torch.__version__}")
+        dev = parse_device(device, "--device")
+    except ValueError as exc:
+        raise DensityJobError(str(exc)) from None
 
     root, out = Path(root), Path(out)
     notes = []
