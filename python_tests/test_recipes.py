@@ -63,15 +63,14 @@ def test_hmode_released_step_matches_the_released_train_step(tmp_path):
     seen_loss = []
     criterion.register_forward_hook(lambda m, args, result: seen_loss.append(float(result["total"].detach())))
     summary = Trainer(model, criterion, train_set, val_set, cfg).run()
-    assert summary["epoch"] == 1 and len(seen_loss) == 1 and len(inputs.seen) == 1
-    assert summary["history"][0]["val"] is None  # validation starts at epoch 100 (train.py)
+    assert summary["epoch"] == 1 and len(seen_loss) == 1
 
     # --- the released step, restated: img_transform, SASNet sigma-4 map x LOG_PARA, flip as the loader drew it
     rgb = np.asarray(Image.open(root / "img0.png").convert("RGB"))
     x = released_image_tensor(rgb)
     pts = np.loadtxt(root / "img0.txt")
     gt = torch.from_numpy(matlab_recipe(pts, rgb.shape[:2]).astype(np.float32)) * LOG_PARA
-    fed = inputs.seen[0]
+    fed = inputs.seen[0]  # the training step (the last epoch's validation comes after)
     flipped = torch.equal(fed, x.flip(-1))
     assert flipped or torch.equal(fed, x), "the recipe must feed the released img_transform's tensor"
     if flipped:  # RandomHorizontallyFlip transposes image and density map together
@@ -486,6 +485,15 @@ def test_csrnet_recipe_uses_sgd_with_momentum_and_the_paper_loss(tmp_path):
     torch.testing.assert_close(criterion(out, {"density": dens, "points": [torch.zeros(0, 2)] * 2})["total"], want)
 
 
+def test_validation_schedule():
+    from crowdkernels.engine.train import validation_due
+
+    released = build_config(recipe="hmode-released", dataset="shanghaitech-a")
+    assert [e for e in range(1, 201) if validation_due(e, released)] == list(range(100, 201))  # train.py
+    cfg = build_config(model="csrnet", overrides={"epochs": 10, "val_every": 3, "val_start": 2})
+    assert [e for e in range(1, 11) if validation_due(e, cfg)] == [3, 6, 9, 10]  # and the last epoch
+
+
 def test_validation_reports_the_mean_count_baseline(tmp_path):
     cfg = build_config(model="csrnet", dataset="synthetic", overrides={
         "model_kwargs.width": 0.125, "epochs": 1, "workers": 0, "quiet": True, "crop": 32,
@@ -497,3 +505,17 @@ def test_validation_reports_the_mean_count_baseline(tmp_path):
     mean = float(np.mean(train.counts))
     assert got["baseline_count"] == pytest.approx(mean)
     assert got["baseline_mae"] == pytest.approx(float(np.mean([abs(c - mean) for c in val.counts])))
+
+
+def test_the_training_example_runs_the_recipe(tmp_path, capsys):
+    """examples/train_shanghaitech.py: the hmode-paper recipe, then the best checkpoint through the Counter."""
+    import runpy
+
+    from conftest import require_data
+
+    root = require_data("ShanghaiTech")
+    main = runpy.run_path(str(REPO / "examples" / "train_shanghaitech.py"))["main"]
+    summary, metrics = main([str(root), str(tmp_path / "run"), "--epochs", "1", "--width", "0.125", "--workers", "0"])
+    assert summary["epoch"] == 1 and metrics["images"] >= 1
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["recipe"] == "hmode-paper" and cfg["crop"] == 256 and cfg["criterion_kwargs"]["rel"] is True

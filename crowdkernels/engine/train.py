@@ -185,6 +185,15 @@ def _mean_losses(sums: dict, n: float) -> dict:
     return {k: v / n for k, v in sums.items()} if n else {}
 
 
+def validation_due(epoch: int, config: TrainConfig) -> bool:
+    """Whether the end of ``epoch`` (1-based) is validated: from ``val_start`` on, every ``val_every`` epochs
+    (the released HMoDE train.py: every epoch from the 100th); and the last epoch always, so that every
+    finished run has a validated model."""
+    if epoch == config.epochs:
+        return True
+    return epoch >= config.val_start and epoch % config.val_every == 0
+
+
 def mean_count_baseline(train_set, val_set) -> dict | None:
     """The MAE on ``val_set`` of predicting the training images' mean count for every image: the score a
     model that learned nothing about the images gets. None when the counts are not known."""
@@ -488,7 +497,7 @@ class Trainer:
             "images_per_s": seen_all / elapsed if elapsed > 0 else None,
             "val": None,
         }
-        due = epoch + 1 >= cfg.val_start and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs)
+        due = validation_due(epoch + 1, cfg)
         if val_loader is not None and due:
             metrics, _ = evaluate(self.model, val_loader, self.device, tile=cfg.tile, amp=cfg.amp, game_levels=0,
                                   all_reduce=dist_utils.all_reduce_sum if dist_utils.is_distributed() else None,
