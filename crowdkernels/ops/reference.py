@@ -130,8 +130,12 @@ def sum_pool_reference(density: torch.Tensor, stride: int) -> torch.Tensor:
         return density
     H, W = density.shape[-2:]
     Hs, Ws = -(-H // stride), -(-W // stride)
-    padded = torch.nn.functional.pad(density, (0, Ws * stride - W, 0, Hs * stride - H))
-    return padded.reshape(*density.shape[:-2], Hs, stride, Ws, stride).sum(dim=(-3, -1))
+    # block (i, j) gathers rows i*s .. i*s+s-1 and the same columns: index sums, not a padded copy (a
+    # stride of 2^62 cannot be padded to)
+    rows = torch.arange(H, device=density.device) // stride
+    cols = torch.arange(W, device=density.device) // stride
+    out = density.new_zeros(*density.shape[:-2], Hs, W).index_add_(-2, rows, density)
+    return out.new_zeros(*density.shape[:-2], Hs, Ws).index_add_(-1, cols, out)
 
 
 def density_prepare_reference(points: torch.Tensor, offsets: torch.Tensor, height: int, width: int, style: int):
