@@ -671,6 +671,11 @@ def test_knn_sigma_distances_beyond_the_range_of_their_squares():
         np.testing.assert_allclose(eval(line), want, rtol=1e-13, atol=1e-323)
         torch.testing.assert_close(R.knn_sigma_reference(torch.from_numpy(pts)), torch.from_numpy(want),
                                    rtol=1e-13, atol=1e-323)
+    # distances past DBL_MAX itself (coordinates near +-1.7e308), whose sigma 0.3 d still fits
+    far = [[-1e308, 0.0], [1e308, 0.0], [1e308, 1e308], [-1.7e308, -1.7e308]]
+    got = ck.knn_sigma(torch.tensor(far, dtype=torch.float64), k=1).tolist()
+    want = [0.6 * min(math.hypot(a[0] / 2 - b[0] / 2, a[1] / 2 - b[1] / 2) for b in far if b is not a) for a in far]
+    np.testing.assert_allclose(got, want, rtol=1e-13)
 
 
 def test_knn_sigma_overflowing_beta_raises_naming_beta():

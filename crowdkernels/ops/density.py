@@ -257,7 +257,9 @@ def knn_sigma(points, k: int = 3, beta: float = 0.3, *, lone: float = float("nan
     pts = points.to(torch.float64).contiguous()
     offsets = torch.tensor([0, pts.shape[0]], dtype=torch.int64, device=pts.device)
     out = _knn(pts, offsets, k, beta, float(lone)).to(out_dtype)
-    if pts.shape[0] > 1 and not _all_finite(out):  # with two points or more, `lone` is never used
+    # A distance is at most 2 sqrt(2) x the largest coordinate (a float32, or an int64 < 9.3e18, for float32
+    # output), so only beta > 0.35 can overflow; with two points or more, `lone` is never used.
+    if beta > 0.35 and pts.shape[0] > 1 and not _all_finite(out):
         worst = float(out.double().abs().max())
         raise ValueError(
             f"beta x the mean distance to the k nearest points must fit {out_dtype} (at most "

@@ -39,14 +39,16 @@ CK_HOST_DEVICE int64_t grid_capacity(int64_t n) { return 2 * n + 4; }
 // (a thin box's w / cell can exceed int64's range), and the cells are never smaller than 2^-16 of the
 // largest coordinate's magnitude nor than 2^-1000, so that the cell boundaries ring_done computes are
 // exact to far better than its margin, whatever the box's offset, and never subnormal. A box whose
-// extent overflows a double (coordinates beyond +-8.9e307) is one cell: every pair is compared.
+// extent overflows a double (coordinates beyond +-8.9e307) is one cell: every pair is compared. The
+// bound gx * gy <= grid_capacity(n) is what keeps cell_x / cell_y's casts in range.
 CK_HOST_DEVICE Grid make_grid(double xmin, double ymin, double xmax, double ymax, int64_t n, int64_t base) {
   Grid g;
   g.ox = xmin;
   g.oy = ymin;
   g.base = base;
   const double w = xmax - xmin, h = ymax - ymin;
-  if (!(w < INFINITY && h < INFINITY)) {
+  if (!(w < INFINITY && h < INFINITY)) {  // one cell, origin 0: cell_x's (x - 0) / inf = 0 for any finite x
+    g.ox = g.oy = 0.0;
     g.cell = INFINITY;
     g.gx = g.gy = 1;
     return g;
@@ -97,14 +99,12 @@ CK_HOST_DEVICE int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 CK_HOST_DEVICE int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
 CK_HOST_DEVICE int64_t clamp_i64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
-// floor(u) clamped to [0, n - 1], in doubles before the cast (u may be huge, infinite or NaN: NaN gives 0).
-CK_HOST_DEVICE int64_t clamped_floor(double u, int64_t n) {
-  const double f = floor(u);
-  return f >= (double)(n - 1) ? n - 1 : (f >= 1.0 ? (int64_t)f : 0);
-}
-
-CK_HOST_DEVICE int64_t cell_x(const Grid& g, double x) { return clamped_floor((x - g.ox) / g.cell, g.gx); }
-CK_HOST_DEVICE int64_t cell_y(const Grid& g, double y) { return clamped_floor((y - g.oy) / g.cell, g.gy); }
+// The cell of a point of the grid's own box. (x - ox) / cell lies in [0, w / cell] and w / cell < gx <=
+// grid_capacity, so the cast cannot overflow; the one-cell grid of an overflowing box has its origin at 0
+// and infinite cells, so there (x - 0) / inf = 0. (Testing in doubles before the cast instead cost the
+// CPU kNN 5% on SHA-A.)
+CK_HOST_DEVICE int64_t cell_x(const Grid& g, double x) { return clamp_i64((int64_t)floor((x - g.ox) / g.cell), 0, g.gx - 1); }
+CK_HOST_DEVICE int64_t cell_y(const Grid& g, double y) { return clamp_i64((int64_t)floor((y - g.oy) / g.cell), 0, g.gy - 1); }
 
 // Global index of the cell holding (x, y).
 CK_HOST_DEVICE int64_t cell_of(const Grid& g, double x, double y) { return g.base + cell_y(g, y) * g.gx + cell_x(g, x); }
@@ -145,6 +145,13 @@ CK_HOST_DEVICE void push_candidate(double* best, int& cnt, int K, double d2) {
 //    up square normally; a neighbour nearer than ~2^-78 px squares to ~0 there, which changes a sum of at
 //    least 2^-100 (scaled) by less than 2^-400 of it.
 enum Metric : int { kPlain = 0, kFine = 1, kCoarse = 2 };
+
+// The rescaled passes are rare: on the CPU a cold function of their own, out of the query's code.
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define CK_KNN_COLD CK_HOST_DEVICE
+#else
+#define CK_KNN_COLD inline __attribute__((noinline, cold))
+#endif
 constexpr double kFineBelow = 0x1p-900, kFineScale = 0x1p960;
 constexpr double kCoarseAbove = 0x1p1000, kCoarseScale = 0x1p-600;
 
@@ -222,7 +229,8 @@ CK_HOST_DEVICE double plain_mean_sqrt(const double* best, int K, double beta) {
 // larger than the distance to anything not yet scanned; best[0..K) then holds the K smallest.
 template <int M>
 CK_HOST_DEVICE void knn_scan_one(int64_t self, const double* pts, const Grid& g, const int64_t* cell_start,
-                                 const int64_t* order, int K, double* best) {
+                                 const int64_t* order, int K, double* out) {
+  double best[kMaxK];  // a local array, copied out at the end: no aliasing with the points for the compiler
   int cnt = 0;
   const double px = pts[2 * self], py = pts[2 * self + 1];
   const int64_t cx = cell_x(g, px), cy = cell_y(g, py);
@@ -241,6 +249,7 @@ CK_HOST_DEVICE void knn_scan_one(int64_t self, const double* pts, const Grid& g,
     if (xlo <= 0 && ylo <= 0 && xhi >= g.gx - 1 && yhi >= g.gy - 1) break;  // the whole grid is scanned
     if (cnt == K && ring_done<M>(g, px, py, xlo, xhi, ylo, yhi, best[K - 1])) break;
   }
+  for (int i = 0; i < K; ++i) out[i] = best[i];
 }
 
 // Exact geometry-adaptive sigma of point `self` (L2SM sec. 3.2): beta * mean distance to its K nearest
@@ -292,17 +301,51 @@ CK_HOST_DEVICE void knn_scan_sorted(int64_t self, const double* sx, const double
   }
 }
 
-CK_HOST_DEVICE double knn_sigma_sorted(int64_t self, const double* sx, const double* sy, const Grid& g,
-                                       const int64_t* cell_start, int K, double beta) {
+// The query again in the fine (kth2 below kFineBelow) or the coarse metric: rare, out of the hot path.
+CK_KNN_COLD double knn_sigma_sorted_rescaled(int64_t self, const double* sx, const double* sy, const Grid& g,
+                                             const int64_t* cell_start, int K, double beta, bool fine) {
   double best[kMaxK];
-  knn_scan_sorted<kPlain>(self, sx, sy, g, cell_start, K, best);
-  if (best[K - 1] >= kFineBelow && best[K - 1] <= kCoarseAbove) return plain_mean_sqrt(best, K, beta);
-  if (best[K - 1] < kFineBelow) {
+  if (fine) {
     knn_scan_sorted<kFine>(self, sx, sy, g, cell_start, K, best);
     return scaled_mean_sqrt(best, K, beta, kFineScale);
   }
   knn_scan_sorted<kCoarse>(self, sx, sy, g, cell_start, K, best);
   return scaled_mean_sqrt(best, K, beta, kCoarseScale);
+}
+
+// The plain pass is written out here as it always was (the templated scan above, which the rescaled
+// passes use, costs the CPU kNN ~5% on SHA-A in GCC's hands).
+CK_HOST_DEVICE double knn_sigma_sorted(int64_t self, const double* sx, const double* sy, const Grid& g,
+                                       const int64_t* cell_start, int K, double beta) {
+  double best[kMaxK];
+  int cnt = 0;
+  const double px = sx[self], py = sy[self];
+  const int64_t cx = cell_x(g, px), cy = cell_y(g, py);
+  auto scan = [&](int64_t c0, int64_t c1) {  // cells [c0, c1] of one grid row
+    const int64_t end = cell_start[c1 + 1];
+    for (int64_t s = cell_start[c0]; s < end; ++s) {
+      const double dx = sx[s] - px, dy = sy[s] - py;
+      const double d2 = dx * dx + dy * dy;
+      if (s != self && (cnt < K || d2 < best[K - 1])) push_candidate(best, cnt, K, d2);
+    }
+  };
+  for (int64_t r = 0;; ++r) {
+    const int64_t xlo = cx - r, xhi = cx + r, ylo = cy - r, yhi = cy + r;
+    const int64_t xa = max_i64(xlo, 0), xb = min_i64(xhi, g.gx - 1);
+    for (int64_t y = max_i64(ylo, 0); y <= min_i64(yhi, g.gy - 1); ++y) {
+      const int64_t row = g.base + y * g.gx;
+      if (y == ylo || y == yhi) {
+        scan(row + xa, row + xb);
+      } else {
+        if (xlo >= 0) scan(row + xlo, row + xlo);
+        if (xhi < g.gx) scan(row + xhi, row + xhi);
+      }
+    }
+    if (xlo <= 0 && ylo <= 0 && xhi >= g.gx - 1 && yhi >= g.gy - 1) break;
+    if (cnt == K && ring_done<kPlain>(g, px, py, xlo, xhi, ylo, yhi, best[K - 1])) break;
+  }
+  if (best[K - 1] >= kFineBelow && best[K - 1] <= kCoarseAbove) return plain_mean_sqrt(best, K, beta);
+  return knn_sigma_sorted_rescaled(self, sx, sy, g, cell_start, K, beta, best[K - 1] < kFineBelow);
 }
 
 // ------------------------------------------------------------------------------------------ splatting
