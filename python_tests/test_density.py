@@ -778,6 +778,9 @@ def test_matlab_tiny_sigma_keeps_every_point_at_the_border(sigma):
     pts = torch.tensor([[0.2, 0.7], [0.2, 15.5], [39.5, 12.0], [15.5, 15.5]], dtype=torch.float64)
     got = ck.density_map(pts, size, style="matlab", sigma=sigma)
     assert got.sum().item() == pytest.approx(4.0, rel=1e-12)
+    # float32 maps: the weight tables were scale * gy (1e108 here: inf in float32) times gx (1e-109: 0), NaN
+    got32 = ck.density_map(pts.float(), size, style="matlab", sigma=sigma)
+    torch.testing.assert_close(got32, got.float(), rtol=0, atol=1e-7)
     want = np.zeros(size)
     want[3:5, 3:5] = 0.25
     want[14, 3:5] = 0.5

@@ -65,7 +65,8 @@ def _gauss_window_sum(sigma: float, radius: float) -> float:
     a = 0.5 / (sigma * sigma) if sigma * sigma > 0 else math.inf
     if math.isinf(a):
         return 1.0  # a unit impulse
-    reach = math.inf if a == 0 else math.ceil(math.sqrt(746.0 / a))
+    q = math.sqrt(746.0 / a) if a > 0 else math.inf  # 746 / a overflows for a subnormal a
+    reach = math.ceil(q) if math.isfinite(q) else math.inf
     n = min(radius, reach)
     if n <= _DIRECT_TERMS:
         d = np.arange(1, int(n) + 1, dtype=np.float64)
@@ -117,7 +118,8 @@ def _splat_reference(points: np.ndarray, sigmas: np.ndarray, size, style: str, t
             d2 = oy[:, None] ** 2 + ox[None, :] ** 2
             d2 = d2 - d2.min()
             two_var = 2.0 * s * s
-            g = np.exp(-d2 / two_var) if two_var > 0 else (d2 == 0).astype(np.float64)
+            with np.errstate(over="ignore"):  # d2 / two_var = inf for a subnormal two_var: exp(-inf) = 0
+                g = np.exp(-d2 / two_var) if two_var > 0 else (d2 == 0).astype(np.float64)
             g[g < np.finfo(np.float64).eps * g.max()] = 0
             out[y0:y1 + 1, x0:x1 + 1] += g / g.sum()
     return out
