@@ -438,14 +438,14 @@ void splat_cpu_impl(const double* pts, const int64_t* off, const double* sigma, 
       // scale * gy alone overflowed float32 for a tiny sigma (and times a gx flushed to 0 gave NaN).
       double sum_x = 0.0;
       for (size_t c = 0; c < gxd.size(); ++c) sum_x += gxd[c];
-      const double fold = w.scale * sum_x;
+      const double fold = w.scale * sum_x, inv_x = 1.0 / sum_x;
       double gy_min = INFINITY, gx_min = INFINITY;
       for (size_t r = 0; r < gyd.size(); ++r) {
         gy[r] = static_cast<acc_t>(fold * gyd[r]);
         gy_min = std::min(gy_min, gyd[r]);
       }
       for (size_t c = 0; c < gxd.size(); ++c) {
-        gx[c] = static_cast<acc_t>(gxd[c] / sum_x);
+        gx[c] = static_cast<acc_t>(gxd[c] * inv_x);
         gx_min = std::min(gx_min, gxd[c]);
       }
       thresholded[i] = (w.thresh > 0 && gy_min * gx_min < w.thresh) ? 1 : 0;
