@@ -83,6 +83,9 @@ class Backend:
             _ext.kernel_for = kernel_for
 
 
+# Another backend is one more entry, e.g. kernels registered under their own op names (the emulated CUDA
+# kernels): Backend("cuda-emulated", ops={"knn_sigma": torch.ops.crowdkernels.<its knn op>,
+# "density_splat": ..., "scale_regions": ..., "scale_regions_backward": ..., ...}, fused=False).
 BACKENDS = [
     pytest.param(Backend("cpu"), id="cpu"),
     pytest.param(Backend("cpu-unfused", fused=False), id="cpu-unfused"),
