@@ -601,3 +601,281 @@ def test_bad_input_batched_and_knn():
         ck.knn_sigma(torch.tensor([[float("nan"), 0.0]]))
     with pytest.raises(ValueError, match="beta"):
         ck.knn_sigma(_pts(), beta=-0.3)
+
+
+# ------------------------------------------------------------------------------ extreme but valid inputs (review)
+from guards import bounded, run_isolated  # noqa: E402
+
+
+def _knn_hypot(pts: np.ndarray, k: int = 3, beta: float = 0.3) -> np.ndarray:
+    """Brute-force sigmas with math.hypot distances: no under- or overflow at any scale."""
+    n = len(pts)
+    kk = min(k, n - 1)
+    out = np.empty(n)
+    for i in range(n):
+        d = sorted(math.hypot(pts[j, 0] - pts[i, 0], pts[j, 1] - pts[i, 1]) for j in range(n) if j != i)[:kk]
+        out[i] = beta * math.fsum(d) / kk
+    return out
+
+
+def test_knn_sigma_elongated_bounding_boxes_do_not_crash():
+    """Regression: the grid size of a thin box was cast to int64 before its capacity check (a segfault on
+    the CPU, a saturated cast on the GPU). In a subprocess: before the fix it crashed the interpreter."""
+    out = run_isolated("""
+        cases = [
+            [[0, 0], [1000, 1e-35], [500, 0]],                       # the review's example
+            [[0, 0], [1e15, 1e-300], [5e14, 0], [1, 1]],
+            [[1e-300, 0], [0, 1e15], [0, 5e14]],
+            [[x, 1e-300 * (x % 3)] for x in range(3000)],           # thousands of heads on a thin line
+        ]
+        for pts in cases:
+            print(repr(ck.knn_sigma(torch.tensor(pts, dtype=torch.float64)).tolist()))
+    """)
+    lines = out.strip().splitlines()
+    want0 = [225.0, 225.0, 150.0]
+    assert eval(lines[0]) == want0
+    for line, pts in zip(lines[1:3], ([[0, 0], [1e15, 1e-300], [5e14, 0], [1, 1]], [[1e-300, 0], [0, 1e15], [0, 5e14]])):
+        np.testing.assert_allclose(eval(line), _knn_hypot(np.array(pts, dtype=np.float64)), rtol=1e-13)
+    line3 = np.array(eval(lines[3]))
+    assert line3.shape == (3000,) and np.isfinite(line3).all()
+    assert line3[0] == pytest.approx(0.3 * 2, rel=1e-12) and line3[1500] == pytest.approx(0.3 * 4 / 3, rel=1e-12)
+
+
+def _extreme_knn_layouts():
+    """Point sets whose distances lie beyond the range of their squares, at offsets 0, 1 and 1e15."""
+    out = []
+    for scale in (1e-300, 1e-200, 1e-160, 5e-324, 1e155, 1e200, 1e300):
+        g = np.random.default_rng(int(-math.log10(scale)) + 400)
+        for offset in (0.0, 1.0, 1e15):
+            base = g.integers(0, 40, size=(30, 2)).astype(np.float64)
+            base[3] = base[4]  # a duplicate
+            pts = base * scale + offset
+            if offset and scale < 1e-15:  # offset + tiny == offset: duplicates, and one far point
+                pts = np.concatenate([pts, [[0.0, 0.0]]])
+            if np.isfinite(pts).all():
+                out.append(pts)
+    return out
+
+
+def test_knn_sigma_distances_beyond_the_range_of_their_squares():
+    """Regression: distances below ~1.5e-154 (squares underflow) came out 0 or imprecise, above ~1.3e154
+    (squares overflow) inf. Now exact to rounding, against math.hypot, at any offset. In a subprocess:
+    some of these layouts made the old grid loop for ever."""
+    layouts = _extreme_knn_layouts()
+    out = run_isolated(f"""
+        for pts in {[p.tolist() for p in layouts]!r}:
+            print(repr(ck.knn_sigma(torch.tensor(pts, dtype=torch.float64)).tolist()))
+    """, timeout=300)
+    for pts, line in zip(layouts, out.strip().splitlines(), strict=True):
+        want = _knn_hypot(pts)
+        np.testing.assert_allclose(eval(line), want, rtol=1e-13, atol=1e-323)
+        torch.testing.assert_close(R.knn_sigma_reference(torch.from_numpy(pts)), torch.from_numpy(want),
+                                   rtol=1e-13, atol=1e-323)
+    # distances past DBL_MAX itself (coordinates near +-1.7e308), whose sigma 0.3 d still fits
+    far = [[-1e308, 0.0], [1e308, 0.0], [1e308, 1e308], [-1.7e308, -1.7e308]]
+    got = ck.knn_sigma(torch.tensor(far, dtype=torch.float64), k=1).tolist()
+    want = [0.6 * min(math.hypot(a[0] / 2 - b[0] / 2, a[1] / 2 - b[1] / 2) for b in far if b is not a) for a in far]
+    np.testing.assert_allclose(got, want, rtol=1e-13)
+
+
+def test_knn_sigma_overflowing_beta_raises_naming_beta():
+    pts = torch.tensor([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="beta"):
+        ck.knn_sigma(pts, beta=1e308)
+    with pytest.raises(ValueError, match="beta.*float32"):
+        ck.knn_sigma(pts.float(), beta=1e38)
+    assert torch.isfinite(ck.knn_sigma(pts, beta=1e307)).all()
+    assert ck.knn_sigma(pts[:1], beta=1e308, lone=float("inf")).item() == float("inf")  # lone is the caller's
+
+
+def _normalizer_fsum(sigma: float, radius: int) -> float:
+    a = 0.5 / (sigma * sigma)
+    d = np.arange(1, radius + 1, dtype=np.float64)
+    return 1.0 + 2.0 * math.fsum(np.exp(-a * d * d).tolist())
+
+
+def test_csrnet_huge_sigma_is_bounded_and_loses_the_mass():
+    """Regression: the csrnet window radius was cast unclamped to int64: sigma = 1e19 summed 8192 for two
+    heads (should be ~1e-35: scipy normalizes over the whole window, whose mass is almost all past the
+    border), and sigma = 1e12 ran 4e12 serial steps. In a subprocess with a deadline."""
+    out = run_isolated("""
+        pts = torch.tensor([[10.5, 20.5], [30.0, 40.0]], dtype=torch.float64)
+        for s in (1e19, 1e12, 1e9, 1e300):
+            m = ck.density_map(pts, (64, 64), sigma=s, style="csrnet")
+            print(repr([s, m.sum().item(), m.max().item(), m.min().item()]))
+    """, timeout=120)
+    for line in out.strip().splitlines():
+        s, total, hi, lo = eval(line)
+        # flat to double precision: each pixel is 1 / N^2, N = sigma sqrt(2 pi) erf(4 / sqrt 2) (+ O(1))
+        n = s * math.sqrt(2 * math.pi) * math.erf((math.floor(4 * s + 0.5) + 0.5) / (s * math.sqrt(2)))
+        want = 2 * 64 * 64 / (n * n)
+        assert total == pytest.approx(want, rel=1e-9), s
+        assert hi == pytest.approx(2 / (n * n), rel=1e-9) and lo == pytest.approx(2 / (n * n), rel=1e-9)
+
+
+@pytest.mark.parametrize("sigma,truncate", [(16500.0, 4.0), (9000.0, 8.0), (31000.5, 4.0), (31000.0, 8.0),
+                                            (2000.0, 40.0), (60000.0, 1.5), (4e5, 0.2), (16384.0, 4.0),
+                                            (1700.0, 0.01), (1700.0, 4.0), (3.3, 5e4), (1024.0, 4.0), (107.0, 38.5)])
+def test_csrnet_closed_form_normalizer_against_term_by_term_sums(sigma, truncate):
+    """Past 4096 terms a side the kernels take scipy's normalizer N in closed form (Euler-Maclaurin); a
+    lone point on a 1 x 1 image is 1 / N^2, so N is read back and checked against an exactly rounded sum
+    of every term (up to 1.2e5 of them). Below, the term-by-term recurrence the kernels always used
+    (relative error ~2 ulp a step), and (3.3, 5e4) a window far wider than the Gaussian's reach."""
+    radius = math.floor(truncate * sigma + 0.5)
+    pts = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
+    got = ck.density_map(pts, (1, 1), sigma=sigma, truncate=truncate, style="csrnet")
+    n = 1.0 / math.sqrt(got.item())
+    reach = math.ceil(math.sqrt(746.0 * 2 * sigma * sigma))
+    closed_form = min(radius, reach) > 4096
+    assert n == pytest.approx(_normalizer_fsum(sigma, min(radius, reach)), rel=1e-14 if closed_form else 1e-12)
+    ref = R.density_map_reference(pts, (1, 1), sigma=sigma, truncate=truncate, style="csrnet")
+    torch.testing.assert_close(got, ref, rtol=1e-13 if closed_form else 1e-11, atol=0)
+
+
+@pytest.mark.parametrize("sigma", [1800.0, 2600.0])
+def test_csrnet_wide_windows_equal_scipy_gaussian_filter(sigma):
+    """The closed-form normalizer against scipy itself: gaussian_filter of one head with a 16001-tap
+    window (mode='constant', truncate=4) on a small image."""
+    size = (20, 23)
+    pts = np.array([[3.7, 5.2], [22.9, 19.99]])
+    want = np.zeros(size)
+    for x, y in pts:
+        img = np.zeros(size)
+        img[int(y), int(x)] = 1.0
+        want += scipy.ndimage.gaussian_filter(img, sigma, mode="constant", truncate=4.0)
+    got = ck.density_map(torch.from_numpy(pts), size, sigma=sigma, style="csrnet")
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=0)
+
+
+def test_reference_fallbacks_extreme_sigma_bounded_and_defined():
+    """Regression: the reference csrnet path allocated 2R + 1 weights (60 GiB for sigma 1e9) and a tiny
+    sigma raised ZeroDivisionError. Under a 1 GiB address-space budget now, and equal to the kernels."""
+    out = run_isolated("""
+        from crowdkernels.ops import reference as R
+        pts = torch.tensor([[10.5, 20.5], [30.0, 40.0], [63.9, 0.0]], dtype=torch.float64)
+        for style in ("exact", "csrnet", "matlab"):
+            for s in (1e9, 1e19, 1e300, 1e-200, 1e-320, 5e-324):
+                ref = R.density_map_reference(pts, (64, 64), sigma=s, style=style)
+                got = ck.density_map(pts, (64, 64), sigma=s, style=style)
+                err = (ref - got).abs().max().item()
+                print(repr([style, s, err, ref.sum().item(), bool(torch.isfinite(ref).all())]))
+    """, mem_bytes=1 << 30)
+    for line in out.strip().splitlines():
+        style, s, err, total, finite = eval(line)
+        assert finite and err <= 1e-15, (style, s, err)
+        if style != "csrnet" or s < 1:
+            assert total == pytest.approx(3.0, rel=1e-12), (style, s)  # tiny: impulses; exact/matlab: kept
+
+
+@pytest.mark.parametrize("sigma", [1e-3, 1e-30, 1e-200, 5e-324])
+def test_matlab_tiny_sigma_keeps_every_point_at_the_border(sigma):
+    """Regression: an even, border-clipped matlab window centres its kernel on a half pixel, where
+    exp(-(1/4) / (2 sigma^2)) underflows for sigma < ~0.03: the point summed to 0. Now the limit: the 1,
+    2 or 4 pixels nearest the kernel's centre share it equally."""
+    size = (30, 40)
+    # (0.2, 0.7): window rows 0..7 x cols 0..7, centre (3.5, 3.5): 4 pixels of 1/4; (0.2, 15.5): cols
+    # 0..7, rows 7..21: 2 of 1/2; (39.5, 12.0): cols 31..39, rows 4..18, odd: 1 pixel; (15.5, 15.5): inside
+    pts = torch.tensor([[0.2, 0.7], [0.2, 15.5], [39.5, 12.0], [15.5, 15.5]], dtype=torch.float64)
+    got = ck.density_map(pts, size, style="matlab", sigma=sigma)
+    assert got.sum().item() == pytest.approx(4.0, rel=1e-12)
+    # float32 maps: the weight tables were scale * gy (1e108 here: inf in float32) times gx (1e-109: 0), NaN
+    got32 = ck.density_map(pts.float(), size, style="matlab", sigma=sigma)
+    torch.testing.assert_close(got32, got.float(), rtol=0, atol=1e-7)
+    want = np.zeros(size)
+    want[3:5, 3:5] = 0.25
+    want[14, 3:5] = 0.5
+    want[11, 35] = 1.0
+    want[14, 14] = 1.0
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-15)
+    ref = R.density_map_reference(pts, size, style="matlab", sigma=sigma).numpy()
+    np.testing.assert_allclose(ref, want, rtol=0, atol=1e-15)
+
+
+def test_raw_splat_op_rejects_negative_sigma():
+    """The C++ check behind the Python layer: a negative sigma reached the CPU weights as a negative table
+    size (std::length_error inside an OpenMP region: the process aborted). In a subprocess."""
+    out = run_isolated("""
+        pts = torch.tensor([[3.0, 4.0]], dtype=torch.float64)
+        for s in (-1.0, float("nan")):
+            try:
+                torch.ops.crowdkernels.density_splat(pts, torch.tensor([0, 1]), torch.tensor([s], dtype=torch.float64),
+                                                     8, 8, 0, 4.0, 15, 1, False)
+                print("no error")
+            except RuntimeError as e:
+                print("sigma" in str(e))
+    """)
+    assert out.split() == ["True", "True"]
+
+
+def test_density_map_spells_out_its_signature():
+    """Issue 15, defect 7: density_map's options are visible to help() and IDEs (DESIGN.md's API)."""
+    import inspect
+
+    sig = inspect.signature(ck.density_map)
+    want = dict(sigma="adaptive", k=3, beta=0.3, truncate=4.0, style="exact", kernel_size=15, stride=1,
+                deterministic=False)
+    assert list(sig.parameters)[:2] == ["points", "size"]
+    for name, default in want.items():
+        p = sig.parameters[name]
+        assert p.kind is inspect.Parameter.KEYWORD_ONLY and p.default == default, name
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    assert list(inspect.signature(ck.density_maps).parameters)[2:] == list(want)
+    assert "sigma" in ck.density_map.__doc__ and "stride" in ck.density_map.__doc__
+    with pytest.raises(TypeError):
+        ck.density_map(_pts(), (10, 10), sigma_typo=2.0)
+
+
+@pytest.mark.parametrize("style,sigma", [("exact", "adaptive"), ("csrnet", "adaptive"), ("exact", 2.0),
+                                         ("matlab", "adaptive")])
+def test_density_map_errors_name_points_not_points_list(style, sigma):
+    """Issue 15, defect 7: every error path names the argument the caller passed: the C++ finiteness check
+    of the fused CPU pipeline (re-raised), the Python one, and the shape and sigma checks."""
+    bad = torch.tensor([[1.0, 2.0], [float("nan"), 3.0]])
+    for call in (lambda: ck.density_map(bad, (8, 8), style=style, sigma=sigma),
+                 lambda: ck.density_map(torch.zeros(3, 3), (8, 8), style=style, sigma=sigma),
+                 lambda: ck.density_map(torch.zeros(2, 2, dtype=torch.bool), (8, 8), style=style, sigma=sigma)):
+        with pytest.raises((ValueError, TypeError)) as info:
+            call()
+        assert str(info.value).startswith("points ") and "points_list" not in str(info.value)
+    with pytest.raises(ValueError, match=r"^sigma must be a tensor of 2 values"):
+        ck.density_map(_pts(), (8, 8), style=style, sigma=torch.ones(3))
+    with pytest.raises(ValueError, match=r"^sigma must be positive"):
+        ck.density_map(_pts(), (8, 8), style=style, sigma=torch.tensor([1.0, -1.0]))
+    # density_maps keeps naming the list entry
+    with pytest.raises(ValueError, match=r"^points_list\[1\] must be finite"):
+        ck.density_maps([_pts(), bad], (8, 8), style=style, sigma=sigma)
+
+
+def test_sizes_strides_and_windows_at_their_bounds():
+    pts = torch.tensor([[1.5, 2.5], [3.0, 0.5]], dtype=torch.float64)
+    for style in STYLES:
+        d = ck.density_map(pts, (5, 7), stride=2**62, style=style, kernel_size=2**62 - 1 if style == "matlab" else 15)
+        assert d.shape == (1, 1)
+        if style != "csrnet":
+            assert d.item() == pytest.approx(2.0, rel=1e-12)
+    with pytest.raises(ValueError, match="stride"):
+        ck.density_map(pts, (5, 7), stride=2**62 + 1)
+    with pytest.raises(ValueError, match="kernel_size"):
+        ck.density_map(pts, (5, 7), kernel_size=2**64 + 1, style="matlab")
+    with pytest.raises(ValueError, match=r"size\[1\]"):
+        ck.density_map(pts, (5, 2**31))
+    with pytest.raises(ValueError, match=r"size\[0\]"):
+        ck.density_map(pts, (2**70, 5))
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_far_points_and_wide_windows_in_bounded_memory(style):
+    """Points at +-1e300 (dropped, or clipped by matlab), sigmas of 1e300 and truncate 1e300: under a
+    256 MiB budget, with the count each style promises."""
+    pts = torch.tensor([[1e300, 5.0], [-1e300, -1e300], [5.5, 1e-300], [3.2, 7.9]], dtype=torch.float64)
+    with bounded(256 << 20, seconds=60):
+        for sigma in ("adaptive", 1e300, 1e-300):
+            d = ck.density_map(pts, (9, 11), style=style, sigma=sigma, truncate=1e300 if style != "matlab" else 4.0)
+            ref = R.density_map_reference(pts, (9, 11), style=style, sigma=sigma,
+                                          truncate=1e300 if style != "matlab" else 4.0)
+            torch.testing.assert_close(d, ref, rtol=0, atol=1e-13)
+            assert torch.isfinite(d).all()
+            if style == "exact":
+                assert d.sum().item() == pytest.approx(2.0, rel=1e-12)
+            elif style == "matlab":
+                assert d.sum().item() == pytest.approx(4.0, rel=1e-12)

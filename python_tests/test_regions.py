@@ -541,3 +541,67 @@ def test_opcheck_non_contiguous():
         OPS.unscale_regions_backward,
         (torch.randn_like(base).to(memory_format=torch.channels_last), pred.to(memory_format=torch.channels_last), uboxes, uscale),
     )
+
+
+# ------------------------------------------------------------------------------ extreme but valid inputs (review)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("r", [1e30, 1e19, 3e9])
+def test_scale_regions_huge_factor_fills_the_canvas(device, dtype, r):
+    """Regression: floor(r * h) was cast to int64 unclamped; for r = 1e30 the cast gave INT64_MIN (x86)
+    and the canvas came out all 0. Every canvas sample lies within half a source pixel of the box's
+    corner: out = features[b, :, y0, x0] everywhere."""
+    g = torch.Generator().manual_seed(3)
+    features = torch.randn(2, 3, 9, 11, generator=g, dtype=dtype).to(device)
+    boxes = _boxes([[0, 2, 3, 4, 5], [1, 0, 0, 9, 11], [1, 8, 10, 1, 1]]).to(device)
+    scale = torch.full((3,), r, dtype=dtype, device=device)
+    got = ck.scale_regions(features, boxes, scale, (6, 7))
+    for n, (b, y0, x0, _, _) in enumerate(boxes.tolist()):
+        want = features[b, :, y0, x0][:, None, None].expand(3, 6, 7)
+        assert torch.equal(got[n], want), n
+    torch.testing.assert_close(got, R.scale_regions_reference(features, boxes, scale, (6, 7)))
+    # and a factor so small that the valid part is empty: the canvas is 0
+    tiny = ck.scale_regions(features, boxes, torch.full((3,), 1e-30, dtype=dtype, device=device), (6, 7))
+    assert torch.equal(tiny, torch.zeros_like(tiny))
+
+
+def test_unscale_regions_factor_whose_square_overflows_raises_naming_scale(device):
+    """r**2 past the dtype's range is inf, and inf * 0 = NaN wherever the prediction is 0: a ValueError
+    naming scale instead of a map of NaN and inf. float64 takes the same factor."""
+    pred = torch.zeros(1, 1, 4, 4, device=device)
+    pred[0, 0, 3, 3] = 1.0
+    base = torch.zeros(1, 1, 6, 6, device=device)
+    boxes = _boxes([[0, 1, 1, 4, 4]]).to(device)
+    with pytest.raises(ValueError, match=r"scale\[0\].*float32"):
+        ck.unscale_regions(pred, boxes, torch.tensor([1e20], device=device), base)
+    out = ck.unscale_regions(pred.double(), boxes, torch.tensor([1e20], device=device), base.double())
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0, 0, 1:5, 1:5].cpu(), torch.full((4, 4), 1e20 ** 2, dtype=torch.float64))
+    ok = ck.unscale_regions(pred, boxes, torch.tensor([1.8e19], device=device), base)  # r**2 < 3.4e38
+    assert torch.isfinite(ok).all()
+
+
+def test_region_means_float32_near_its_largest_values():
+    """A float32 region of values near 3.4e38 (or of subnormals) has a representable mean whose float32
+    sum is not: the sums are taken in float64."""
+    density = torch.full((1, 1, 8, 8), 3.0e38)
+    density[0, 0, :4, :4] = 1e-44
+    means = ck.region_means(density, 2)
+    assert means.dtype == torch.float32
+    torch.testing.assert_close(means, torch.tensor([[1e-44, 3.0e38, 3.0e38, 3.0e38]]), rtol=1e-6, atol=0)
+    d = torch.rand(2, 1, 9, 7, requires_grad=True)
+    ck.region_means(d, 3).sum().backward()  # d mean / d pixel = 1 / area of its region (3x2, 3x3)
+    area = torch.tensor([3.0, 3.0, 3.0])[:, None] * torch.tensor([2.0, 2.0, 3.0])[None, :]
+    want = (1 / area).repeat_interleave(3, 0).repeat_interleave(torch.tensor([2, 2, 3]), 1)
+    torch.testing.assert_close(d.grad[0, 0], want)
+
+
+def test_grid_boxes_huge_sides():
+    boxes = ck.grid_boxes(2**62, 3 * 2**40 + 1, 3)
+    torch.testing.assert_close(boxes, R.grid_boxes_reference(2**62, 3 * 2**40 + 1, 3), rtol=0, atol=0)
+    assert sum(h * w for _, _, h, w in boxes.tolist()) == 2**62 * (3 * 2**40 + 1)  # an exact tiling
+    with pytest.raises(ValueError, match="height"):
+        ck.grid_boxes(2**62 + 1, 5, 2)
+    with pytest.raises(ValueError, match="width"):
+        ck.grid_boxes(5, 2**70, 2)

@@ -105,7 +105,9 @@ def _selected_levels(region_density, scale, center_index, num_centers):
     r = scale[selected]
     if r.numel() and bool((r.detach() <= 0).any()):
         raise ValueError(f"scale must be > 0 on the selected regions, got min {float(r.detach().min())}")
-    return region_density[selected] / r ** 2, center_index[selected].long()
+    # D / r / r, not D / r**2: r**2 under- or overflows for extreme r (1e-30 in float32: 0, and 0 / 0 = NaN)
+    # where D / r^2 itself is representable
+    return region_density[selected] / r / r, center_index[selected].long()
 
 
 def multipolar_center_loss(region_density: torch.Tensor, scale: torch.Tensor, center_index: torch.Tensor,

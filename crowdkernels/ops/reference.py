@@ -5,6 +5,7 @@ kernel exists. Speed does not matter here; clarity does.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -23,24 +24,60 @@ DENSITY_STYLES = ("exact", "csrnet", "matlab")
 def knn_sigma_reference(points: torch.Tensor, k: int = 3, beta: float = 0.3, lone: float = float("nan")):
     """Brute-force geometry-adaptive sigma: beta * mean Euclidean distance to the k nearest *other* points
     (fewer when the image has <= k points; `lone` when it has none). points: [N, 2] (x, y) -> [N] float64.
-    O(N^2) memory: an oracle, not for large N."""
+    O(N^2) memory: an oracle, not for large N. Distances are hypot(dx, dy), which neither under- nor
+    overflows where dx^2 + dy^2 would (points 1e-300 or 1e200 apart)."""
     pts = points.detach().to(torch.float64).cpu()
     n = pts.shape[0]
     out = torch.full((n,), float(lone), dtype=torch.float64)
     kk = min(k, n - 1)
     if kk < 1:
         return out
-    d = torch.cdist(pts, pts, compute_mode="donot_use_mm_for_euclid_dist")  # exact, not via x^2 + y^2 - 2xy
+    diff = pts[:, None, :] - pts[None, :, :]
+    d = torch.hypot(diff[..., 0], diff[..., 1])
     d.fill_diagonal_(float("inf"))  # a point is not its own neighbour; duplicates (d = 0) are
     nearest = torch.sort(d, dim=1).values[:, :kk]
     return beta * nearest.mean(dim=1)
 
 
 def _gauss(offsets: np.ndarray, sigma: float) -> np.ndarray:
-    """exp(-d^2 / (2 sigma^2)) at integer or half-integer offsets; sigma = 0 is a unit impulse."""
-    if sigma == 0:
+    """exp(-d^2 / (2 sigma^2)) at integer offsets. A sigma whose square underflows (sigma < ~1e-154,
+    0 included) is a unit impulse, the limit; one whose square overflows gives 1 everywhere."""
+    a = 0.5 / (sigma * sigma) if sigma * sigma > 0 else math.inf
+    if math.isinf(a):
         return (offsets == 0).astype(np.float64)
-    return np.exp(-0.5 / (sigma * sigma) * offsets.astype(np.float64) ** 2)
+    return np.exp(-a * offsets.astype(np.float64) ** 2)
+
+
+_DIRECT_TERMS = 2**20  # scipy-style normalizers up to this many terms a side are summed term by term
+
+
+@functools.lru_cache(maxsize=4096)
+def _gauss_window_sum(sigma: float, radius: float) -> float:
+    """sum_{d=-R}^{R} exp(-d^2 / (2 sigma^2)), R = radius (a whole number, possibly huge or inf): the
+    normalizer of scipy.ndimage.gaussian_filter's 1-D weights, in bounded time and memory.
+
+    Terms past d = sqrt(746 * 2 sigma^2) are below the smallest double and left out. Up to 2^20 terms a
+    side, the rest are summed exactly rounded (math.fsum). Past that (sigma > ~27000 px), the midpoint
+    Euler-Maclaurin formula: with a = 1 / (2 sigma^2), x = R + 1/2, u = x sqrt(a), f = exp(-u^2),
+    sum = sqrt(pi / a) erf(u) - [f'(x) - f'(-x)] / 24 + 7 [f'''(x) - f'''(-x)] / 5760 + E, where the next
+    term is ~1e-3 a^3 of the sum (< 1e-30 here) and the rest of E is rounding.
+    """
+    a = 0.5 / (sigma * sigma) if sigma * sigma > 0 else math.inf
+    if math.isinf(a):
+        return 1.0  # a unit impulse
+    q = math.sqrt(746.0 / a) if a > 0 else math.inf  # 746 / a overflows for a subnormal a
+    reach = math.ceil(q) if math.isfinite(q) else math.inf
+    n = min(radius, reach)
+    if n <= _DIRECT_TERMS:
+        d = np.arange(1, int(n) + 1, dtype=np.float64)
+        return 1.0 + 2.0 * math.fsum(np.exp(-a * d * d).tolist())
+    if a == 0:
+        return math.inf  # sigma^2 overflows: every term is 1
+    x = radius + 0.5
+    u = x * math.sqrt(a)
+    f = math.exp(-u * u) if u < 40 else 0.0
+    correction = f * x * a * (1 / 6 + 7 / 240 * a - 7 / 360 * a * u * u) if f > 0 else 0.0
+    return math.sqrt(math.pi / a) * math.erf(u) + correction
 
 
 def _splat_reference(points: np.ndarray, sigmas: np.ndarray, size, style: str, truncate: float,
@@ -51,7 +88,8 @@ def _splat_reference(points: np.ndarray, sigmas: np.ndarray, size, style: str, t
     for (x, y), s in zip(points.tolist(), sigmas.tolist()):
         if style in ("exact", "csrnet"):
             cy, cx = math.floor(y), math.floor(x)  # the pixel holding the point (csrnet: already integral)
-            r = int(truncate * s + 0.5)  # scipy.ndimage.gaussian_filter's radius
+            radius = float(np.floor(truncate * s + 0.5))  # scipy.ndimage.gaussian_filter's radius (maybe inf)
+            r = int(min(radius, H + W))  # the window, clipped to the image (it may reach far beyond)
             y0, y1 = max(cy - r, 0), min(cy + r, H - 1)
             x0, x1 = max(cx - r, 0), min(cx + r, W - 1)
             wy = _gauss(np.arange(y0, y1 + 1) - cy, s)
@@ -61,7 +99,7 @@ def _splat_reference(points: np.ndarray, sigmas: np.ndarray, size, style: str, t
                 wy, wx = wy / wy.sum(), wx / wx.sum()
             else:
                 # scipy: 1-D weights normalized over the full window, mode='constant': mass past the border is lost
-                full = _gauss(np.arange(-r, r + 1), s).sum()
+                full = _gauss_window_sum(s, radius)
                 wy, wx = wy / full, wx / full
             out[y0:y1 + 1, x0:x1 + 1] += np.outer(wy, wx)
         else:  # matlab: MCNN get_density_map_gaussian.m / SASNet prepare_dataset.py
@@ -74,7 +112,14 @@ def _splat_reference(points: np.ndarray, sigmas: np.ndarray, size, style: str, t
             hh, ww = y1 - y0 + 1, x1 - x0 + 1
             oy = np.arange(hh) - (hh - 1) / 2.0
             ox = np.arange(ww) - (ww - 1) / 2.0
-            g = np.exp(-(oy[:, None] ** 2 + ox[None, :] ** 2) / (2.0 * s * s))
+            # exp(-(d^2 - min d^2) / (2 s^2)): the same kernel once normalized, whose largest value is 1,
+            # so a tiny sigma gives the limit (the 1, 2 or 4 pixels nearest the centre share the point)
+            # where exp(-d^2 / (2 s^2)) would underflow to an all-zero kernel
+            d2 = oy[:, None] ** 2 + ox[None, :] ** 2
+            d2 = d2 - d2.min()
+            two_var = 2.0 * s * s
+            with np.errstate(over="ignore"):  # d2 / two_var = inf for a subnormal two_var: exp(-inf) = 0
+                g = np.exp(-d2 / two_var) if two_var > 0 else (d2 == 0).astype(np.float64)
             g[g < np.finfo(np.float64).eps * g.max()] = 0
             out[y0:y1 + 1, x0:x1 + 1] += g / g.sum()
     return out
@@ -87,8 +132,12 @@ def sum_pool_reference(density: torch.Tensor, stride: int) -> torch.Tensor:
         return density
     H, W = density.shape[-2:]
     Hs, Ws = -(-H // stride), -(-W // stride)
-    padded = torch.nn.functional.pad(density, (0, Ws * stride - W, 0, Hs * stride - H))
-    return padded.reshape(*density.shape[:-2], Hs, stride, Ws, stride).sum(dim=(-3, -1))
+    # block (i, j) gathers rows i*s .. i*s+s-1 and the same columns: index sums, not a padded copy (a
+    # stride of 2^62 cannot be padded to)
+    rows = torch.arange(H, device=density.device) // stride
+    cols = torch.arange(W, device=density.device) // stride
+    out = density.new_zeros(*density.shape[:-2], Hs, W).index_add_(-2, rows, density)
+    return out.new_zeros(*density.shape[:-2], Hs, Ws).index_add_(-1, cols, out)
 
 
 def density_prepare_reference(points: torch.Tensor, offsets: torch.Tensor, height: int, width: int, style: int):

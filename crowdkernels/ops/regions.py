@@ -42,6 +42,7 @@ __all__ = [
 # Above this many boxes the pairwise overlap test of unscale_regions runs in row blocks, so that its
 # memory stays O(block * N) rather than O(N^2).
 _OVERLAP_BLOCK = 1024
+_MAX_COORD = 2**62  # grid_boxes' sides: y0 + h and x0 + w of int64 boxes then never overflow
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -216,6 +217,8 @@ def grid_boxes(height: int, width: int, k: int) -> torch.Tensor:
     for name, v in (("height", height), ("width", width), ("k", k)):
         if not isinstance(v, Integral) or isinstance(v, bool):
             raise TypeError(f"{name} must be an int, got {v!r}")
+        if v > _MAX_COORD:  # int64 boxes: y0 + h must not overflow
+            raise ValueError(f"{name} must be <= 2^62 (int64 boxes), got {v}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if height < k or width < k:
@@ -299,6 +302,16 @@ def unscale_regions(pred: torch.Tensor, boxes: torch.Tensor, scale, base: torch.
                 f"scale[{n}] = {float(r[n])} leaves box {tuple(boxes[n].tolist())} an empty valid part "
                 "(floor(r*h) and floor(r*w) must be >= 1)"
             )
+    if boxes.shape[0]:
+        # r^2 multiplies the samples: past sqrt(dtype max) it is inf, and inf * 0 = NaN where pred is 0
+        limit = math.sqrt(torch.finfo(pred.dtype).max)
+        big = scale.detach() > limit
+        if bool(big.any()):
+            n = int(big.nonzero()[0, 0])
+            raise ValueError(
+                f"scale[{n}] = {float(scale[n])} is too large for {pred.dtype}: r**2 must fit the dtype "
+                f"(r <= {limit:.4g}); use float64"
+            )
     _check_no_overlap(boxes)
     if _compiled(pred.device, "unscale_regions"):
         return torch.ops.crowdkernels.unscale_regions(pred, boxes, scale, base)
@@ -321,11 +334,14 @@ def region_means(density: torch.Tensor, k: int) -> torch.Tensor:
     # Region row/column of every pixel row/column: the last region takes the remainder.
     row = torch.clamp(torch.arange(height, device=density.device) // (height // k), max=k - 1)
     col = torch.clamp(torch.arange(width, device=density.device) // (width // k), max=k - 1)
-    d = density[:, 0]
+    # float32 maps are summed in float64: a region of values near float32's max would overflow its sum
+    # (and a mean of tiny values underflow) where the mean itself is representable
+    acc = torch.float64 if density.dtype == torch.float32 else density.dtype
+    d = density[:, 0].to(acc)
     sums = d.new_zeros(d.shape[0], k, width).index_add_(1, row, d)
     sums = sums.new_zeros(d.shape[0], k, k).index_add_(2, col, sums)
-    area = (boxes[:, 2] * boxes[:, 3]).to(density.dtype)
-    return sums.reshape(d.shape[0], k * k) / area
+    area = (boxes[:, 2] * boxes[:, 3]).to(acc)
+    return (sums.reshape(d.shape[0], k * k) / area).to(density.dtype)
 
 
 # ----------------------------------------------------------------------------- ground truth (Fig. 4)

@@ -34,23 +34,41 @@ struct Grid {
 
 CK_HOST_DEVICE int64_t grid_capacity(int64_t n) { return 2 * n + 4; }
 
+// The grid of one image's bounding box [xmin, xmax] x [ymin, ymax] (finite) holding n points. Any finite
+// box gives a valid grid: the cell arithmetic is done in doubles and bounded before any cast to int64
+// (a thin box's w / cell can exceed int64's range), and the cells are never smaller than 2^-16 of the
+// largest coordinate's magnitude nor than 2^-1000, so that the cell boundaries ring_done computes are
+// exact to far better than its margin, whatever the box's offset, and never subnormal. A box whose
+// extent overflows a double (coordinates beyond +-8.9e307) is one cell: every pair is compared. The
+// bound gx * gy <= grid_capacity(n) is what keeps cell_x / cell_y's casts in range.
 CK_HOST_DEVICE Grid make_grid(double xmin, double ymin, double xmax, double ymax, int64_t n, int64_t base) {
   Grid g;
   g.ox = xmin;
   g.oy = ymin;
   g.base = base;
   const double w = xmax - xmin, h = ymax - ymin;
-  const double cells_wanted = n > 2 ? (double)n : 1.0;  // two a cell: ~15% slower on SHA-A
-  double cell;
-  if (w * h > 0) {
-    cell = sqrt(w * h / cells_wanted);
-  } else {
-    cell = fmax(w, h) / cells_wanted;  // all points on one line
+  if (!(w < INFINITY && h < INFINITY)) {  // one cell, origin 0: cell_x's (x - 0) / inf = 0 for any finite x
+    g.ox = g.oy = 0.0;
+    g.cell = INFINITY;
+    g.gx = g.gy = 1;
+    return g;
   }
-  if (!(cell > 0)) cell = 1.0;  // all points coincide (or n <= 1)
-  const int64_t cap = grid_capacity(n);
-  // An elongated box can ask for more cells than the capacity: grow the cells until the grid fits.
-  while ((int64_t)floor(w / cell + 1.0) * (int64_t)floor(h / cell + 1.0) > cap) cell *= 1.25;
+  const double cells_wanted = n > 2 ? (double)n : 1.0;  // two a cell: ~15% slower on SHA-A
+  const double area = w * h;
+  double cell;
+  if (area > 0 && area < INFINITY) {
+    cell = sqrt(area / cells_wanted);
+  } else if (w > 0 && h > 0) {
+    cell = sqrt(w) * sqrt(h / cells_wanted);  // w * h over- or underflows
+  } else {
+    cell = fmax(w, h) / cells_wanted;  // all points on one line (or all coincident: 0)
+  }
+  const double mag = fmax(fmax(fabs(xmin), fabs(xmax)), fmax(fabs(ymin), fabs(ymax)));
+  const double cap = (double)grid_capacity(n);
+  // An elongated box can ask for more cells than the capacity: start from max(w, h) / cap at least, and
+  // grow the cells until the grid fits (a few steps at most; the product is exact below 2^53).
+  cell = fmax(fmax(cell, fmax(w, h) / cap), fmax(mag * 0x1p-16, 0x1p-1000));
+  while (floor(w / cell + 1.0) * floor(h / cell + 1.0) > cap) cell *= 1.25;
   g.cell = cell;
   g.gx = (int64_t)floor(w / cell + 1.0);
   g.gy = (int64_t)floor(h / cell + 1.0);
@@ -81,6 +99,10 @@ CK_HOST_DEVICE int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 CK_HOST_DEVICE int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
 CK_HOST_DEVICE int64_t clamp_i64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
+// The cell of a point of the grid's own box. (x - ox) / cell lies in [0, w / cell] and w / cell < gx <=
+// grid_capacity, so the cast cannot overflow; the one-cell grid of an overflowing box has its origin at 0
+// and infinite cells, so there (x - 0) / inf = 0. (Testing in doubles before the cast instead cost the
+// CPU kNN 5% on SHA-A.)
 CK_HOST_DEVICE int64_t cell_x(const Grid& g, double x) { return clamp_i64((int64_t)floor((x - g.ox) / g.cell), 0, g.gx - 1); }
 CK_HOST_DEVICE int64_t cell_y(const Grid& g, double y) { return clamp_i64((int64_t)floor((y - g.oy) / g.cell), 0, g.gy - 1); }
 
@@ -108,19 +130,61 @@ CK_HOST_DEVICE void push_candidate(double* best, int& cnt, int K, double d2) {
   best[pos] = d2;
 }
 
+// Squared distances under- and overflow far from unit scale: a square loses precision below ~1.5e-154 px
+// and becomes 0, and it is inf above ~1.3e154 px. A query is first run in plain arithmetic (kPlain: every
+// annotation-like layout, the same bits as ever); a K-th best squared distance in [kFineBelow,
+// kCoarseAbove] shows that all K best are exact to rounding (a smaller one that underflowed adds at most
+// ~2^-537 to a sum of at least 2^-450). Otherwise the query runs again in a metric whose coordinate
+// differences are scaled by a power of two (exactly):
+//  - kFine, when the K-th best is below 2^-900 (K neighbours within ~2^-450 px; exact duplicates too):
+//    differences times 2^960, so that distances from the smallest subnormal 2^-1074 (2^-114 scaled) up to
+//    2^-450 (2^510) square without under- or overflow; farther points square to inf and are never among
+//    the K best, since K nearer ones exist;
+//  - kCoarse, when it is above 2^1000 (or inf): coordinates times 2^-600 before they are subtracted, so
+//    that differences of coordinates up to +-DBL_MAX stay finite (2^425 scaled) and distances from 2^500
+//    up square normally; a neighbour nearer than ~2^-78 px squares to ~0 there, which changes a sum of at
+//    least 2^-100 (scaled) by less than 2^-400 of it.
+enum Metric : int { kPlain = 0, kFine = 1, kCoarse = 2 };
+
+// The rescaled passes are rare: on the CPU a cold function of their own, out of the query's code.
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define CK_KNN_COLD CK_HOST_DEVICE
+#else
+#define CK_KNN_COLD inline __attribute__((noinline, cold))
+#endif
+constexpr double kFineBelow = 0x1p-900, kFineScale = 0x1p960;
+constexpr double kCoarseAbove = 0x1p1000, kCoarseScale = 0x1p-600;
+
+template <int M>
+CK_HOST_DEVICE double metric_d2(double xj, double yj, double px, double py) {
+  double dx, dy;
+  if (M == kPlain) {
+    dx = xj - px;
+    dy = yj - py;
+  } else if (M == kFine) {
+    dx = (xj - px) * kFineScale;
+    dy = (yj - py) * kFineScale;
+  } else {
+    dx = xj * kCoarseScale - px * kCoarseScale;
+    dy = yj * kCoarseScale - py * kCoarseScale;
+  }
+  return dx * dx + dy * dy;
+}
+
+template <int M>
 CK_HOST_DEVICE void scan_cell(int64_t c, int64_t self, double px, double py, const double* pts,
-                               const int64_t* cell_start, const int64_t* order, double* best, int& cnt, int K) {
+                              const int64_t* cell_start, const int64_t* order, double* best, int& cnt, int K) {
   for (int64_t s = cell_start[c]; s < cell_start[c + 1]; ++s) {
     const int64_t j = order[s];
     if (j == self) continue;  // not its own neighbour; a duplicate of it is, at distance 0
-    const double dx = pts[2 * j] - px, dy = pts[2 * j + 1] - py;
-    push_candidate(best, cnt, K, dx * dx + dy * dy);
+    push_candidate(best, cnt, K, metric_d2<M>(pts[2 * j], pts[2 * j + 1], px, py));
   }
 }
 
 // True when no point outside the ring [xlo, xhi] x [ylo, yhi] of cells can be nearer than kth2 (the K-th
-// best squared distance so far): the distance from the point to the nearest cell not yet scanned (a side
-// at the grid's edge has none) is at least sqrt(kth2).
+// best squared distance so far, in metric M): the distance from the point to the nearest cell not yet
+// scanned (a side at the grid's edge has none) is at least sqrt(kth2).
+template <int M>
 CK_HOST_DEVICE bool ring_done(const Grid& g, double px, double py, int64_t xlo, int64_t xhi, int64_t ylo, int64_t yhi,
                               double kth2) {
   const double inf = INFINITY;
@@ -129,7 +193,9 @@ CK_HOST_DEVICE bool ring_done(const Grid& g, double px, double py, int64_t xlo, 
   const double b2 = ylo > 0 ? py - (g.oy + (double)ylo * g.cell) : inf;
   const double b3 = yhi < g.gy - 1 ? (g.oy + (double)(yhi + 1) * g.cell) - py : inf;
   // shrink by a hair: cell assignment rounds, and a neighbour exactly at the bound must not be missed
-  const double bound = fmin(fmin(b0, b1), fmin(b2, b3)) * (1.0 - 1e-12) - 1e-9 * g.cell;
+  double bound = fmin(fmin(b0, b1), fmin(b2, b3)) * (1.0 - 1e-12) - 1e-9 * g.cell;
+  if (M == kFine) bound *= kFineScale;  // may become inf: then kth2 (finite, tiny) is surely within it
+  if (M == kCoarse) bound *= kCoarseScale;
   return bound > 0 && kth2 <= bound * bound;
 }
 
@@ -140,13 +206,31 @@ CK_HOST_DEVICE double mean_sqrt(const double* best, int K, double beta) {
   return beta * sum / (double)K;
 }
 
-// Exact geometry-adaptive sigma of point `self` (L2SM sec. 3.2): beta * mean distance to its K nearest
-// others, where K = min(k, n - 1). Rings of cells are scanned outwards from the point's cell until the
-// K-th best distance is no larger than the distance to anything not yet scanned. The K distances are
-// summed in ascending order, so the result does not depend on the order of points inside a cell.
-CK_HOST_DEVICE double knn_sigma_one(int64_t self, const double* pts, const Grid& g, const int64_t* cell_start,
-                                    const int64_t* order, int K, double beta) {
-  double best[kMaxK];
+// The same for squared distances in metric M (distances times `scale`): beta * mean / scale, the power of
+// two applied last, by exponent, so that neither a huge beta nor a tiny mean over- or underflows on the
+// way (a subnormal result is rounded once more, at the end).
+CK_HOST_DEVICE double scaled_mean_sqrt(const double* best, int K, double beta, double scale) {
+  double sum = 0.0;
+  for (int i = 0; i < K; ++i) sum += sqrt(best[i]);
+  int e_mean, e_beta, e_scale;
+  const double f_mean = frexp(sum / (double)K, &e_mean);
+  const double f_beta = frexp(beta, &e_beta);
+  frexp(scale, &e_scale);  // scale = 2^(e_scale - 1)
+  return ldexp(f_mean * f_beta, e_mean + e_beta - (e_scale - 1));
+}
+
+// mean_sqrt (the bits as ever), unless beta * sum overflows where beta * sum / K would not (a huge beta).
+CK_HOST_DEVICE double plain_mean_sqrt(const double* best, int K, double beta) {
+  const double s = mean_sqrt(best, K, beta);
+  return s < INFINITY ? s : scaled_mean_sqrt(best, K, beta, 1.0);
+}
+
+// Rings of cells scanned outwards from the point's cell until the K-th best distance (metric M) is no
+// larger than the distance to anything not yet scanned; best[0..K) then holds the K smallest.
+template <int M>
+CK_HOST_DEVICE void knn_scan_one(int64_t self, const double* pts, const Grid& g, const int64_t* cell_start,
+                                 const int64_t* order, int K, double* out) {
+  double best[kMaxK];  // a local array, copied out at the end: no aliasing with the points for the compiler
   int cnt = 0;
   const double px = pts[2 * self], py = pts[2 * self + 1];
   const int64_t cx = cell_x(g, px), cy = cell_y(g, py);
@@ -156,21 +240,81 @@ CK_HOST_DEVICE double knn_sigma_one(int64_t self, const double* pts, const Grid&
     for (int64_t y = max_i64(ylo, 0); y <= min_i64(yhi, g.gy - 1); ++y) {
       const int64_t row = g.base + y * g.gx;
       if (y == ylo || y == yhi) {  // the ring's top and bottom rows: every cell
-        for (int64_t x = xa; x <= xb; ++x) scan_cell(row + x, self, px, py, pts, cell_start, order, best, cnt, K);
+        for (int64_t x = xa; x <= xb; ++x) scan_cell<M>(row + x, self, px, py, pts, cell_start, order, best, cnt, K);
       } else {  // rows in between: the ring's two side cells
-        if (xlo >= 0) scan_cell(row + xlo, self, px, py, pts, cell_start, order, best, cnt, K);
-        if (xhi < g.gx) scan_cell(row + xhi, self, px, py, pts, cell_start, order, best, cnt, K);
+        if (xlo >= 0) scan_cell<M>(row + xlo, self, px, py, pts, cell_start, order, best, cnt, K);
+        if (xhi < g.gx) scan_cell<M>(row + xhi, self, px, py, pts, cell_start, order, best, cnt, K);
       }
     }
     if (xlo <= 0 && ylo <= 0 && xhi >= g.gx - 1 && yhi >= g.gy - 1) break;  // the whole grid is scanned
-    if (cnt == K && ring_done(g, px, py, xlo, xhi, ylo, yhi, best[K - 1])) break;
+    if (cnt == K && ring_done<M>(g, px, py, xlo, xhi, ylo, yhi, best[K - 1])) break;
   }
-  return mean_sqrt(best, K, beta);
+  for (int i = 0; i < K; ++i) out[i] = best[i];
+}
+
+// Exact geometry-adaptive sigma of point `self` (L2SM sec. 3.2): beta * mean distance to its K nearest
+// others, where K = min(k, n - 1). The K distances are summed in ascending order, so the result does not
+// depend on the order of points inside a cell. Any finite coordinates: see the metrics above.
+CK_HOST_DEVICE double knn_sigma_one(int64_t self, const double* pts, const Grid& g, const int64_t* cell_start,
+                                    const int64_t* order, int K, double beta) {
+  double best[kMaxK];
+  knn_scan_one<kPlain>(self, pts, g, cell_start, order, K, best);
+  if (best[K - 1] >= kFineBelow && best[K - 1] <= kCoarseAbove) return plain_mean_sqrt(best, K, beta);
+  if (best[K - 1] < kFineBelow) {
+    knn_scan_one<kFine>(self, pts, g, cell_start, order, K, best);
+    return scaled_mean_sqrt(best, K, beta, kFineScale);
+  }
+  knn_scan_one<kCoarse>(self, pts, g, cell_start, order, K, best);
+  return scaled_mean_sqrt(best, K, beta, kCoarseScale);
 }
 
 // The same query over points stored in cell order (sx, sy: their coordinates; `self` is the point's
 // position in that order): the cells of one grid row inside a ring are then one contiguous run of points,
 // read sequentially. Same candidates, same distances, same result; the CPU kernel's layout.
+template <int M>
+CK_HOST_DEVICE void knn_scan_sorted(int64_t self, const double* sx, const double* sy, const Grid& g,
+                                    const int64_t* cell_start, int K, double* best) {
+  int cnt = 0;
+  const double px = sx[self], py = sy[self];
+  const int64_t cx = cell_x(g, px), cy = cell_y(g, py);
+  auto scan = [&](int64_t c0, int64_t c1) {  // cells [c0, c1] of one grid row
+    const int64_t end = cell_start[c1 + 1];
+    for (int64_t s = cell_start[c0]; s < end; ++s) {
+      const double d2 = metric_d2<M>(sx[s], sy[s], px, py);
+      if (s != self && (cnt < K || d2 < best[K - 1])) push_candidate(best, cnt, K, d2);
+    }
+  };
+  for (int64_t r = 0;; ++r) {
+    const int64_t xlo = cx - r, xhi = cx + r, ylo = cy - r, yhi = cy + r;
+    const int64_t xa = max_i64(xlo, 0), xb = min_i64(xhi, g.gx - 1);
+    for (int64_t y = max_i64(ylo, 0); y <= min_i64(yhi, g.gy - 1); ++y) {
+      const int64_t row = g.base + y * g.gx;
+      if (y == ylo || y == yhi) {
+        scan(row + xa, row + xb);
+      } else {
+        if (xlo >= 0) scan(row + xlo, row + xlo);
+        if (xhi < g.gx) scan(row + xhi, row + xhi);
+      }
+    }
+    if (xlo <= 0 && ylo <= 0 && xhi >= g.gx - 1 && yhi >= g.gy - 1) break;
+    if (cnt == K && ring_done<M>(g, px, py, xlo, xhi, ylo, yhi, best[K - 1])) break;
+  }
+}
+
+// The query again in the fine (kth2 below kFineBelow) or the coarse metric: rare, out of the hot path.
+CK_KNN_COLD double knn_sigma_sorted_rescaled(int64_t self, const double* sx, const double* sy, const Grid& g,
+                                             const int64_t* cell_start, int K, double beta, bool fine) {
+  double best[kMaxK];
+  if (fine) {
+    knn_scan_sorted<kFine>(self, sx, sy, g, cell_start, K, best);
+    return scaled_mean_sqrt(best, K, beta, kFineScale);
+  }
+  knn_scan_sorted<kCoarse>(self, sx, sy, g, cell_start, K, best);
+  return scaled_mean_sqrt(best, K, beta, kCoarseScale);
+}
+
+// The plain pass is written out here as it always was (the templated scan above, which the rescaled
+// passes use, costs the CPU kNN ~5% on SHA-A in GCC's hands).
 CK_HOST_DEVICE double knn_sigma_sorted(int64_t self, const double* sx, const double* sy, const Grid& g,
                                        const int64_t* cell_start, int K, double beta) {
   double best[kMaxK];
@@ -198,9 +342,10 @@ CK_HOST_DEVICE double knn_sigma_sorted(int64_t self, const double* sx, const dou
       }
     }
     if (xlo <= 0 && ylo <= 0 && xhi >= g.gx - 1 && yhi >= g.gy - 1) break;
-    if (cnt == K && ring_done(g, px, py, xlo, xhi, ylo, yhi, best[K - 1])) break;
+    if (cnt == K && ring_done<kPlain>(g, px, py, xlo, xhi, ylo, yhi, best[K - 1])) break;
   }
-  return mean_sqrt(best, K, beta);
+  if (best[K - 1] >= kFineBelow && best[K - 1] <= kCoarseAbove) return plain_mean_sqrt(best, K, beta);
+  return knn_sigma_sorted_rescaled(self, sx, sy, g, cell_start, K, beta, best[K - 1] < kFineBelow);
 }
 
 // ------------------------------------------------------------------------------------------ splatting
@@ -258,6 +403,33 @@ CK_HOST_DEVICE double gauss_run(double c, int64_t lo, int64_t hi, double a, doub
 // scipy.ndimage.gaussian_filter's radius, int(truncate * sigma + 0.5), as a double (it can be huge).
 CK_HOST_DEVICE double window_radius(double sigma, double truncate) { return floor(truncate * sigma + 0.5); }
 
+// Windows up to this many pixels a side are summed term by term (the bits the kernels always gave); wider
+// ones (sigma >= 106 px) in closed form, see gauss_window_sum. gauss_run's recurrence loses ~d^2 / 2 ulp
+// by step d, so this bound also caps the term-by-term sum's relative error near 1e-9.
+constexpr int64_t kDirectSumMax = 4096;
+
+// N = sum_{d=-R}^{R} exp(-a d^2), a = 1 / (2 sigma^2), R = rr (a whole number, up to inf): the
+// normalizer of scipy's 1-D Gaussian weights (csrnet style), in bounded time whatever sigma and R.
+// Terms past d = sqrt(746 / a) are below the smallest subnormal, so the sum stops there (same bits).
+// Beyond kDirectSumMax terms (then sigma > 106 and R > 4096) the second (midpoint) Euler-Maclaurin
+// formula, with x = R + 1/2, u = x sqrt(a), f = exp(-u^2):
+//   N = sqrt(pi / a) erf(u) - [f'(x) - f'(-x)] / 24 + 7 [f'''(x) - f'''(-x)] / 5760 + E
+//     = sqrt(pi / a) erf(u) + f x a (1/6 + 7 a / 240 - 7 a u^2 / 360) + E.
+// The next term, -31/967680 [f^(5)(x) - f^(5)(-x)], is below ~1e-3 a^3 N (< 1e-16 N here: a < 4.5e-5),
+// and the remainder past it is of order exp(-pi^2 / a) N (0 in doubles): E is rounding, a few ulp.
+// python_tests/test_density.py checks it against sums taken term by term.
+CK_HOST_DEVICE double gauss_window_sum(double sigma, double a, double rr) {
+  if (!(a < INFINITY)) return 1.0;  // sigma ~ 0: a unit impulse
+  const double reach = a > 0 ? ceil(sqrt(746.0 / a)) : INFINITY;
+  const double L = fmin(rr, reach);
+  if (L <= (double)kDirectSumMax) return 2.0 * gauss_run(0.0, 0, (int64_t)L, a, nullptr) - 1.0;
+  if (!(sigma < INFINITY) || !(a > 0)) return INFINITY;  // sigma^2 overflows: every term is 1
+  const double x = rr + 0.5, u = x * sqrt(a);
+  const double f = exp(-u * u);  // 0 once u > 27.3 (and for R = inf)
+  const double head = sqrt(3.141592653589793 / a) * erf(u);
+  return f > 0 ? head + f * x * a * (1.0 / 6.0 + 7.0 / 240.0 * a - 7.0 / 360.0 * a * u * u) : head;
+}
+
 // With defer_norm, styles exact and csrnet leave scale unset (NaN) for a caller that tabulates the
 // Gaussian anyway and normalizes from its table (the CPU kernel); matlab always sets it.
 CK_HOST_DEVICE Window make_window(int64_t style, double x, double y, double sigma, int64_t H, int64_t W,
@@ -269,6 +441,11 @@ CK_HOST_DEVICE Window make_window(int64_t style, double x, double y, double sigm
     // MCNN get_density_map_gaussian.m / SASNet prepare_dataset.py: 1-based pixel
     // clip(|floor(v)|, 1, size), a kernel_size window clipped to the image, and at a border a new
     // fspecial kernel of the clipped size, centred on the clipped window and renormalized over it.
+    // Only the Gaussian's shape matters here (the kernel is renormalized), and for a > 1000 (sigma <
+    // 0.0224 px) every weight but the centre's (or the 2 or 4 equal ones around a half-pixel centre) is
+    // below 2^-1075 of it: a capped a gives those same weights, where the true one underflows even the
+    // centre's exp(-a / 4) of a border-clipped, even window (and a point would then sum to 0, not 1).
+    w.a = fmin(w.a, 1000.0);
     const double fy = fmin(fmax(fabs(floor(y)), 1.0), (double)H), fx = fmin(fmax(fabs(floor(x)), 1.0), (double)W);
     const int64_t py = (int64_t)fy - 1, px = (int64_t)fx - 1, h = kernel_size / 2;
     w.y0 = max_i64(py - h, 0);
@@ -299,12 +476,8 @@ CK_HOST_DEVICE Window make_window(int64_t style, double x, double y, double sigm
   }
   // exact and csrnet: centred on the pixel holding the point, radius int(truncate * sigma + 0.5) as
   // scipy.ndimage.gaussian_filter uses.
-  const int64_t py = (int64_t)floor(y), px = (int64_t)floor(x);
-  w.cy = (double)py;
-  w.cx = (double)px;
-  const double rr = window_radius(sigma, truncate);
-  const int64_t r = (int64_t)fmin(rr, (double)(H + W));  // beyond the image the window is clipped anyway
-  if (py < 0 || py >= H || px < 0 || px >= W) {  // not in the image: contributes nothing
+  if (!(y >= 0 && y < (double)H && x >= 0 && x < (double)W)) {  // not in the image: contributes nothing
+    w.cy = w.cx = 0.0;  // (tested in doubles: the floor of a far coordinate does not fit an int64)
     w.y0 = 0;
     w.y1 = -1;
     w.x0 = 0;
@@ -312,6 +485,11 @@ CK_HOST_DEVICE Window make_window(int64_t style, double x, double y, double sigm
     w.scale = 0.0;
     return w;
   }
+  const int64_t py = (int64_t)floor(y), px = (int64_t)floor(x);
+  w.cy = (double)py;
+  w.cx = (double)px;
+  const double rr = window_radius(sigma, truncate);
+  const int64_t r = (int64_t)fmin(rr, (double)(H + W));  // beyond the image the window is clipped anyway
   w.y0 = max_i64(py - r, 0);
   w.y1 = min_i64(py + r, H - 1);
   w.x0 = max_i64(px - r, 0);
@@ -327,8 +505,7 @@ CK_HOST_DEVICE Window make_window(int64_t style, double x, double y, double sigm
     if (defer_norm) {
       w.scale = NAN;
     } else {
-      const int64_t R = (int64_t)rr;
-      const double n = 2.0 * gauss_run(0.0, 0, R, w.a, nullptr) - 1.0;  // sum over [-R, R]
+      const double n = gauss_window_sum(sigma, w.a, rr);  // sum over [-R, R]
       w.scale = 1.0 / (n * n);
     }
   }

@@ -413,7 +413,8 @@ void splat_cpu_impl(const double* pts, const int64_t* off, const double* sigma, 
           const double sx = prefix[cx - w.x0] + prefix[w.x1 - cx] - table[0];
           w.scale = 1.0 / (sy * sx);
         } else {  // scipy normalizes over the full [-R, R], so mass past the border is lost
-          const double n = (rr <= (double)(H + W) ? 2.0 * tsum : 2.0 * gauss_run(0.0, 0, (int64_t)rr, w.a, nullptr)) - 1.0;
+          const double n = rr <= (double)(H + W) && rr <= (double)kDirectSumMax ? 2.0 * tsum - 1.0
+                                                                                 : gauss_window_sum(sigma[i], w.a, rr);
           w.scale = 1.0 / (n * n);
         }
         // each axis: the centre and what lies right of it, then the mirror image on its left (two
@@ -432,13 +433,19 @@ void splat_cpu_impl(const double* pts, const int64_t* off, const double* sigma, 
       gxd.resize(w.x1 - w.x0 + 1);
       gauss_run(w.cy, w.y0, w.y1, w.a, gyd.data());
       gauss_run(w.cx, w.x0, w.x1, w.a, gxd.data());
+      // The x-weights normalized by their own sum and the rest of the scale folded into the y-weights: both
+      // factors stay <= 1 (for the separable windows these tables serve, scale = 1 / (sum_y sum_x)), where
+      // scale * gy alone overflowed float32 for a tiny sigma (and times a gx flushed to 0 gave NaN).
+      double sum_x = 0.0;
+      for (size_t c = 0; c < gxd.size(); ++c) sum_x += gxd[c];
+      const double fold = w.scale * sum_x, inv_x = 1.0 / sum_x;
       double gy_min = INFINITY, gx_min = INFINITY;
       for (size_t r = 0; r < gyd.size(); ++r) {
-        gy[r] = static_cast<acc_t>(w.scale * gyd[r]);
+        gy[r] = static_cast<acc_t>(fold * gyd[r]);
         gy_min = std::min(gy_min, gyd[r]);
       }
       for (size_t c = 0; c < gxd.size(); ++c) {
-        gx[c] = static_cast<acc_t>(gxd[c]);
+        gx[c] = static_cast<acc_t>(gxd[c] * inv_x);
         gx_min = std::min(gx_min, gxd[c]);
       }
       thresholded[i] = (w.thresh > 0 && gy_min * gx_min < w.thresh) ? 1 : 0;
@@ -546,6 +553,9 @@ at::Tensor splat_checked(const at::Tensor& points_in, const at::Tensor& offsets_
   const PointSets ps = read_point_sets(points_in, offsets_in);
   const at::Tensor sigma = sigma_in.to(at::kDouble).contiguous();
   const int64_t T = ps.T, B = ps.B;
+  const double* sig = sigma.data_ptr<double>();
+  for (int64_t i = 0; i < T; ++i)  // 0 is an impulse, inf a flat window; a negative one has no window
+    TORCH_CHECK(sig[i] >= 0, "sigma must be >= 0 (and not NaN) for every point, got ", sig[i], " at point ", i);
   const int64_t Hs = (height + stride - 1) / stride, Ws = (width + stride - 1) / stride;
   // pooled: a dataset loop then reuses the previous maps' memory instead of faulting in fresh pages
   const auto options = points_in.options().dtype(out_type);

@@ -21,9 +21,12 @@ namespace ck {
 namespace regions {
 
 // Number of valid samples along an axis of `size` pixels scaled by r: floor(r * size), computed in double
-// as F.interpolate computes its output size, whatever the tensor dtype.
+// as F.interpolate computes its output size, whatever the tensor dtype. Callers clip it to the canvas; it
+// is capped at 2^62 first, since floor(r * size) of a huge r does not fit an int64 (the cast would give
+// INT64_MIN on x86, and an empty canvas instead of a full one).
 CK_HOST_DEVICE int64_t valid_extent(double r, int64_t size) {
-  return static_cast<int64_t>(floor(r * static_cast<double>(size)));
+  const double v = floor(r * static_cast<double>(size));
+  return v < 0x1p62 ? static_cast<int64_t>(v) : (static_cast<int64_t>(1) << 62);
 }
 
 // One axis of a bilinear sample: the two neighbours, the weight of the second, and d(src)/d(r).
@@ -44,13 +47,15 @@ CK_HOST_DEVICE AxisSample<T> clamped_axis_sample(T src, T dsrc, int64_t n) {
     dsrc = T(0);
   }
   AxisSample<T> s;
-  s.i0 = static_cast<int64_t>(src);  // src >= 0: truncation is floor
-  if (s.i0 >= n - 1) {
+  // at or past the last sample: compared before the cast, since a huge src (unscale_regions with r = 1e20
+  // reads (d + 0.5) r - 0.5) does not fit an int64
+  if (!(src < static_cast<T>(n - 1))) {
     s.i0 = s.i1 = n - 1;
     s.l = T(0);
     s.dsrc_dr = T(0);
     return s;
   }
+  s.i0 = static_cast<int64_t>(src);  // 0 <= src < n - 1: truncation is floor
   s.i1 = s.i0 + 1;
   s.l = src - static_cast<T>(s.i0);
   s.dsrc_dr = dsrc;
