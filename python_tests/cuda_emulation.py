@@ -116,28 +116,9 @@ def _register_python_parts(ops) -> None:
         torch.library.register_fake(f"{NAMESPACE}::{name}", _real_op_caller(name), lib=_library)
 
     # The autograd formulas of crowdkernels/ops/regions.py, with the emulated backward kernels.
-    def scale_setup(ctx, inputs, output):
-        features, boxes, scale, _, _ = inputs
-        ctx.save_for_backward(features, boxes, scale)
+    from crowdkernels.ops.regions import register_regions_autograd
 
-    def scale_backward(ctx, grad):
-        features, boxes, scale = ctx.saved_tensors
-        grad_features, grad_scale = ops.scale_regions_backward(grad, features, boxes, scale)
-        return grad_features, None, grad_scale, None, None
-
-    def unscale_setup(ctx, inputs, output):
-        pred, boxes, scale, _ = inputs
-        ctx.save_for_backward(pred, boxes, scale)
-
-    def unscale_backward(ctx, grad):
-        pred, boxes, scale = ctx.saved_tensors
-        grad_pred, grad_scale, grad_base = ops.unscale_regions_backward(grad, pred, boxes, scale)
-        return grad_pred, None, grad_scale, grad_base
-
-    torch.library.register_autograd(f"{NAMESPACE}::scale_regions", scale_backward, setup_context=scale_setup, lib=_library)
-    torch.library.register_autograd(
-        f"{NAMESPACE}::unscale_regions", unscale_backward, setup_context=unscale_setup, lib=_library
-    )
+    register_regions_autograd(NAMESPACE, ops, lib=_library)
 
 
 def _real_op_caller(name):

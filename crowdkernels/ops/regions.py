@@ -158,6 +158,35 @@ def _compiled(device: torch.device, op: str) -> bool:
     return _ext.kernel_for(device, op) in ("cpu", "cuda")
 
 
+def register_regions_autograd(namespace: str, ops, lib=None) -> None:
+    """The autograd formulas of ``<namespace>::scale_regions`` and ``::unscale_regions``: their backward kernels
+    (``ops.scale_regions_backward``, ``ops.unscale_regions_backward``) give the gradients of every tensor
+    input, ``scale`` included. Registered for crowdkernels' own ops below, and by the tests for the CUDA
+    kernels they run on the CPU (python_tests/cuda_emulation.py) under another namespace."""
+
+    def scale_setup(ctx, inputs, output):
+        features, boxes, scale, _, _ = inputs
+        ctx.save_for_backward(features, boxes, scale)
+
+    def scale_backward(ctx, grad):
+        features, boxes, scale = ctx.saved_tensors
+        grad_features, grad_scale = ops.scale_regions_backward(grad, features, boxes, scale)
+        return grad_features, None, grad_scale, None, None
+
+    def unscale_setup(ctx, inputs, output):
+        pred, boxes, scale, _ = inputs
+        ctx.save_for_backward(pred, boxes, scale)
+
+    def unscale_backward(ctx, grad):
+        pred, boxes, scale = ctx.saved_tensors
+        grad_pred, grad_scale, grad_base = ops.unscale_regions_backward(grad, pred, boxes, scale)
+        return grad_pred, None, grad_scale, grad_base
+
+    torch.library.register_autograd(f"{namespace}::scale_regions", scale_backward, setup_context=scale_setup, lib=lib)
+    torch.library.register_autograd(f"{namespace}::unscale_regions", unscale_backward, setup_context=unscale_setup,
+                                    lib=lib)
+
+
 if _ext.compiled():
 
     @torch.library.register_fake("crowdkernels::scale_regions")
@@ -177,30 +206,7 @@ if _ext.compiled():
     def _unscale_regions_backward_fake(grad, pred, boxes, scale):
         return pred.new_empty(pred.shape), scale.new_empty(scale.shape), grad.new_empty(grad.shape)
 
-    def _scale_regions_setup(ctx, inputs, output):
-        features, boxes, scale, _, _ = inputs
-        ctx.save_for_backward(features, boxes, scale)
-
-    def _scale_regions_bwd(ctx, grad):
-        features, boxes, scale = ctx.saved_tensors
-        grad_features, grad_scale = torch.ops.crowdkernels.scale_regions_backward(grad, features, boxes, scale)
-        return grad_features, None, grad_scale, None, None
-
-    def _unscale_regions_setup(ctx, inputs, output):
-        pred, boxes, scale, _ = inputs
-        ctx.save_for_backward(pred, boxes, scale)
-
-    def _unscale_regions_bwd(ctx, grad):
-        pred, boxes, scale = ctx.saved_tensors
-        grad_pred, grad_scale, grad_base = torch.ops.crowdkernels.unscale_regions_backward(grad, pred, boxes, scale)
-        return grad_pred, None, grad_scale, grad_base
-
-    torch.library.register_autograd(
-        "crowdkernels::scale_regions", _scale_regions_bwd, setup_context=_scale_regions_setup
-    )
-    torch.library.register_autograd(
-        "crowdkernels::unscale_regions", _unscale_regions_bwd, setup_context=_unscale_regions_setup
-    )
+    register_regions_autograd("crowdkernels", torch.ops.crowdkernels)
 
 
 # ------------------------------------------------------------------------------------------ public API
