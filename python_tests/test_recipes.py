@@ -519,3 +519,13 @@ def test_the_training_example_runs_the_recipe(tmp_path, capsys):
     assert summary["epoch"] == 1 and metrics["images"] >= 1
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["recipe"] == "hmode-paper" and cfg["crop"] == 256 and cfg["criterion_kwargs"]["rel"] is True
+
+
+def test_training_progress_is_a_line_per_epoch_in_a_log(tmp_path, capsys):
+    """On a terminal the epoch has a progress bar; in a log (stderr not a terminal) no carriage-return frames,
+    only the line per epoch."""
+    assert cli.main(["train", "--model", "csrnet", "--width", "0.125", "--out", str(tmp_path / "r"), "--workers", "0",
+                     "--synthetic", "6", "2", "32", "--epochs", "2", "--crop", "32", "--batch-size", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert len([line for line in err.splitlines() if line.startswith("epoch ")]) == 2
