@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import tempfile
 
 import pytest
 import torch
@@ -12,6 +13,23 @@ SHARED = pathlib.Path(os.environ.get("CROWDKERNELS_SHARED", REPO.parent / "share
 DATA = SHARED / "data"
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+#: where Python subprocesses of the tests run: not the checkout, which `python -c` and `python -m` would put
+#: first on sys.path, so that a fresh checkout's sources (without the built _C) would shadow the package
+CHILD_CWD = tempfile.gettempdir()
+
+
+def child_env(**extra) -> dict:
+    """The environment for a Python subprocess that must import the crowdkernels this process imported (the
+    installed package, or a checkout with its built _C): that package's folder first on PYTHONPATH. Run the
+    child with ``cwd=CHILD_CWD``."""
+    import crowdkernels
+
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(crowdkernels.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    env.update(extra)
+    return env
 
 
 @pytest.fixture(params=DEVICES)

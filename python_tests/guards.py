@@ -18,7 +18,6 @@ import subprocess
 import sys
 import textwrap
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _vm_size() -> int:
@@ -62,11 +61,11 @@ def run_isolated(code: str, timeout: float = 120.0, mem_bytes: int = 1 << 30) ->
         resource.setrlimit(resource.RLIMIT_AS, (_vm_size() + {int(mem_bytes)}, resource.getrlimit(resource.RLIMIT_AS)[1]))
         """
     )
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
+    from conftest import CHILD_CWD, child_env  # the crowdkernels this process imported, not the checkout's sources
+
     try:
         proc = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True,
-                              text=True, timeout=timeout, env=env, cwd=REPO)
+                              text=True, timeout=timeout, env=child_env(), cwd=CHILD_CWD)
     except subprocess.TimeoutExpired:
         raise AssertionError(f"the code ran past {timeout} s (a hang?):\n{code}") from None
     if proc.returncode < 0:

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import crowdkernels
-from conftest import REPO, require_data
+from conftest import require_data
 from crowdkernels import cli
 from crowdkernels.data import density_job, read_shanghaitech_mat
 
@@ -84,9 +84,10 @@ def test_info_prints_every_backend(capsys):
 
 
 def test_python_dash_m_info():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    from conftest import CHILD_CWD, child_env
+
     res = subprocess.run([sys.executable, "-m", "crowdkernels", "info", "--json"], capture_output=True, text=True,
-                         env=env, timeout=120, cwd=REPO)
+                         env=child_env(), timeout=120, cwd=CHILD_CWD)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["torch"] == torch.__version__
 

@@ -18,7 +18,7 @@ from PIL import Image
 import crowdkernels as ck
 from crowdkernels import _ext
 from crowdkernels.ops import reference as R
-from conftest import DEVICES, require_data
+from conftest import require_data
 
 STYLES = ("exact", "csrnet", "matlab")
 

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from crowdkernels.data import CrowdCollate, SyntheticCrowds
 from crowdkernels.engine import CheckpointError, TrainConfig, Trainer, TrainError, evaluate, load_checkpoint, predict_density
-from crowdkernels.engine.checkpoint import save_checkpoint
 
 
 # ----------------------------------------------------------------------------------------- tiny model

@@ -231,11 +231,8 @@ def test_eval_strict_stops_at_an_image_that_does_not_decode(ckpt, tmp_path, caps
 
 def test_count_into_a_closed_pipe_is_not_a_traceback(tmp_path):
     """`crowdkernels count FOLDER | head -1` gave a BrokenPipeError traceback once head had its line."""
-    import os
     import subprocess
     import sys
-
-    from conftest import REPO
 
     shots = tmp_path / "shots"
     for i in range(30):
@@ -244,9 +241,10 @@ def test_count_into_a_closed_pipe_is_not_a_traceback(tmp_path):
     from test_inference import _checkpoint
 
     real = _checkpoint(tmp_path / "real" / "best.pt", "csrnet")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    from conftest import CHILD_CWD, child_env
+
     proc = subprocess.Popen([sys.executable, "-m", "crowdkernels", "count", str(shots), "--checkpoint", str(real)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(), cwd=CHILD_CWD)
     first = proc.stdout.readline()
     proc.stdout.close()  # what head does after its line
     err = proc.stderr.read().decode()

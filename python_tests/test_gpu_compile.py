@@ -57,7 +57,7 @@ def report(tmp_path_factory):
     out = tmp / "aot.json"
     res = subprocess.run(
         [sys.executable, "-m", "crowdkernels.ops.triton.aot", "--json", str(out), "--jobs", "2"],
-        env=_compile_env(tmp), capture_output=True, text=True, timeout=1200,
+        env=_compile_env(tmp), capture_output=True, text=True, timeout=1200, cwd=tmp,
     )
     assert out.exists(), f"the compilation driver wrote no report (exit {res.returncode}):\n{res.stderr[-4000:]}"
     data = json.loads(out.read_text())
@@ -186,7 +186,7 @@ def test_a_compile_error_fails(tmp_path):
     ''')
     env = _compile_env(tmp_path)
     env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env["PYTHONPATH"]
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert res.returncode == 1, res.stderr[-3000:]
     assert "FAILED broken [float32] sm_80" in res.stderr and "FAILED broken [float32] sm_90" in res.stderr
     assert "0 of 2 compilations passed" in res.stderr
