@@ -334,13 +334,12 @@ def _train_config(args):
     from .engine.train import build_config, resume_config
 
     overrides = _train_overrides(args)
-    if args.resume and args.out is not None and (args.out / "last.pt").is_file():
-        return resume_config(args.out, overrides)
     try:
+        if args.resume and args.out is not None and (args.out / "last.pt").is_file():
+            return resume_config(args.out, overrides)
         config = build_config(recipe=args.recipe, dataset=args.dataset, overrides=overrides)
-    except ValueError as exc:
+    except ValueError as exc:  # an unknown or malformed setting, or a resume that would change the run
         raise _CliError(str(exc)) from None
-    config.dataset = args.dataset
     config.root = None if args.root is None else str(args.root)
     config.out = str(args.out) if args.out is not None else config.out
     config.resume = bool(args.resume)
@@ -365,8 +364,7 @@ def _run_train(args) -> int:
         raise _CliError("--out is required (the run folder)")
     if config.dataset != "synthetic" and config.root is None:
         raise _CliError(f"--root is required for --dataset {config.dataset}")
-    if config.device and torch.device(config.device).type == "cuda" and not torch.cuda.is_available():
-        raise _CliError(f"--device {config.device}: no CUDA GPU is visible to torch {torch.__version__}")
+    _check_device(config.device)
     distributed.init_from_env(torch.device(config.device).type if config.device else None)
     main = distributed.is_main()  # read before cleanup(): afterwards every process would say rank 0
     warn = _warn if main else (lambda msg: None)
@@ -397,19 +395,22 @@ def _run_train(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------- eval
+def _check_device(device) -> None:
+    """A usable ``--device`` (None: the default), or a _CliError naming the option."""
+    from ._io import parse_device
+
+    if device is not None:
+        try:
+            parse_device(device, "--device")
+        except ValueError as exc:
+            raise _CliError(str(exc)) from None
+
+
 def _load_counter(args, max_size=None):
     """The Counter of ``--checkpoint`` on ``--device`` (``--model`` refuses another model's checkpoint)."""
-    import torch
-
     from . import inference
 
-    if args.device is not None:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError as exc:
-            raise _CliError(f"--device: {exc}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise _CliError(f"--device {args.device}: no CUDA GPU is visible to torch {torch.__version__}")
+    _check_device(args.device)
     return inference.load(args.checkpoint, args.device, model=args.model, tile=args.tile, amp=args.amp, max_size=max_size)
 
 

@@ -347,6 +347,9 @@ def test_resume_refuses_changed_settings_and_takes_its_own(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "lr 0.0005 (the run's: 0.001)" in err and "batch_size 4 (the run's: 2)" in err and "crop 16 (the run's: 32)" in err
     assert json.loads((out / "config.json").read_text())["lr"] == 1e-3
+    # an unknown setting on --resume: one line, exit 2 (not a traceback)
+    assert cli.main(["train", "--out", str(out), "--resume", "--set", "nonsense=1"]) == 2
+    assert "unknown setting 'nonsense'" in capsys.readouterr().err
 
 
 def test_only_rank_0_prints_the_summary(tmp_path, capsys, monkeypatch):

@@ -56,18 +56,23 @@ def save_checkpoint(path, state: dict) -> None:
     atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **state}, f))
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """The checkpoint dict at ``path``; CheckpointError naming the file when it is missing, unreadable
-    or not a crowdkernels checkpoint."""
+def _read(path, map_location="cpu"):
+    """What ``torch.load`` finds in the file at ``path``; CheckpointError naming the file when it is missing
+    or unreadable. The full unpickler: our RNG state holds NumPy arrays, and the released HMoDE training
+    checkpoint NumPy scalars, which weights_only refuses (load only files you trust)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        # our checkpoints hold plain containers, tensors and NumPy RNG state: weights_only would refuse
-        # the NumPy arrays of the RNG state, so the full unpickler is used (load only files you trust)
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ... on bad files
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """The checkpoint dict at ``path``; CheckpointError naming the file when it is missing, unreadable
+    or not a crowdkernels checkpoint."""
+    ckpt = _read(path, map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
         raise CheckpointError(f"{path}: not a crowdkernels training checkpoint (format {CHECKPOINT_FORMAT})")
     return ckpt
@@ -96,15 +101,7 @@ def released_state_dict(obj) -> dict | None:
 def read_weights_file(path) -> tuple[str, dict]:
     """("crowdkernels", checkpoint dict) or ("released", the authors' HMoDE state_dict) for the file at
     ``path``; CheckpointError naming the file when it is neither."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        # the full unpickler: our RNG state holds NumPy arrays, and the released training checkpoint NumPy
-        # scalars, which weights_only refuses (load only files you trust)
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ... on bad files
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    obj = _read(path)
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT and "model" in obj:
         return "crowdkernels", obj
     released = released_state_dict(obj)

@@ -150,7 +150,7 @@ class TrainConfig:
     quiet: bool = False
     # the model's input convention (crowdkernels.data.transforms.normalize_image): ImageNet mean/std, or
     # None for raw RGB in [0, 1]; every image of the run goes through it, and checkpoints keep it
-    input_norm: dict | None = field(default_factory=lambda: {"mean": list(IMAGENET_NORM["mean"]), "std": list(IMAGENET_NORM["std"])})
+    input_norm: dict | None = field(default_factory=lambda: dict(IMAGENET_NORM))
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -544,6 +544,7 @@ def build_config(*, recipe: str | None = None, model: str | None = None, dataset
     elsewhere, clamped to the synthetic image size); then ``overrides``, a dict of settings whose keys are
     :class:`TrainConfig` fields or dotted keys into its groups ("target.sigma", "criterion_kwargs.rel",
     "model_kwargs.width"). Unknown keys raise a ValueError naming them."""
+    from ..data.transforms import check_norm
     from . import recipes as recipes_mod
 
     fields = TrainConfig.__dataclass_fields__
@@ -555,9 +556,7 @@ def build_config(*, recipe: str | None = None, model: str | None = None, dataset
         d["recipe"] = recipe
         d["criterion_kwargs"] = {}
         for key, value in flat.items():
-            if key == "input_norm":
-                value = None if value is None else {"mean": list(IMAGENET_NORM["mean"]), "std": list(IMAGENET_NORM["std"])}
-            _set_dotted(d, key, value)
+            _set_dotted(d, key, check_norm(value) if key == "input_norm" else value)
         if dataset == "synthetic" and d["crop"] is not None:
             d["crop"] = min(d["crop"], int(d["synthetic"]["size"]))
     else:
@@ -645,12 +644,10 @@ def build_run(config: TrainConfig, *, warn=None):
         kwargs["pretrained"] = config.pretrained
     try:
         model = build_model(config.model, **kwargs)
-    except (FileNotFoundError, KeyError) as exc:
-        raise TrainError(f"--pretrained: {exc.args[0] if exc.args else exc}") from None
-    except ValueError as exc:
-        if config.pretrained is not None:
-            raise TrainError(f"--pretrained: {exc}") from None
-        raise
+    except (OSError, ValueError) as exc:  # a missing or wrong weights file, or a width that cannot take it
+        if config.pretrained is None:
+            raise
+        raise TrainError(f"--pretrained: {exc}") from None
     if config.init is not None:
         load_initial_weights(model, config.init)
     model.input_norm = check_norm(config.input_norm)
@@ -692,7 +689,7 @@ def build_transforms(config: TrainConfig, train: bool, sha: bool = False):
     from ..data.transforms import Compose, Normalize, RandomCrop, RandomHorizontalFlip, Resize
 
     steps = []
-    max_size = tuple(config.max_size) if isinstance(config.max_size, (list, tuple)) else config.max_size
+    max_size = _max_size(config)
     if train:
         if config.crop:
             steps += [Resize(max_size=max_size, min_size=config.crop), RandomCrop(config.crop)]
@@ -781,29 +778,23 @@ def build_datasets(config: TrainConfig, *, split: str = "train", warn=None, leve
     plain = build_transforms(config, False)
     if config.patches is not None:
         from ..data.patches import NinePatches
+        from ..data.transforms import Normalize, Resize
 
         if config.patches != "csrnet9":
             raise ValueError(f"patches must be None or 'csrnet9', got {config.patches!r}")
-        base = CrowdDataset(train_samples, None if config.max_size is None else _resize_only(config),
-                            strict=config.strict, warn=warn)
-        train = NinePatches(base, post=None if config.input_norm is None else _normalize_only(config))
+        # the patches are cut from the (resized) RGB image, then normalized
+        resize = None if config.max_size is None else Resize(max_size=_max_size(config))
+        train = NinePatches(CrowdDataset(train_samples, resize, strict=config.strict, warn=warn),
+                            post=Normalize(config.input_norm))
     else:
         train = CrowdDataset(train_samples, build_transforms(config, True), strict=config.strict, warn=warn)
     train.unaugmented = lambda: CrowdDataset(train_samples, plain, strict=config.strict)
     return train, val
 
 
-def _resize_only(config: TrainConfig):
-    from ..data.transforms import Resize
-
-    m = tuple(config.max_size) if isinstance(config.max_size, (list, tuple)) else config.max_size
-    return Resize(max_size=m)
-
-
-def _normalize_only(config: TrainConfig):
-    from ..data.transforms import Normalize
-
-    return Normalize(config.input_norm)
+def _max_size(config: TrainConfig):
+    """``config.max_size`` as Resize takes it: an int, or a (a, b) box (JSON keeps it as a list)."""
+    return tuple(config.max_size) if isinstance(config.max_size, (list, tuple)) else config.max_size
 
 
 def model_from_checkpoint(path, device="cpu", *, model: str | None = None, model_kwargs: dict | None = None):

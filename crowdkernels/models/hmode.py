@@ -122,9 +122,6 @@ class HMoDE(nn.Module):
         self.register_buffer("groups", torch.tensor(list(itertools.combinations(range(experts), group_size)),
                                                     dtype=torch.long), persistent=False)
         official = variant == "official"
-        # bilinear decoder upsampling with align_corners=True in both variants: the paper does not say which,
-        # the released code uses it
-        self.align_corners = True
         # the output convention: predictions are people per cell times density_scale (the recipes set it
         # from their ground truth's scale factor; checkpoints keep it)
         self.density_scale = OFFICIAL_DENSITY_SCALE if official else 1.0
@@ -165,7 +162,8 @@ class HMoDE(nn.Module):
     # ------------------------------------------------------------------------------------------- forward
 
     def _up(self, x: torch.Tensor, size) -> torch.Tensor:
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=self.align_corners)
+        # bilinear with align_corners=True in both variants: the paper does not say which; the released code
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
     def forward(self, images: torch.Tensor) -> HMoDEOutput:
         images = check_images(images)
