@@ -230,7 +230,8 @@ def _train_command(p: argparse.ArgumentParser):
         "code) at once: " + "; ".join(f"{n}: {SUMMARIES[n]}" for n in RECIPE_NAMES) + ". Explicit options "
         "override single values; --print-config shows the result as JSON. Without a recipe, --model's defaults "
         "are used (ours, for quick runs). Writes OUT/last.pt every epoch (atomically), OUT/best.pt (lowest "
-        "validation MAE), OUT/log.jsonl. Ctrl-C saves and exits; --resume continues exactly. Runs under "
+        "validation MAE), OUT/log.jsonl. Ctrl-C saves and exits; --resume continues exactly; --time-limit and "
+        "--max-steps stop a run within one step, saved and validated. Runs under "
         "torchrun for DDP (--batch-size per process)."
     )
     S = argparse.SUPPRESS  # only the options given become overrides of the recipe (or of the run, on --resume)
@@ -272,6 +273,11 @@ def _train_command(p: argparse.ArgumentParser):
     p.add_argument("--val-from-train", type=_fraction, default=S,
                    help="hold this fraction of the training images out (seeded) for model selection, instead of "
                         "the dataset's val/test split")
+    p.add_argument("--time-limit", type=_duration, default=S, metavar="TIME",
+                   help="stop after this much wall-clock time of this process (900, 90s, 15m, 1.5h), within one "
+                        "step: saves a resumable last.pt and validates the model it has")
+    p.add_argument("--max-steps", type=_positive_int, default=S,
+                   help="stop after this many optimizer steps in all (the same work on any machine); as --time-limit")
     p.add_argument("--workers", type=_nonnegative_int, default=S, help="DataLoader workers; default: 2")
     p.add_argument("--seed", type=_nonnegative_int, default=S)
     p.add_argument("--device", default=S, help="e.g. cuda, cuda:1, cpu; default: cuda:LOCAL_RANK when a GPU is visible")
@@ -293,6 +299,20 @@ def _float_list(text: str) -> list:
     return values
 
 
+def _duration(text: str) -> float:
+    """Seconds from "900", "90s", "15m" or "1.5h"."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    t = text.strip().lower()
+    scale = units.get(t[-1:], None)
+    try:
+        value = float(t[:-1] if scale else t) * (scale or 1.0)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive duration such as 900, 90s, 15m or 1.5h, got {text!r}")
+    return value
+
+
 #: train options -> the TrainConfig setting they override
 _TRAIN_OVERRIDES = {
     "model": "model", "pretrained": "pretrained", "init": "init", "epochs": "epochs", "batch_size": "batch_size",
@@ -301,7 +321,7 @@ _TRAIN_OVERRIDES = {
     "sigma": "target.sigma", "kernel_size": "target.kernel_size", "target_scale": "target.scale",
     "loss_weights": "criterion_kwargs.weights", "rel": "criterion_kwargs.rel", "fold": "fold",
     "width": "model_kwargs.width", "val_start": "val_start", "val_every": "val_every",
-    "val_from_train": "val_from_train", "workers": "workers", "seed": "seed", "device": "device", "amp": "amp",
+    "val_from_train": "val_from_train", "time_limit": "max_seconds", "max_steps": "max_steps", "workers": "workers", "seed": "seed", "device": "device", "amp": "amp",
     "strict": "strict",
 }
 

@@ -233,13 +233,15 @@ def save_learning_curve(path, history: list, baseline_mae: float | None = None, 
     mean-count baseline and half of it (the demo's target) when given. 640 x 400 PNG."""
     fig = _figure(640, 400)
     ax = fig.add_axes((0.1, 0.12, 0.78, 0.78))
-    epochs = [h["epoch"] for h in history]
-    ax.plot(epochs, [h["loss"].get("total", float("nan")) for h in history], "o-", color="tab:blue", label="training loss")
+    # epoch lines carry the training loss; a budget's stop adds a validation at a fractional epoch
+    trained = [h for h in history if "loss" in h]
+    ax.plot([h["epoch"] for h in trained], [h["loss"].get("total", float("nan")) for h in trained], "o-",
+            color="tab:blue", label="training loss")
     ax.set_xlabel("epoch")
     ax.set_ylabel("training loss", color="tab:blue")
     ax.set_yscale("log")
     ax2 = ax.twinx()
-    val = [(h["epoch"], h["val"]["mae"]) for h in history if h.get("val") and h["val"].get("mae") is not None]
+    val = [(h.get("at_epoch", h["epoch"]), h["val"]["mae"]) for h in history if h.get("val") and h["val"].get("mae") is not None]
     if val:
         ax2.plot(*zip(*val), "s-", color="tab:red", label="held-out MAE")
     if baseline_mae is not None:

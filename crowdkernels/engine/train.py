@@ -145,7 +145,11 @@ class TrainConfig:
     strict: bool = False
     resume: bool = False
     tile: int | None = 2048  # validation: tile images larger than this (pixels)
-    max_seconds: float | None = None  # stop after the epoch that passes this wall time (a time budget)
+    # budgets, checked after every step: this process's wall-clock seconds (--time-limit) and the run's
+    # optimizer steps in all (--max-steps, the same work on any machine). A run that reaches one saves a
+    # resumable last.pt, validates the model it has and stops with status "time limit" / "step limit".
+    max_seconds: float | None = None
+    max_steps: int | None = None
     synthetic: dict = field(default_factory=lambda: {"train": 200, "val": 40, "size": 128})
     quiet: bool = False
     # the model's input convention (crowdkernels.data.transforms.normalize_image): ImageNet mean/std, or
@@ -371,7 +375,7 @@ class Trainer:
                     bar = tqdm(total=len(train_loader), initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                                file=sys.stderr, dynamic_ncols=True, leave=False, disable=None)
                 model.train()
-                stopped = False
+                stopped, budget = False, None
                 for i, batch in enumerate(train_loader):
                     if i < skip:
                         if i == skip - 1:  # the batches before the stop are drawn again, then the RNG is put back
@@ -396,18 +400,24 @@ class Trainer:
                         bar.update(1)
                     if self.on_step is not None:
                         self.on_step(self, epoch, step)
-                    if self._stop_everywhere():
+                    budget = self._budget_spent(run_start, epoch * len(train_loader) + step)
+                    if budget or self._stop_everywhere():
                         stopped = step < len(train_loader)
                         break
                 if bar is not None:
                     bar.close()
                 elapsed += time.perf_counter() - t0
                 if stopped:
+                    if budget:  # validated before the save, so that last.pt's history holds this entry
+                        self._validate_at_stop(epoch, step, len(train_loader), budget, val_loader)
                     if main:
                         extra = {"epoch_state": {"rng_epoch_start": rng_epoch_start, "sums": sums, "seen": seen, "seconds": elapsed}}
                         save_checkpoint(last, self._state(epoch, step, optimizer, scheduler, scaler, extra))
-                    self.log(f"stopped at epoch {epoch + 1}, step {step}: saved {last}; continue with --resume")
-                    status = "interrupted"
+                        if budget:
+                            self._write_log()
+                    self.log(f"{budget + ' reached' if budget else 'stopped'} at epoch {epoch + 1}, step {step}: "
+                             f"saved {last}; continue with --resume")
+                    status = budget or "interrupted"
                     break
                 entry = self._end_epoch(epoch, sums, seen, elapsed, optimizer, val_loader)
                 scheduler.step()
@@ -415,14 +425,15 @@ class Trainer:
                     save_checkpoint(last, self._state(epoch + 1, 0, optimizer, scheduler, scaler, {}))
                     self._append_log(entry)
                 completed = epoch + 1
-                if cfg.max_seconds is not None and epoch + 1 < cfg.epochs:
-                    over = time.perf_counter() - run_start > cfg.max_seconds
-                    if dist_utils.is_distributed():
-                        over = bool(dist_utils.all_reduce_sum(torch.tensor([float(over)])).item() > 0)
-                    if over:
-                        self.log(f"time budget of {cfg.max_seconds:.0f} s spent after epoch {epoch + 1}")
-                        status = "time limit"
-                        break
+                if budget and epoch + 1 < cfg.epochs:
+                    if entry["val"] is None:
+                        self._validate_at_stop(epoch + 1, 0, len(train_loader), budget, val_loader)
+                        if main:
+                            save_checkpoint(last, self._state(epoch + 1, 0, optimizer, scheduler, scaler, {}))
+                            self._write_log()
+                    self.log(f"{budget} reached after epoch {epoch + 1}: saved {last}; continue with --resume")
+                    status = budget
+                    break
                 if self.stop.requested and epoch + 1 < cfg.epochs:
                     self.log(f"stopped after epoch {epoch + 1}: saved {last}; continue with --resume")
                     status = "interrupted"
@@ -444,6 +455,58 @@ class Trainer:
         loader = DataLoader(base, batch_size=1, shuffle=False, collate_fn=collate, num_workers=0)
         levels = model.fit_levels({"density": b["density"]} for b in loader if b["images"] is not None)
         self.log(f"L2SM density levels fitted over {len(base)} training images: {[round(float(v), 6) for v in levels]}")
+
+    def _budget_spent(self, run_start: float, global_step: int) -> str | None:
+        """"time limit" or "step limit" once this process has trained ``config.max_seconds`` (wall clock) or
+        the run has taken ``config.max_steps`` optimizer steps in all; the same answer on every rank."""
+        cfg = self.config
+        reason = None
+        if cfg.max_steps is not None and global_step >= cfg.max_steps:
+            reason = "step limit"
+        elif cfg.max_seconds is not None and time.perf_counter() - run_start >= cfg.max_seconds:
+            reason = "time limit"
+        if dist_utils.is_distributed():  # rank 0's clock decides, so that every rank stops at the same step
+            code = torch.tensor([{None: 0.0, "step limit": 1.0, "time limit": 2.0}[reason] if dist_utils.is_main() else 0.0])
+            reason = {0: None, 1: "step limit", 2: "time limit"}[int(dist_utils.all_reduce_sum(code).item())]
+        return reason
+
+    def _validate(self, val_loader) -> dict:
+        cfg = self.config
+        metrics, _ = evaluate(self.model, val_loader, self.device, tile=cfg.tile, amp=cfg.amp, game_levels=0,
+                              all_reduce=dist_utils.all_reduce_sum if dist_utils.is_distributed() else None,
+                              strict=cfg.strict)
+        if self.baseline is not None:
+            metrics["baseline_mae"], metrics["baseline_count"] = self.baseline["mae"], self.baseline["count"]
+        return metrics
+
+    def _select(self, metrics: dict, epoch: int, step: int = 0) -> None:
+        """Keeps ``best.pt`` the model with the lowest validation MAE so far."""
+        cfg = self.config
+        mae = metrics.get("mae")
+        if mae is not None and (self.best["mae"] is None or mae < self.best["mae"]):
+            self.best = {"mae": mae, "mse": metrics.get("mse"), "epoch": epoch, **({"step": step} if step else {})}
+            if dist_utils.is_main():
+                save_checkpoint(self.out / "best.pt", {
+                    "model_name": cfg.model, "config": cfg.to_dict(), "model": self.model.state_dict(),
+                    "epoch": epoch, "step": step, "best": dict(self.best),
+                })
+
+    def _validate_at_stop(self, epoch: int, step: int, steps_per_epoch: int, reason: str, val_loader) -> None:
+        """A budget ends the run between validations: the model it has is validated (and selected) too, so
+        that every run that stops by itself leaves a validated best.pt. The RNG is put back afterwards, so
+        a resumed run continues exactly as if this validation had not happened."""
+        if val_loader is None:
+            return
+        saved = rng_state()
+        metrics = self._validate(val_loader)
+        set_rng_state(saved)
+        self.model.train()
+        label = epoch + 1 if step else epoch  # the epoch in progress (1-based), or the one just finished
+        self._select(metrics, label, step)
+        at = label - 1 + step / steps_per_epoch if step else float(label)  # epochs trained, fractional
+        self.history.append({"epoch": label, "step": step or steps_per_epoch, "at_epoch": at, "stop": reason, "val": metrics})
+        self.log(f"{reason}: epoch {label} step {step or steps_per_epoch}  val mae {metrics['mae']:.3f} mse {metrics['mse']:.3f}"
+                 + (f" (mean-count baseline {metrics['baseline_mae']:.3f})" if metrics.get("baseline_mae") is not None else ""))
 
     def _stop_everywhere(self) -> bool:
         flag = self.stop.requested
@@ -499,20 +562,9 @@ class Trainer:
         }
         due = validation_due(epoch + 1, cfg)
         if val_loader is not None and due:
-            metrics, _ = evaluate(self.model, val_loader, self.device, tile=cfg.tile, amp=cfg.amp, game_levels=0,
-                                  all_reduce=dist_utils.all_reduce_sum if dist_utils.is_distributed() else None,
-                                  strict=cfg.strict)
-            if self.baseline is not None:
-                metrics["baseline_mae"], metrics["baseline_count"] = self.baseline["mae"], self.baseline["count"]
+            metrics = self._validate(val_loader)
             entry["val"] = metrics
-            mae = metrics.get("mae")
-            if mae is not None and (self.best["mae"] is None or mae < self.best["mae"]):
-                self.best = {"mae": mae, "mse": metrics.get("mse"), "epoch": epoch + 1}
-                if dist_utils.is_main():
-                    save_checkpoint(self.out / "best.pt", {
-                        "model_name": cfg.model, "config": cfg.to_dict(), "model": self.model.state_dict(),
-                        "epoch": epoch + 1, "step": 0, "best": dict(self.best),
-                    })
+            self._select(metrics, epoch + 1)
         self.history.append(entry)
         val = entry["val"]
         self.log(
@@ -582,7 +634,7 @@ def build_config(*, recipe: str | None = None, model: str | None = None, dataset
 
 
 #: What ``--resume`` may change in a run: how long it runs and how it is run, not what it learns.
-RESUME_MAY_CHANGE = ("epochs", "workers", "device", "strict", "amp", "val_every", "val_start", "max_seconds", "quiet",
+RESUME_MAY_CHANGE = ("epochs", "workers", "device", "strict", "amp", "val_every", "val_start", "max_seconds", "max_steps", "quiet",
                      "tile")
 
 

@@ -8,6 +8,23 @@ from ..ops.local_count import EDGES, Region, local_counts
 from ._common import check_positive_int, check_reduction, reduce
 
 PAIRS = ("adjacent", "all")
+REL_NORMALIZE = ("none", "pixels")
+
+
+def check_rel_normalize(normalize) -> str:
+    if normalize not in REL_NORMALIZE:
+        raise ValueError(f"rel_normalize must be one of {list(REL_NORMALIZE)}, got {normalize!r}")
+    return normalize
+
+
+def rel_normalizer(density: torch.Tensor, normalize: str) -> float:
+    """What REL is divided by when it is added to a density loss: 1 for ``"none"`` (eq. 2 as printed: hinges
+    on window counts), or Z = H x W of ``density`` [B, 1, H, W] for ``"pixels"``, the 1/Z that HMoDE eq. 3
+    puts on L_Des, so that both terms are per-pixel quantities. REL is positively homogeneous in the counts,
+    so this is REL on counts / Z. Neither the paper nor the released code says how REL is balanced (the
+    released train.py never calls it); the recipes' cells say which one they use and why."""
+    check_rel_normalize(normalize)
+    return 1.0 if normalize == "none" else float(density.shape[-2] * density.shape[-1])
 
 
 def hard_region_ranking(target_counts: torch.Tensor, sq_error: torch.Tensor, num_hard: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..losses import density_loss, relative_local_count_loss
+from ..losses.rel import check_rel_normalize, rel_normalizer
 from ._common import (channels, check_images, check_targets, check_width, conv_stack, density_at, init_normal_,
                       out_size, pad_to_multiple)
 from ..data.transforms import IMAGENET_NORM
@@ -63,13 +64,15 @@ class CSRNet(nn.Module):
 
     def criterion(self, *, reduction: str = "mean", rel: bool = True, rel_weight: float = 1.0,
                   rel_options=None, density_weight: float = 1.0, per_batch: bool = False,
-                  density_scale=None) -> "CSRNetCriterion":
+                  density_scale=None, rel_normalize: str = "none") -> "CSRNetCriterion":
         """L = density_weight * L_Des (HMoDE eq. 3, `density_loss` with `reduction`) + rel_weight * L_Rel (HMoDE
         eq. 2, when `rel`), divided by the batch size when `per_batch`. The CSRNet paper's Euclidean loss
         1/(2N) sum_i ||Z_i - Z_i^GT||^2 is reduction="sum", density_weight=0.5, per_batch=True, rel=False.
-        Targets are multiplied by `density_scale` (default: the model's)."""
+        Targets are multiplied by `density_scale` (default: the model's). `rel_normalize`: REL's counts as
+        window sums ("none", eq. 2) or divided by the output map's pixel count ("pixels"; `rel_normalizer`)."""
         scale = self.density_scale if density_scale is None else density_scale
-        return CSRNetCriterion(self.stride, reduction, rel, rel_weight, rel_options, density_weight, per_batch, scale)
+        return CSRNetCriterion(self.stride, reduction, rel, rel_weight, rel_options, density_weight, per_batch, scale,
+                               rel_normalize)
 
 
 class CSRNetCriterion(nn.Module):
@@ -77,8 +80,9 @@ class CSRNetCriterion(nn.Module):
     the output grid (count kept) first."""
 
     def __init__(self, stride, reduction="mean", rel=True, rel_weight=1.0, rel_options=None, density_weight=1.0,
-                 per_batch=False, density_scale=1.0):
+                 per_batch=False, density_scale=1.0, rel_normalize="none"):
         super().__init__()
+        self.rel_normalize = check_rel_normalize(rel_normalize)
         self.stride, self.reduction = stride, reduction
         self.rel, self.rel_weight, self.rel_options = bool(rel), float(rel_weight), dict(rel_options or {})
         self.density_weight, self.per_batch, self.density_scale = float(density_weight), bool(per_batch), float(density_scale)
@@ -89,7 +93,7 @@ class CSRNetCriterion(nn.Module):
         gt = density_at(full, self.stride, pred.shape[-2:])
         terms = {"density": density_loss(pred, gt, self.reduction)}
         if self.rel:
-            terms["rel"] = relative_local_count_loss(pred, gt, **self.rel_options)
+            terms["rel"] = relative_local_count_loss(pred, gt, **self.rel_options) / rel_normalizer(pred, self.rel_normalize)
         total = self.density_weight * terms["density"] + self.rel_weight * terms.get("rel", 0.0)
         terms["total"] = total / pred.shape[0] if self.per_batch else total
         return terms

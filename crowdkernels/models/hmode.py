@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..losses import attention_loss, density_loss, expert_importance_loss, relative_local_count_loss
+from ..losses.rel import check_rel_normalize, rel_normalizer
 from ..ops.gating import hierarchical_gating
 from ._common import (channels, check_images, check_targets, check_width, conv_relu, conv_stack, density_at, init_normal_,
                       out_size, pad_to_multiple)
@@ -225,6 +226,9 @@ class HMoDE(nn.Module):
             rel: add REL (True, eq. 4 / False, as the released training script leaves it commented out).
             rel_options: kwargs of `relative_local_count_loss` (defaults: region 1/8, S = 9, three sub-lists,
                 adjacent pairs: sec. IV-B2 and eq. 2).
+            rel_weight: the weight of L_Rel against L_Des (1: eq. 4 as printed).
+            rel_normalize: REL's counts as eq. 2 prints them, window sums ("none"), or divided by the map's
+                pixel count Z ("pixels"), the 1/Z that eq. 3 puts on L_Des (see `rel_normalizer`).
             attention_weight, importance_weight: 1 / 1 (eq. 7).
             attention_reduction: "mean" (eq. 5) / "sum".
             attention_log_eps: None (clamped logs) / 1e-10 (the released log(a + 1e-10)).
@@ -297,7 +301,8 @@ class HMoDECriterion(nn.Module):
 
     def __init__(self, model: HMoDE, *, weights=None, reduction=None, resolution=None, rel=None, rel_options=None,
                  attention_weight: float = 1.0, importance_weight: float = 1.0, attention_reduction=None,
-                 attention_log_eps="default", importance_per_image=None, density_scale=None, per_batch=None):
+                 attention_log_eps="default", importance_per_image=None, density_scale=None, per_batch=None,
+                 rel_weight: float = 1.0, rel_normalize: str = "none"):
         super().__init__()
         official = model.variant == "official"
         n_out = model.num_experts + (0 if model.fusion == "average" else model.groups.shape[0]) + 1
@@ -313,6 +318,8 @@ class HMoDECriterion(nn.Module):
             raise ValueError(f"resolution must be 'input' or 'output', got {resolution!r}")
         self.rel = (not official) if rel is None else bool(rel)
         self.rel_options = dict(rel_options or {})
+        self.rel_weight = float(rel_weight)
+        self.rel_normalize = check_rel_normalize(rel_normalize)
         self.attention_weight, self.importance_weight = float(attention_weight), float(importance_weight)
         self.attention_reduction = attention_reduction or ("sum" if official else "mean")
         self.attention_log_eps = (1e-10 if official else None) if attention_log_eps == "default" else attention_log_eps
@@ -342,12 +349,12 @@ class HMoDECriterion(nn.Module):
             d = bring(d)
             dens = dens + w * density_loss(d, gt, self.reduction)
             if self.rel:
-                rel = rel + w * relative_local_count_loss(d, gt, **self.rel_options)
+                rel = rel + w * relative_local_count_loss(d, gt, **self.rel_options) / rel_normalizer(d, self.rel_normalize)
         terms = {"density": dens}
         total = dens
         if self.rel:
             terms["rel"] = rel
-            total = total + rel
+            total = total + self.rel_weight * rel
         if output.attention is not None:
             terms["attention"] = attention_loss(output.attention, full, threshold=1e-5 * self.density_scale,
                                                 reduction=self.attention_reduction, log_eps=self.attention_log_eps)
