@@ -306,3 +306,54 @@ def test_ddp_rank_with_no_loadable_image_does_not_hang_the_others(tmp_path):
     assert set(r1["skipped"]) == {"broken_1", "broken_3"}
     # step 1 was skipped everywhere: rank 0's images 0 and 2 were not stepped on either
     assert r0["summary"]["history"][0]["images"] == 4
+
+
+# ----------------------------------------------------------------------------------------- budgets
+def _log(run):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_a_step_budget_stops_mid_epoch_saved_validated_and_resumes_exactly(tmp_path):
+    # 10 images at batch 4: 3 steps an epoch; the budget of 5 steps ends inside epoch 2
+    kw = dict(epochs=3, val_every=10, synthetic={"train": 10, "val": 2, "size": 40})
+    ref = make_trainer(tiny_config(tmp_path / "ref", **kw))
+    ref_summary = ref.run()
+    run = tmp_path / "run"
+    first = make_trainer(tiny_config(run, max_steps=5, **kw))
+    summary = first.run()
+    assert summary["status"] == "step limit"
+    ck = load_checkpoint(run / "last.pt")
+    assert (ck["epoch"], ck["step"]) == (1, 2)  # epoch 2 (0-based 1), 2 of its 3 steps
+    stop = [e for e in _log(run) if e.get("stop")]
+    assert len(stop) == 1 and stop[0]["step"] == 2 and stop[0]["at_epoch"] == pytest.approx(1 + 2 / 3)
+    assert stop[0]["val"]["mae"] == summary["best"]["mae"]  # val_every=10: the stop is the only validation
+    best = load_checkpoint(run / "best.pt")
+    assert best["best"]["mae"] == stop[0]["val"]["mae"] and (best["epoch"], best["step"]) == (2, 2)
+    # the budget's validation leaves no trace in the training: resuming gives the uninterrupted run
+    second = make_trainer(tiny_config(run, resume=True, **kw), seed=123)
+    assert second.run()["status"] == "finished"
+    assert torch.equal(params(second.model), params(ref.model))
+    epochs = [e for e in _log(run) if "loss" in e]
+    assert [e["loss"] for e in epochs] == [h["loss"] for h in ref_summary["history"]]
+    assert any(e.get("stop") for e in _log(run))  # the stop's validation stays in the log after a resume
+
+
+def test_a_step_budget_at_an_epoch_end_validates_and_stops(tmp_path):
+    run = tmp_path / "run"
+    summary = make_trainer(tiny_config(run, epochs=3, val_every=10, max_steps=3,
+                                       synthetic={"train": 10, "val": 2, "size": 40})).run()
+    assert summary["status"] == "step limit" and summary["epoch"] == 1
+    ck = load_checkpoint(run / "last.pt")
+    assert (ck["epoch"], ck["step"]) == (1, 0)
+    log = _log(run)
+    assert [e.get("stop") for e in log] == [None, "step limit"] and log[1]["val"]["mae"] == summary["best"]["mae"]
+
+
+def test_a_time_limit_is_checked_after_every_step(tmp_path):
+    run = tmp_path / "run"
+    steps = []
+    summary = make_trainer(tiny_config(run, epochs=50, max_seconds=1e-9, synthetic={"train": 10, "val": 2, "size": 40}),
+                           on_step=lambda t, e, s: steps.append((e, s))).run()
+    assert summary["status"] == "time limit" and steps == [(0, 1)]
+    ck = load_checkpoint(run / "last.pt")
+    assert (ck["epoch"], ck["step"]) == (0, 1) and (run / "best.pt").is_file()

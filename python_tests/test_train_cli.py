@@ -114,3 +114,26 @@ def test_full_demo_meets_its_targets(tmp_path, capsys):
     assert metrics["stopped_by"] == "finished"  # within the time budget, not cut short
     assert (tmp_path / "demo" / "learning_curve.png").stat().st_size > 0
     assert len(list((tmp_path / "demo" / "pictures").glob("heldout_*.png"))) >= 1
+
+
+@pytest.mark.parametrize("text, seconds", [("900", 900.0), ("90s", 90.0), ("15m", 900.0), ("1.5h", 5400.0)])
+def test_time_limit_takes_durations(text, seconds, capsys):
+    assert cli.main(["train", "--recipe", "csrnet", "--print-config", "--time-limit", text, "--max-steps", "7"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert config["max_seconds"] == seconds and config["max_steps"] == 7
+
+
+@pytest.mark.parametrize("text", ["0", "-5m", "soon", "15x", "inf"])
+def test_a_bad_time_limit_is_one_line(text, capsys):
+    assert cli.main(["train", "--recipe", "csrnet", "--print-config", f"--time-limit={text}"]) == 2
+    err = capsys.readouterr().err
+    assert "argument --time-limit: expected a positive duration" in err.splitlines()[-1] and "Traceback" not in err
+
+
+def test_a_step_budget_run_stops_saved_and_resumes(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(run, "--epochs", "3", "--max-steps", "3") == 0  # 2 steps an epoch: stops inside epoch 2
+    out = capsys.readouterr()
+    assert "train: step limit" in out.out and "step limit reached at epoch 2, step 1" in out.err
+    assert _train(run, "--epochs", "3", "--resume") == 0
+    assert "train: finished after 3 epoch(s)" in capsys.readouterr().out
