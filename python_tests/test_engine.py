@@ -329,6 +329,11 @@ def test_a_step_budget_stops_mid_epoch_saved_validated_and_resumes_exactly(tmp_p
     assert stop[0]["val"]["mae"] == summary["best"]["mae"]  # val_every=10: the stop is the only validation
     best = load_checkpoint(run / "best.pt")
     assert best["best"]["mae"] == stop[0]["val"]["mae"] and (best["epoch"], best["step"]) == (2, 2)
+    assert stop[0]["global_step"] == 5 and [e["global_step"] for e in _log(run) if "loss" in e] == [3]
+    # the same budget again: nothing more to do, no step taken
+    again = make_trainer(tiny_config(run, resume=True, max_steps=5, **kw), seed=5)
+    assert again.run()["status"] == "step limit"
+    assert torch.equal(params(again.model), params(first.model))
     # the budget's validation leaves no trace in the training: resuming gives the uninterrupted run
     second = make_trainer(tiny_config(run, resume=True, **kw), seed=123)
     assert second.run()["status"] == "finished"

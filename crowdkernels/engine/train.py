@@ -351,6 +351,10 @@ class Trainer:
 
         train_loader, sampler, val_loader = self._loaders()
         status, epoch, step = "finished", start_epoch, start_step
+        if cfg.max_steps is not None and start_epoch * len(train_loader) + start_step >= cfg.max_steps:
+            self.log(f"step limit: the run in {self.out} has already taken {cfg.max_steps} steps or more")
+            return {"status": "step limit", "epoch": start_epoch, "best": dict(self.best),
+                    "history": list(self.history), "skipped": dict(self.skipped)}
         run_start = time.perf_counter()
         completed = start_epoch
         with self.stop:
@@ -419,7 +423,7 @@ class Trainer:
                              f"saved {last}; continue with --resume")
                     status = budget or "interrupted"
                     break
-                entry = self._end_epoch(epoch, sums, seen, elapsed, optimizer, val_loader)
+                entry = self._end_epoch(epoch, sums, seen, elapsed, optimizer, val_loader, (epoch + 1) * len(train_loader))
                 scheduler.step()
                 if main:
                     save_checkpoint(last, self._state(epoch + 1, 0, optimizer, scheduler, scaler, {}))
@@ -504,7 +508,9 @@ class Trainer:
         label = epoch + 1 if step else epoch  # the epoch in progress (1-based), or the one just finished
         self._select(metrics, label, step)
         at = label - 1 + step / steps_per_epoch if step else float(label)  # epochs trained, fractional
-        self.history.append({"epoch": label, "step": step or steps_per_epoch, "at_epoch": at, "stop": reason, "val": metrics})
+        self.history.append({"epoch": label, "step": step or steps_per_epoch, "at_epoch": at,
+                             "global_step": (label - 1) * steps_per_epoch + (step or steps_per_epoch), "stop": reason,
+                             "val": metrics})
         self.log(f"{reason}: epoch {label} step {step or steps_per_epoch}  val mae {metrics['mae']:.3f} mse {metrics['mse']:.3f}"
                  + (f" (mean-count baseline {metrics['baseline_mae']:.3f})" if metrics.get("baseline_mae") is not None else ""))
 
@@ -546,13 +552,14 @@ class Trainer:
         scaler.update()
         return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in losses.items()}
 
-    def _end_epoch(self, epoch, sums, seen, elapsed, optimizer, val_loader) -> dict:
+    def _end_epoch(self, epoch, sums, seen, elapsed, optimizer, val_loader, global_step: int) -> dict:
         cfg = self.config
         totals = dist_utils.all_reduce_sum(torch.tensor([seen, *sums.values()], dtype=torch.float64))
         seen_all = float(totals[0])
         losses = {k: float(v) / seen_all for k, v in zip(sums, totals[1:])} if seen_all else {}
         entry = {
             "epoch": epoch + 1,
+            "global_step": global_step,
             "lr": optimizer.param_groups[0]["lr"],
             "loss": losses,
             "images": int(seen_all),
