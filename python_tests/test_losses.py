@@ -383,3 +383,37 @@ def test_density_loss_eq3():
         losses.density_loss(pred, target[:, :, :8])
     with pytest.raises(ValueError, match="reduction"):
         losses.DensityLoss("max")
+
+
+# ----------------------------------------------------------------------------------------- REL's balance
+@pytest.mark.parametrize("normalize, divisor", [("none", 1.0), ("window", 5.0 * 7.0), ("pixels", 37.0 * 50.0)])
+def test_rel_normalize_divides_rel_by_the_window_or_the_map(normalize, divisor):
+    from crowdkernels import CSRNet, HMoDE
+    from crowdkernels.losses.rel import rel_normalizer
+
+    g = torch.Generator().manual_seed(3)
+    d = torch.rand(2, 1, 37, 50, generator=g, dtype=torch.float64)
+    assert rel_normalizer(d, normalize, 0.125) == divisor  # windows ceil(37/8) x ceil(50/8) = 5 x 7
+    # the criteria divide REL (and only REL) by it; HMoDE scales every output's REL, then weights the sum
+    torch.manual_seed(0)
+    net = HMoDE(width=0.125).double()
+    images = torch.rand(2, 3, 64, 48, dtype=torch.float64)
+    targets = {"density": torch.rand(2, 1, 64, 48, dtype=torch.float64) * 1e-2, "points": [torch.zeros(0, 2)] * 2}
+    out = net(images)
+    raw = net.criterion()(out, targets)
+    scaled = net.criterion(rel_normalize=normalize, rel_weight=0.5)(out, targets)
+    div = rel_normalizer(targets["density"], normalize, 0.125)
+    torch.testing.assert_close(scaled["rel"], raw["rel"] / div)
+    torch.testing.assert_close(scaled["total"] - raw["total"], 0.5 * scaled["rel"] - raw["rel"])
+    c = CSRNet(width=0.125).double()
+    o = c(images)
+    r0 = c.criterion(rel=True)(o, targets)["rel"]
+    r1 = c.criterion(rel=True, rel_normalize=normalize)(o, targets)["rel"]
+    torch.testing.assert_close(r1, r0 / rel_normalizer(o.final, normalize, 0.125))
+
+
+def test_rel_normalize_names_its_choices():
+    from crowdkernels import HMoDE
+
+    with pytest.raises(ValueError, match=r"rel_normalize must be one of \['none', 'window', 'pixels'\], got 'area'"):
+        HMoDE(width=0.125).criterion(rel_normalize="area")

@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.local_count import EDGES, Region, local_counts
+from ..ops.local_count import EDGES, Region, local_counts, window_size
 from ._common import check_positive_int, check_reduction, reduce
 
 PAIRS = ("adjacent", "all")
-REL_NORMALIZE = ("none", "pixels")
+REL_NORMALIZE = ("none", "window", "pixels")
 
 
 def check_rel_normalize(normalize) -> str:
@@ -17,14 +17,21 @@ def check_rel_normalize(normalize) -> str:
     return normalize
 
 
-def rel_normalizer(density: torch.Tensor, normalize: str) -> float:
+def rel_normalizer(density: torch.Tensor, normalize: str, region: Region = 0.125) -> float:
     """What REL is divided by when it is added to a density loss: 1 for ``"none"`` (eq. 2 as printed: hinges
-    on window counts), or Z = H x W of ``density`` [B, 1, H, W] for ``"pixels"``, the 1/Z that HMoDE eq. 3
-    puts on L_Des, so that both terms are per-pixel quantities. REL is positively homogeneous in the counts,
-    so this is REL on counts / Z. Neither the paper nor the released code says how REL is balanced (the
-    released train.py never calls it); the recipes' cells say which one they use and why."""
+    on window counts); the window's area w x w for ``"window"`` (hinges on the windows' mean densities, the
+    units of the per-pixel density loss); or Z = H x W of ``density`` [B, 1, H, W] for ``"pixels"``, the 1/Z
+    that HMoDE eq. 3 puts on L_Des. REL is positively homogeneous in the counts, so dividing the loss is REL
+    on counts divided by the same number. Neither the paper nor the released code says how REL is balanced
+    (the released train.py never calls it); the recipes' cells say which one they use and why."""
     check_rel_normalize(normalize)
-    return 1.0 if normalize == "none" else float(density.shape[-2] * density.shape[-1])
+    H, W = density.shape[-2], density.shape[-1]
+    if normalize == "none":
+        return 1.0
+    if normalize == "pixels":
+        return float(H * W)
+    rh, rw = window_size(region, H, W)
+    return float(rh * rw)
 
 
 def hard_region_ranking(target_counts: torch.Tensor, sq_error: torch.Tensor, num_hard: int) -> torch.Tensor:

@@ -69,7 +69,8 @@ class CSRNet(nn.Module):
         eq. 2, when `rel`), divided by the batch size when `per_batch`. The CSRNet paper's Euclidean loss
         1/(2N) sum_i ||Z_i - Z_i^GT||^2 is reduction="sum", density_weight=0.5, per_batch=True, rel=False.
         Targets are multiplied by `density_scale` (default: the model's). `rel_normalize`: REL's counts as
-        window sums ("none", eq. 2) or divided by the output map's pixel count ("pixels"; `rel_normalizer`)."""
+        window sums ("none", eq. 2), divided by the window's area ("window") or by the output map's pixel
+        count ("pixels"); see `crowdkernels.losses.rel.rel_normalizer`."""
         scale = self.density_scale if density_scale is None else density_scale
         return CSRNetCriterion(self.stride, reduction, rel, rel_weight, rel_options, density_weight, per_batch, scale,
                                rel_normalize)
@@ -93,7 +94,8 @@ class CSRNetCriterion(nn.Module):
         gt = density_at(full, self.stride, pred.shape[-2:])
         terms = {"density": density_loss(pred, gt, self.reduction)}
         if self.rel:
-            terms["rel"] = relative_local_count_loss(pred, gt, **self.rel_options) / rel_normalizer(pred, self.rel_normalize)
+            norm = rel_normalizer(pred, self.rel_normalize, self.rel_options.get("region", 0.125))
+            terms["rel"] = relative_local_count_loss(pred, gt, **self.rel_options) / norm
         total = self.density_weight * terms["density"] + self.rel_weight * terms.get("rel", 0.0)
         terms["total"] = total / pred.shape[0] if self.per_batch else total
         return terms

@@ -227,8 +227,9 @@ class HMoDE(nn.Module):
             rel_options: kwargs of `relative_local_count_loss` (defaults: region 1/8, S = 9, three sub-lists,
                 adjacent pairs: sec. IV-B2 and eq. 2).
             rel_weight: the weight of L_Rel against L_Des (1: eq. 4 as printed).
-            rel_normalize: REL's counts as eq. 2 prints them, window sums ("none"), or divided by the map's
-                pixel count Z ("pixels"), the 1/Z that eq. 3 puts on L_Des (see `rel_normalizer`).
+            rel_normalize: REL's counts as eq. 2 prints them, window sums ("none"), divided by the window's
+                area ("window": mean densities), or by the map's pixel count Z ("pixels", eq. 3's 1/Z); see
+                `crowdkernels.losses.rel.rel_normalizer`.
             attention_weight, importance_weight: 1 / 1 (eq. 7).
             attention_reduction: "mean" (eq. 5) / "sum".
             attention_log_eps: None (clamped logs) / 1e-10 (the released log(a + 1e-10)).
@@ -349,7 +350,8 @@ class HMoDECriterion(nn.Module):
             d = bring(d)
             dens = dens + w * density_loss(d, gt, self.reduction)
             if self.rel:
-                rel = rel + w * relative_local_count_loss(d, gt, **self.rel_options) / rel_normalizer(d, self.rel_normalize)
+                norm = rel_normalizer(d, self.rel_normalize, self.rel_options.get("region", 0.125))
+                rel = rel + w * relative_local_count_loss(d, gt, **self.rel_options) / norm
         terms = {"density": dens}
         total = dens
         if self.rel:
