@@ -612,6 +612,14 @@ def test_repeat_reads_each_training_image_times_an_epoch(tmp_path):
     cfg.patches, cfg.crop = "csrnet9", None
     _, _, train, _ = build_run(cfg)
     assert len(train) == n * 18 * 4
+    import pickle
+
+    from crowdkernels.data.patches import Repeated
+
+    again = pickle.loads(pickle.dumps(Repeated(["a", "b"], 3)))  # as a spawned DataLoader worker gets it
+    assert [again[i] for i in range(len(again))] == ["a", "a", "a", "b", "b", "b"]
+    with pytest.raises(IndexError):
+        again[6]
     for bad in (0, 1.5, True):
         cfg.repeat = bad
         with pytest.raises(ValueError, match="repeat must be an int >= 1"):

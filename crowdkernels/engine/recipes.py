@@ -188,7 +188,7 @@ _L2SM_PAPER = {
     "lr_step": Choice(None, "L2SM sec. 4.2: 'initialized to 1e-4', no schedule given; ours: constant"),
     "lr_gamma": Choice(0.5, "unused (no step)"),
     "criterion_kwargs.lambda1": Choice(1.0, "L2SM sec. 4.2: lambda1 = 1"),
-    "criterion_kwargs.lambda2": Choice(1.0, "silent (sec. 4.3, Fig. 5: 'rather stable for a wide range of weight of the "
+    "criterion_kwargs.lambda2": Choice(1.0, "silent (sec. 4.4, Fig. 5: 'rather stable for a wide range of weight of the "
                                             "center loss', no value chosen); ours: 1"),
     "criterion_kwargs.alpha": Choice(0.5, "silent (eq. 1 names the centre learning rate alpha, no value); no released "
                                           "code: ours"),
@@ -210,9 +210,10 @@ _L2SM_PAPER = {
     "val_from_train": Choice(None, "silent; ours: the test split, as the other recipes (see --val-from-train)"),
     "fit_levels": Choice(True, "L2SM sec. 4.2: 'evenly divide all the images in a dataset into G groups of regions'; "
                                "the selection threshold is the lower bound of the top C groups ('If Di is larger than a "
-                               "pre-defined value for selecting the top C groups of regions in training'), fitted here on "
-                               "the ground truth's region means and compared with the predicted D_i (sec. 3.3: selected "
-                               "'based on D-hat') in training as at inference"),
+                               "pre-defined value for selecting the top C groups of regions in training'), compared "
+                               "with the predicted D_i in training as at inference (sec. 3.3: 'select the dense regions "
+                               "based on the average initial density Di'); the groups are fitted on the ground truth's "
+                               "region means: ours, the text does not say which density"),
     "seed": Choice(0, "ours: not stated"),
 }
 
