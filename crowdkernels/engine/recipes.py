@@ -240,7 +240,7 @@ _CSRNET = {
     "lr": Choice(1e-6, "CSRNet sec. 3: fixed learning rate 1e-6 (CSRNet train.py uses 1e-7)"),
     "momentum": Choice(0.95, "silent; CSRNet train.py: momentum 0.95"),
     "weight_decay": Choice(5e-4, "silent; CSRNet train.py: decay 5e-4"),
-    "epochs": Choice(400, "silent; CSRNet train.py: 400 epochs"),
+    "epochs": Choice(400, "silent; CSRNet train.py: 400 epochs, each of every image 4 times (repeat)"),
     "lr_step": Choice(None, "CSRNet sec. 3: fixed learning rate"),
     "lr_gamma": Choice(0.5, "unused (no step)"),
     "criterion_kwargs.reduction": Choice("sum", "CSRNet sec. 3: L = 1/(2N) sum_i ||Z_i - Z_i^GT||^2"),
