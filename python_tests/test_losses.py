@@ -220,8 +220,8 @@ def test_example_runs():
 
 
 # --------------------------------------------------------------------------------------------- MPCL
-def mpcl_with(centers, alpha=0.5):
-    m = losses.MultipolarCenterLoss(len(centers), alpha=alpha)
+def mpcl_with(centers, alpha=0.5, **options):
+    m = losses.MultipolarCenterLoss(len(centers), alpha=alpha, **options)
     m.centers.copy_(torch.tensor(centers, dtype=m.centers.dtype))
     return m
 
@@ -417,3 +417,30 @@ def test_rel_normalize_names_its_choices():
 
     with pytest.raises(ValueError, match=r"rel_normalize must be one of \['none', 'window', 'pixels'\], got 'area'"):
         HMoDE(width=0.125).criterion(rel_normalize="area")
+
+
+def test_expert_importance_variance_over_n_or_n_minus_1():
+    """eq. 6's sigma(W_i): over N - 1 (unbiased, the released cv_squared's x.var()) or over N."""
+    imp = torch.tensor([[[1.0, 3.0, 8.0]]], dtype=torch.float64)
+    mean = 4.0
+    ss = (1 - mean) ** 2 + (3 - mean) ** 2 + (8 - mean) ** 2  # 26
+    assert losses.expert_importance_loss(imp).item() == pytest.approx(ss / 2 / (mean ** 2 + 1e-10))
+    assert losses.expert_importance_loss(imp, unbiased=False).item() == pytest.approx(ss / 3 / (mean ** 2 + 1e-10))
+    assert losses.ExpertImportanceLoss(unbiased=False)(imp).item() == pytest.approx(ss / 3 / (mean ** 2 + 1e-10))
+    with pytest.raises(TypeError, match="unbiased"):
+        losses.expert_importance_loss(imp, unbiased=1)
+
+
+def test_mpcl_norm_as_printed_is_the_absolute_difference():
+    """L2SM eq. 2's ||D/r^2 - d_c||_2 of a scalar read as written: |d - d_c|; eq. 1's update is unchanged."""
+    m = mpcl_with([1.0, 2.0, 3.0], norm="l2").double()
+    D = torch.tensor([2.0, 4.0, 8.0, 3.0, 10.0], dtype=torch.float64, requires_grad=True)
+    r = torch.tensor([1.0, 1.0, 2.0, 1.0, 1.0], dtype=torch.float64)
+    idx = torch.tensor([0, 0, 1, 2, -1])
+    loss = m(D, r, idx)
+    assert loss.item() == pytest.approx(1.0 + 3.0 + 0.0 + 0.0)  # d = [2, 4, 2, 3]
+    torch.testing.assert_close(m.centers, torch.tensor([1 + 2 / 3, 2.0, 3.0], dtype=torch.float64))
+    loss.backward()
+    torch.testing.assert_close(D.grad, torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="norm must be one of"):
+        losses.MultipolarCenterLoss(3, norm="l1")

@@ -475,17 +475,67 @@ def test_l2sm_paper_fits_the_levels_over_the_training_set(tmp_path):
     assert bool(model.levels_fitted) and model.num_groups == 5 and model.num_centers == 3 and model.k == 4
 
 
-def test_csrnet_recipe_uses_sgd_with_momentum_and_the_paper_loss(tmp_path):
+def cv2_inter_cubic(src: np.ndarray, width: int, height: int) -> np.ndarray:
+    """OpenCV's cv2.resize(src, (width, height), interpolation=cv2.INTER_CUBIC) on a float map, restated from
+    its arithmetic (imgproc/resize.cpp: interpolateCubic with A = -0.75; fx = (dx + 0.5) * scale_x - 0.5 with
+    scale_x = src width / dst width, sx = floor(fx), not clamped for cubic; the 4 taps sx-1..sx+2 clamped to the
+    image, i.e. replicated border), in float64 loops, with no torch."""
+    A = -0.75
+
+    def coeffs(x):
+        c0 = ((A * (x + 1) - 5 * A) * (x + 1) + 8 * A) * (x + 1) - 4 * A
+        c1 = ((A + 2) * x - (A + 3)) * x * x + 1
+        c2 = ((A + 2) * (1 - x) - (A + 3)) * (1 - x) * (1 - x) + 1
+        return (c0, c1, c2, 1.0 - c0 - c1 - c2)
+
+    H, W = src.shape
+    out = np.zeros((height, width))
+    for dy in range(height):
+        fy = (dy + 0.5) * (H / height) - 0.5
+        sy = int(np.floor(fy))
+        cy = coeffs(fy - sy)
+        for dx in range(width):
+            fx = (dx + 0.5) * (W / width) - 0.5
+            sx = int(np.floor(fx))
+            cx = coeffs(fx - sx)
+            acc = 0.0
+            for i in range(4):
+                row = min(max(sy - 1 + i, 0), H - 1)
+                for j in range(4):
+                    acc += cy[i] * cx[j] * src[row, min(max(sx - 1 + j, 0), W - 1)]
+            out[dy, dx] = acc
+    return out
+
+
+def test_csrnet_recipe_uses_sgd_with_momentum_and_the_paper_loss_on_the_released_cubic_target(tmp_path):
+    """The paper's 1/(2N) sum ||Z - Z^GT||^2 on the released image.py's target, cv2.resize(target, (w/8, h/8),
+    interpolation=cv2.INTER_CUBIC) * 64 (Python 2: w/8 floors), restated above; the prediction's partial last
+    row and column (ours pads to 8, the released VGG floors) are left out."""
     cfg = build_config(recipe="csrnet", dataset="synthetic", overrides={"model_kwargs.width": 0.125})
     model, criterion, *_ = build_run(cfg)
     opt = ck.engine.train.make_optimizer(model.parameters(), cfg)
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.95 and opt.defaults["lr"] == 1e-6
     assert opt.defaults["weight_decay"] == 5e-4
-    out = model(torch.randn(2, 3, 32, 32))
-    dens = torch.rand(2, 1, 32, 32)
-    gt = ck.models._common.density_at(dens, 8, out.final.shape[-2:])
-    want = ((out.final - gt) ** 2).sum() / (2 * 2)  # 1/(2N) sum ||Z - Z^GT||^2
-    torch.testing.assert_close(criterion(out, {"density": dens, "points": [torch.zeros(0, 2)] * 2})["total"], want)
+    assert criterion.downsample == "cubic"
+    for H, W in ((32, 32), (45, 67)):  # 45 x 67: scale 45/5 = 9 and 67/8 = 8.375, not 8
+        out = model(torch.randn(2, 3, H, W))
+        assert out.final.shape[-2:] == (-(-H // 8), -(-W // 8))
+        g = torch.Generator().manual_seed(H)
+        dens = torch.rand(2, 1, H, W, generator=g) * (torch.rand(2, 1, H, W, generator=g) > 0.7)
+        h, w = H // 8, W // 8
+        gt = torch.from_numpy(np.stack([cv2_inter_cubic(d[0].double().numpy(), w, h) * 64 for d in dens]))[:, None]
+        want = ((out.final[..., :h, :w].double() - gt) ** 2).sum() / (2 * 2)  # 1/(2N) sum ||Z - Z^GT||^2
+        got = criterion(out, {"density": dens, "points": [torch.zeros(0, 2)] * 2})["total"]
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+        # "sum" (ours: 8 x 8 cells summed, on the whole ceil grid) is another target
+        summed = model.criterion(**{**cfg.criterion_kwargs, "downsample": "sum"})
+        other = ((out.final - ck.models._common.density_at(dens, 8, out.final.shape[-2:])) ** 2).sum() / 4
+        torch.testing.assert_close(summed(out, {"density": dens, "points": [torch.zeros(0, 2)] * 2})["total"], other)
+        assert abs(float(other.detach()) - float(want.detach())) > 1e-3 * float(want.detach())
+    with pytest.raises(ValueError, match="downsample must be one of"):
+        model.criterion(downsample="area")
+    with pytest.raises(ValueError, match="at least 8 x 8 pixels"):
+        criterion(model(torch.randn(1, 3, 7, 16)), {"density": torch.rand(1, 1, 7, 16), "points": [torch.zeros(0, 2)]})
 
 
 def test_validation_schedule():
@@ -532,3 +582,158 @@ def test_training_progress_is_a_line_per_epoch_in_a_log(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "\r" not in err
     assert len([line for line in err.splitlines() if line.startswith("epoch ")]) == 2
+
+
+# ------------------------------------------------------------------------------- issue 22: each cell applied
+
+def test_repeat_reads_each_training_image_times_an_epoch(tmp_path):
+    """`repeat`: the released SHHA.py's __getitem__ reads index // AUGMENT (len = images * AUGMENT), CSRNet's
+    dataset.py lists root * 4; each read is a new random crop. The recipes' values: AUGMENT = 1, CSRNet's 4."""
+    assert [build_config(recipe=r, dataset="shanghaitech-a").repeat for r in recipes.RECIPE_NAMES] == [1, 1, 1, 4]
+    root = _folder(tmp_path, n=3, size=(40, 48), heads=4)
+    cfg = build_config(model="csrnet", dataset="folder", overrides={"repeat": 4, "crop": 16, "model_kwargs.width": 0.125})
+    cfg.root = str(root)
+    _, _, train, val = build_run(cfg)
+    n = len(train.samples)
+    assert n >= 2 and len(train) == 4 * n and len(train.unaugmented()) == n and train.counts == [4] * n
+    names = [train[i]["name"] for i in range(4 * n)]
+    AUGMENT = 4
+    assert names == [train.samples[i // AUGMENT].name for i in range(4 * n)]  # SHHA.py: index // self.data_aug
+    torch.manual_seed(0)
+    crops = [train[0]["image"] for _ in range(4)]
+    assert any(not torch.equal(crops[0], c) for c in crops[1:])  # a new random crop each read
+    # an epoch is every image 4 times: 4 n steps at batch 1
+    cfg.out, cfg.epochs, cfg.batch_size, cfg.workers, cfg.quiet = str(tmp_path / "run"), 1, 1, 0, True
+    model, criterion, train, val = build_run(cfg)
+    steps = []
+    Trainer(model, criterion, train, val, cfg, on_step=lambda t, e, s: steps.append(s)).run()
+    assert steps == list(range(1, 4 * n + 1))
+    # on the nine patches (csrnet): 18 patches of each image, 4 times
+    cfg.patches, cfg.crop = "csrnet9", None
+    _, _, train, _ = build_run(cfg)
+    assert len(train) == n * 18 * 4
+    import pickle
+
+    from crowdkernels.data.patches import Repeated
+
+    again = pickle.loads(pickle.dumps(Repeated(["a", "b"], 3)))  # as a spawned DataLoader worker gets it
+    assert [again[i] for i in range(len(again))] == ["a", "a", "a", "b", "b", "b"]
+    with pytest.raises(IndexError):
+        again[6]
+    for bad in (0, 1.5, True):
+        cfg.repeat = bad
+        with pytest.raises(ValueError, match="repeat must be an int >= 1"):
+            build_run(cfg)
+
+
+def test_weight_init_normal_he_auto(tmp_path):
+    """`weight_init`: the layers outside the ImageNet encoder N(0, 0.01) with zero biases (the released HMoDE.py
+    and CSRNet model.py _initialize_weights), He, or "auto" (N(0, 0.01) over a --pretrained encoder)."""
+    assert {build_config(recipe=r).weight_init for r in recipes.RECIPE_NAMES} == {"auto"}
+
+    def layers(model):
+        if name == "hmode":
+            return [model.decoder, model.heads, model.gate1, model.gate2, model.attention]
+        if name == "csrnet":
+            return [model.backend, model.output_layer]
+        return [model.scale_conv, model.repredict, model.spn.pyramid, model.spn.regressor]
+
+    for name in ("hmode", "csrnet", "l2sm"):
+        for init in ("normal", "he", "auto"):
+            cfg = build_config(model=name, overrides={"weight_init": init, "model_kwargs.width": 0.25})
+            torch.manual_seed(0)
+            model = build_run(cfg)[0]
+            convs = [m for seq in layers(model) for m in seq.modules() if isinstance(m, torch.nn.Conv2d)]
+            assert convs and all(float(m.bias.detach().abs().max()) == 0 for m in convs)
+            big = [m for m in convs if m.weight.numel() >= 2000]
+            for m in big:
+                std = float(m.weight.std())
+                he = (2.0 / (m.weight[0].numel())) ** 0.5
+                want = 0.01 if init == "normal" else he  # auto: no --pretrained here, so He
+                assert abs(std - want) < 0.15 * want, (name, init, std, want)
+    assert ck.HMoDE(width=0.25, init="normal").decoder[0][0].weight.std().item() == pytest.approx(0.01, rel=0.1)
+    with pytest.raises(ValueError, match="init must be one of"):
+        ck.CSRNet(width=0.125, init="xavier")
+
+
+def test_hmode_attention_threshold_and_importance_variance_are_options():
+    """sec. III-D1: A^g = ground truth > 1e-5 (people per pixel; the released train.py compares its LOG_PARA-scaled
+    map with 1e-5 * LOG_PARA); eq. 6's sigma^2 over N - 1 (the released cv_squared's x.var()) or over N."""
+    for r in ("hmode-released", "hmode-paper"):
+        cfg = build_config(recipe=r, overrides={"model_kwargs.width": 0.25})
+        crit = build_run(cfg)[1]
+        assert crit.attention_threshold == 1e-5 and crit.importance_unbiased is True
+    model = ck.HMoDE(width=0.25)
+    model.density_scale = 100.0
+    torch.manual_seed(1)
+    out = model(torch.randn(2, 3, 32, 32))
+    dens = torch.rand(2, 1, 32, 32) * 1e-4
+    targets = {"density": dens, "points": [torch.zeros(0, 2)] * 2}
+    for t in (1e-5, 5e-5):
+        crit = model.criterion(attention_threshold=t, rel=False)
+        want = ck.losses.attention_loss(out.attention, dens * 100, threshold=t * 100)
+        torch.testing.assert_close(crit(out, targets)["attention"], want)
+    a = model.criterion(rel=False)(out, targets)["attention"]
+    b = model.criterion(rel=False, attention_threshold=5e-5)(out, targets)["attention"]
+    assert abs(float(a.detach()) - float(b.detach())) > 1e-4
+    W = out.importance.detach()
+    for unbiased in (True, False):
+        crit = model.criterion(rel=False, importance_unbiased=unbiased)
+        n = W.shape[-1]
+        var = W.var(dim=-1, unbiased=True) * ((n - 1) / n if not unbiased else 1.0)
+        want = (var / (W.mean(dim=-1) ** 2 + 1e-10)).sum(dim=1).mean()  # eq. 6 per image (the paper variant)
+        torch.testing.assert_close(crit(out, targets)["importance"].detach(), want)
+    with pytest.raises(ValueError, match="attention_threshold"):
+        model.criterion(attention_threshold=-1)
+    with pytest.raises(TypeError, match="importance_unbiased"):
+        model.criterion(importance_unbiased="yes")
+
+
+def test_l2sm_centre_rate_initialisation_and_loss_norm_are_options():
+    """L2SM eq. 1's alpha, the 'increasing random values' the centres start from (their range), and how sec. 3.4's
+    ||.||_2 is read: "squared" (the recipe's) or "l2", the norm as printed (L_D per image, L_r per region, L_c
+    per region: |d - d_c|)."""
+    cfg = build_config(recipe="l2sm-paper", dataset="synthetic", overrides={"model_kwargs.width": 0.125})
+    crit = build_run(cfg)[1]
+    assert crit.center_loss.alpha == 0.5 and crit.norm == "squared" and crit.center_loss.norm == "squared"
+    model = ck.L2SM(width=0.125)
+    wide = model.criterion(center_init_max=50.0, alpha=0.25, generator=torch.Generator().manual_seed(0))
+    c = wide.center_loss.centers
+    assert wide.center_loss.alpha == 0.25 and bool((c[1:] > c[:-1]).all()) and 0 <= float(c[0]) and float(c[-1]) < 50
+    assert float(c[-1]) > 1.0  # drawn from [0, 50), not [0, 1)
+
+    torch.manual_seed(0)
+    pts = [torch.rand(40, 2) * 63, torch.rand(25, 2) * 63]
+    dens = ck.density_maps(pts, (64, 64), sigma=2.0)
+    targets = {"density": dens, "points": pts}
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.boxes.shape[0] > 0
+    sq = model.criterion(sigma=2.0, generator=torch.Generator().manual_seed(1))
+    l2 = model.criterion(sigma=2.0, generator=torch.Generator().manual_seed(1), norm="l2")
+    centers = sq.center_loss.centers.clone()
+    a, b = sq(out, targets), l2(out, targets)
+    gt = ck.models._common.density_at(dens, 4, out.initial.shape[-2:])
+    diff = (out.initial - gt).flatten(1)
+    torch.testing.assert_close(a["density"], (diff ** 2).sum() / 2)
+    torch.testing.assert_close(b["density"], diff.norm(dim=1).sum() / 2)        # ||D - D-hat||_2 per image
+    target, valid = sq.region_targets(out, targets)
+    per_region = ((out.repredictions - target)[:, 0] * valid).flatten(1)
+    torch.testing.assert_close(a["reprediction"], (per_region ** 2).sum() / 2)
+    torch.testing.assert_close(b["reprediction"], per_region.norm(dim=1).sum() / 2)
+    sel = out.center_index >= 0
+    d = out.region_means[sel] / out.scale.flatten(1)[sel] ** 2 - centers[out.center_index[sel]]
+    torch.testing.assert_close(a["center"], (d ** 2).sum() / 2)
+    torch.testing.assert_close(b["center"], d.abs().sum() / 2)
+    b["total"].backward()  # finite gradients, also where a difference is 0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        model.criterion(norm="l1")
+
+
+def test_ucf_cc_50_is_run_per_fold():
+    """HMoDE sec. IV-A / L2SM sec. 4.1: UCF_CC_50 by 5-fold cross-validation, a run per fold: the recipes name fold 1
+    there and --fold picks the others."""
+    for r in recipes.RECIPE_NAMES:
+        assert build_config(recipe=r, dataset="ucf-cc-50").fold == 1
+        assert build_config(recipe=r, dataset="ucf-cc-50", overrides={"fold": 3}).fold == 3
+        assert build_config(recipe=r, dataset="shanghaitech-a").fold is None

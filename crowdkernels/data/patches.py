@@ -1,7 +1,8 @@
-"""CSRNet's training patches (Li et al., CVPR 2018, sec. 3): "we crop 9 patches from each image at different
-locations with 1/4 size of the original image. The first four patches contain four quarters of the image
-without overlapping while the other five patches are randomly cropped from the input image. After that, we
-mirror the patches so that we double the training set."
+"""Training-set expansions: each image repeated per epoch (:class:`Repeated`), and CSRNet's training patches
+(Li et al., CVPR 2018, sec. 3): "we crop 9 patches from each image at different locations with 1/4 size of
+the original image. The first four patches contain four quarters of the image without overlapping while the
+other five patches are randomly cropped from the input image. After that, we mirror the patches so that we
+double the training set."
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from .transforms import crop_sample, flip_sample
 
-__all__ = ["NinePatches"]
+__all__ = ["NinePatches", "Repeated"]
 
 PATCHES_PER_IMAGE = 9
 
@@ -53,3 +54,28 @@ class NinePatches(torch.utils.data.Dataset):
             out = flip_sample(out)
         out["name"] = f"{sample['name']}#p{patch}{'m' if mirror else ''}"
         return self.post(out) if self.post is not None else out
+
+
+class Repeated(torch.utils.data.Dataset):
+    """Each sample of ``base`` ``times`` times an epoch: index ``i`` is sample ``i // times`` (a new draw of
+    its random crop and flip each time), as the released HMoDE ``SHHA.py`` reads ``index // data_augment``
+    (``AUGMENT`` in its ``setting.py``) and the released CSRNet ``dataset.py`` lists every training image 4
+    times (``root * 4``). Other attributes (``counts``, ``samples``, ``skipped``, ...) are ``base``'s."""
+
+    def __init__(self, base, times: int):
+        if isinstance(times, bool) or not isinstance(times, int) or times < 1:
+            raise ValueError(f"repeat must be an int >= 1, got {times!r}")
+        self.base, self.times = base, times
+
+    def __len__(self) -> int:
+        return self.times * len(self.base)
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= int(index) < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        return self.base[int(index) // self.times]
+
+    def __getattr__(self, name):
+        if name == "base":  # not set yet (e.g. while unpickling in a worker)
+            raise AttributeError(name)
+        return getattr(self.base, name)

@@ -11,7 +11,9 @@ train.py": github leeyeehoo/CSRNet-pytorch; "SASNet prepare_dataset.py", whose m
 as its ground truth), or "ours" where neither the paper nor a released file says, with the reason.
 
 Where a paper's text states a detail, its recipe follows the text; where the text is silent, it follows the
-authors' released code (HMoDE), and says so.
+authors' released code (HMoDE; CSRNet's for the csrnet recipe), and says so; where the text and the released
+code differ, the cell names both. Only the HMoDE authors' SHHA (ShanghaiTech A) setting was released: the
+hmode-released cells on other datasets are those SHA settings applied.
 
 Keys are :class:`crowdkernels.engine.train.TrainConfig` fields; ``target.*`` are the ground-truth settings
 (``crowdkernels.density_maps`` arguments and the map scale factor), ``model_kwargs.*`` the model's
@@ -44,7 +46,14 @@ class Choice:
         return copy.deepcopy(v)
 
 
+#: what eq. 2 leaves open in _REL (crowdkernels.losses.rel)
+_REL_OURS = ("edge 'keep' (partial windows at the border) and reduction 'mean' over images: ours, eq. 2 and the "
+             "text are silent (released func.py: AvgPool2d windows, i.e. 'drop', summed)")
+
 _REL = {"region": 0.125, "num_hard": 9, "num_sublists": 3, "pairs": "adjacent", "edge": "keep", "reduction": "mean"}
+
+#: weight_init "auto": He where no --pretrained encoder is given (see crowdkernels.models._common.init_normal_)
+_HE = "without --pretrained, He: ours (N(0, 0.01) over a random encoder gives a constant map)"
 
 _HMODE_RELEASED = {
     "model": Choice("hmode-official", "released HMoDE.py, train.py: HMoDE(True)"),
@@ -60,6 +69,7 @@ _HMODE_RELEASED = {
     "flip": Choice(True, "released loading_data.py: RandomHorizontallyFlip"),
     "tiles": Choice(1, "released code: no tiling"),
     "patches": Choice(None, "released code: no patches"),
+    "repeat": Choice(1, "released setting.py: AUGMENT = 1 (SHHA.py: each image AUGMENT times an epoch)"),
     "max_size": Choice(None, "released code: no resizing"),
     "optimizer": Choice("adam", "released train.py: optim.Adam"),
     "lr": Choice(2e-5, "released train.py: lr=2e-5"),
@@ -76,10 +86,16 @@ _HMODE_RELEASED = {
     "criterion_kwargs.attention_weight": Choice(1.0, "released train.py: + torch.sum(cross_entropy_loss)"),
     "criterion_kwargs.attention_reduction": Choice("sum", "released train.py: torch.sum(cross_entropy_loss)"),
     "criterion_kwargs.attention_log_eps": Choice(1e-10, "released train.py: log(amp + 1e-10)"),
+    "criterion_kwargs.attention_threshold": Choice(1e-5, "released train.py: amp_gt = gt_map > 1e-5 * LOG_PARA"),
     "criterion_kwargs.importance_weight": Choice(1.0, "released train.py: + torch.sum(imp_loss)"),
     "criterion_kwargs.importance_per_image": Choice(False, "released HMoDE.py: cv_squared(wmaps.sum(0)), over the batch"),
+    "criterion_kwargs.importance_unbiased": Choice(True, "released HMoDE.py: cv_squared: x.var() (torch: over N - 1)"),
     "criterion_kwargs.per_batch": Choice(True, "released train.py: loss / pred_maps[0].shape[0]"),
     "model_kwargs": Choice({}, "released HMoDE.py: K = 3, N = 2"),
+    "weight_init": Choice("auto", "released HMoDE.py _weight_init_: N(0, 0.01), zero biases, on every conv outside the "
+                                  "ImageNet VGG; " + _HE),
+    "fold": Choice({"*": None, "ucf-cc-50": 1}, "not released (SHHA only); HMoDE sec. IV-A: UCF '5-fold cross "
+                                                 "validation and calculate the average result': a run per --fold 1-5"),
     "val_start": Choice(100, "released train.py: validate if epoch + 1 >= 100"),
     "val_every": Choice(1, "released train.py: every epoch from then"),
     "val_from_train": Choice(None, "released loading_data.py: val_set = test_data (model selection on the test split)"),
@@ -96,13 +112,16 @@ _HMODE_PAPER = {
     "target.sigma": Choice(4.0, "silent; released: SASNet prepare_dataset.py (sigma 4)"),
     "target.kernel_size": Choice(15, "silent; released: SASNet prepare_dataset.py (15 x 15)"),
     "target.scale": Choice(100.0, "silent; released setting.py: LOG_PARA = 100"),
-    "batch_size": Choice(1, "silent; released setting.py: TRAIN_BATCH_SIZE = 1"),
+    "batch_size": Choice(1, "silent; released setting.py: TRAIN_BATCH_SIZE = 1. At batch 1 the released loader trains "
+                            "on whole images (SHHA_collate crops only batches > 1); the text states random crops, and "
+                            "the text wins, so: crops at batch 1"),
     "crop": Choice({"*": 256, "shanghaitech-a": 128}, "HMoDE sec. IV-B2: 256 x 256, 128 x 128 on SHA"),
     "multiple": Choice(16, "ours: pads to the model's multiple (a no-op on crops of 128 and 256)"),
     "flip": Choice(True, "HMoDE sec. IV-B2: horizontal flipping"),
-    "tiles": Choice(1, "HMoDE sec. IV-B2: no tiling"),
+    "tiles": Choice(1, "silent (sec. IV-B2 names crops and flips only); released code: no tiling"),
     "patches": Choice(None, "HMoDE sec. IV-B2: random crops"),
-    "max_size": Choice(None, "HMoDE sec. IV-B2: no resizing"),
+    "repeat": Choice(1, "silent; released setting.py: AUGMENT = 1 (one crop of each image an epoch)"),
+    "max_size": Choice(None, "silent (sec. IV-B2 names crops and flips only); released code: no resizing"),
     "optimizer": Choice("adam", "HMoDE sec. IV-B2: Adam"),
     "lr": Choice(2e-5, "HMoDE sec. IV-B2: 2e-5"),
     "momentum": Choice(0.0, "HMoDE sec. IV-B2: Adam (no momentum setting)"),
@@ -114,14 +133,25 @@ _HMODE_PAPER = {
     "criterion_kwargs.reduction": Choice("mean", "HMoDE eq. 3: 1/Z sum_z"),
     "criterion_kwargs.resolution": Choice("input", "HMoDE sec. III-D: optimized on the original resolution"),
     "criterion_kwargs.rel": Choice(True, "HMoDE eq. 4: L_E = L_Des + L_Rel on every output"),
-    "criterion_kwargs.rel_options": Choice(dict(_REL), "HMoDE sec. IV-B2 (w = 1/8, S = 9), eq. 2 (3 sub-lists, adjacent)"),
+    "criterion_kwargs.rel_options": Choice(dict(_REL), "HMoDE sec. IV-B2 (w = 1/8, S = 9), eq. 2 (3 sub-lists, adjacent); "
+                                                       + _REL_OURS),
     "criterion_kwargs.attention_weight": Choice(1.0, "HMoDE eq. 7"),
     "criterion_kwargs.attention_reduction": Choice("mean", "HMoDE eq. 5: 1/Z sum_z"),
-    "criterion_kwargs.attention_log_eps": Choice(None, "HMoDE eq. 5: log a_z (clamped at -100, as BCE)"),
+    "criterion_kwargs.attention_log_eps": Choice(None, "HMoDE eq. 5: log a_z, no epsilon; the clamp of each log at -100 "
+                                                       "(as BCE) is ours (released: log(a + 1e-10)). Eq. 5 as printed "
+                                                       "lacks the minus on its first term (a^g log a - (1 - a^g) log(1 - a)): "
+                                                       "read as the cross entropy it names"),
+    "criterion_kwargs.attention_threshold": Choice(1e-5, "HMoDE sec. III-D1: A^g 'the binarised result of the ground truth "
+                                                         "density map using a threshold of 1e-5'"),
     "criterion_kwargs.importance_weight": Choice(1.0, "HMoDE eq. 7"),
     "criterion_kwargs.importance_per_image": Choice(True, "HMoDE sec. III-B2, eq. 6: per image (image-level)"),
+    "criterion_kwargs.importance_unbiased": Choice(True, "eq. 6: sigma(W_i), over N or N - 1 unsaid; released "
+                                                         "cv_squared: x.var() (over N - 1)"),
     "criterion_kwargs.per_batch": Choice(False, "HMoDE eq. 3, 5: means"),
     "model_kwargs": Choice({}, "HMoDE sec. IV-B1: K = 3, N = 2"),
+    "weight_init": Choice("auto", "silent; released HMoDE.py: N(0, 0.01), zero biases, outside the ImageNet VGG; " + _HE),
+    "fold": Choice({"*": None, "ucf-cc-50": 1}, "HMoDE sec. IV-A: UCF '5-fold cross validation and calculate the "
+                                                 "average result': a run per --fold 1-5"),
     "val_start": Choice(100, "silent; released train.py: from epoch 100"),
     "val_every": Choice(1, "silent; released train.py: every epoch"),
     "val_from_train": Choice(None, "silent (results on the test set); released: selection on the test split"),
@@ -130,14 +160,16 @@ _HMODE_PAPER = {
 
 _CSRNET_TARGET_STYLE = Choice("csrnet", "CSRNet make_dataset.ipynb (KD-tree, gaussian_filter, mode='constant')")
 _CSRNET_SIGMA = Choice({"*": "adaptive", "shanghaitech-b": 15.0},
-                       "CSRNet sec. 3 / make_dataset.ipynb: geometry-adaptive (k = 3, beta = 0.3); fixed 15 on SHB")
+                       "CSRNet sec. 3 / make_dataset.ipynb: geometry-adaptive (k = 3, beta = 0.3); fixed 15 on SHB; "
+                       "UCF-QNRF, JHU, NWPU: CSRNet has no setting for them, adaptive is ours")
 
 _L2SM_PAPER = {
     "model": Choice("l2sm", "L2SM sec. 3"),
     "encoder": Choice("vgg16", "L2SM sec. 3.2: VGG16 backbone (ImageNet weights: ours, as its baselines)"),
     "input_norm": Choice("imagenet", "ours: the convention of the ImageNet VGG16"),
     "target.style": Choice("csrnet", "L2SM sec. 4.2: ground truth as CSRNet [15] (its make_dataset.ipynb)"),
-    "target.sigma": Choice(_CSRNET_SIGMA.value, "L2SM sec. 4.2 -> CSRNet: adaptive (k = 3, beta = 0.3); fixed 15 on SHB"),
+    "target.sigma": Choice(_CSRNET_SIGMA.value, "L2SM sec. 4.2 -> CSRNet: adaptive (k = 3, beta = 0.3); fixed 15 on SHB; "
+                                                "UCF-QNRF: CSRNet has no QNRF setting, adaptive is ours"),
     "target.kernel_size": Choice(15, "unused by style csrnet"),
     "target.scale": Choice(1.0, "silent; ours: maps sum to the count"),
     "batch_size": Choice(1, "L2SM sec. 4.2: whole images (on UCF-QNRF one image is cut into 4 tiles)"),
@@ -146,6 +178,7 @@ _L2SM_PAPER = {
     "flip": Choice(False, "L2SM sec. 4.2: no augmentation stated"),
     "tiles": Choice({"*": 1, "ucf-qnrf": 2}, "L2SM sec. 4.2: UCF-QNRF images cut 2 x 2 into a batch of 4"),
     "patches": Choice(None, "L2SM sec. 4.2: whole images"),
+    "repeat": Choice(1, "silent; no released code: ours, each image once an epoch"),
     "max_size": Choice({"*": None, "ucf-qnrf": [1920, 1080]}, "L2SM sec. 4.2: UCF-QNRF above 1080p down-sampled to 1920 x 1080"),
     "optimizer": Choice("adam", "L2SM sec. 4.2: Adam"),
     "lr": Choice(1e-4, "L2SM sec. 4.2: 1e-4"),
@@ -155,15 +188,32 @@ _L2SM_PAPER = {
     "lr_step": Choice(None, "L2SM sec. 4.2: 'initialized to 1e-4', no schedule given; ours: constant"),
     "lr_gamma": Choice(0.5, "unused (no step)"),
     "criterion_kwargs.lambda1": Choice(1.0, "L2SM sec. 4.2: lambda1 = 1"),
-    "criterion_kwargs.lambda2": Choice(1.0, "silent (Fig. 5 varies it, stable over a range); ours: 1"),
-    "criterion_kwargs.sigma": Choice(_CSRNET_SIGMA.value, "L2SM sec. 3.3: each head keeps its own sigma (as the ground truth)"),
+    "criterion_kwargs.lambda2": Choice(1.0, "silent (sec. 4.4, Fig. 5: 'rather stable for a wide range of weight of the "
+                                            "center loss', no value chosen); ours: 1"),
+    "criterion_kwargs.alpha": Choice(0.5, "silent (eq. 1 names the centre learning rate alpha, no value); no released "
+                                          "code: ours"),
+    "criterion_kwargs.center_init_max": Choice(1.0, "L2SM sec. 3.3: 'initialize the C centers with increasing random "
+                                                    "values'; their range: ours, sorted U[0, 1)"),
+    "criterion_kwargs.norm": Choice("squared", "L2SM sec. 3.4 writes ||.||_2 ('L2 loss'); ours: the squared error, the "
+                                               "'L2 loss' of counting, and eq. 1 is the gradient of the squared centre "
+                                               "loss ('l2': the norm as printed)"),
+    "criterion_kwargs.sigma": Choice(_CSRNET_SIGMA.value, "L2SM sec. 3.3: each head keeps its own sigma (as the ground "
+                                                          "truth; UCF-QNRF: adaptive, ours)"),
     "model_kwargs": Choice({"*": {"k": 4, "num_groups": 5, "num_centers": 3},
                             "ucf-cc-50": {"k": 4, "num_groups": 5, "num_centers": 5}},
                            "L2SM sec. 4.2: K = 4, G = 5, C = 3 (C = 5 on UCF_CC_50)"),
+    "weight_init": Choice("auto", "silent; no released code: ours, N(0, 0.01) outside the ImageNet VGG (as CSRNet and "
+                                  "HMoDE); " + _HE),
+    "fold": Choice({"*": None, "ucf-cc-50": 1}, "L2SM sec. 4.1: UCF_CC_50 '5-fold cross-validation': a run per --fold 1-5"),
     "val_start": Choice(1, "silent; ours: every epoch"),
     "val_every": Choice(1, "silent; ours: every epoch"),
     "val_from_train": Choice(None, "silent; ours: the test split, as the other recipes (see --val-from-train)"),
-    "fit_levels": Choice(True, "L2SM sec. 4.2: the G levels are fitted over all the dataset's regions"),
+    "fit_levels": Choice(True, "L2SM sec. 4.2: 'evenly divide all the images in a dataset into G groups of regions'; "
+                               "the selection threshold is the lower bound of the top C groups ('If Di is larger than a "
+                               "pre-defined value for selecting the top C groups of regions in training'), compared "
+                               "with the predicted D_i in training as at inference (sec. 3.3: 'select the dense regions "
+                               "based on the average initial density Di'); the groups are fitted on the ground truth's "
+                               "region means: ours, the text does not say which density"),
     "seed": Choice(0, "ours: not stated"),
 }
 
@@ -177,28 +227,39 @@ _CSRNET = {
     "target.scale": Choice(1.0, "CSRNet: maps sum to the count"),
     "batch_size": Choice(1, "CSRNet train.py: batch_size = 1"),
     "crop": Choice(None, "CSRNet sec. 3: nine patches instead (below)"),
-    "multiple": Choice(8, "ours: the model pads to 8 itself"),
-    "flip": Choice(False, "CSRNet sec. 3: the mirrored patches (below) are the flips"),
+    "multiple": Choice(1, "ours: unpadded, as CSRNet train.py's batch 1 (the model pads to 8 itself)"),
+    "flip": Choice(False, "CSRNet sec. 3: the mirrored patches (below) are the flips (CSRNet image.py: its crop/flip "
+                          "block is disabled, 'if False:')"),
     "tiles": Choice(1, "CSRNet: no tiling"),
-    "patches": Choice("csrnet9", "CSRNet sec. 3: 9 patches of 1/4 size (the 4 quarters + 5 random), mirrored"),
+    "patches": Choice("csrnet9", "CSRNet sec. 3: 9 patches of 1/4 size (the 4 quarters + 5 random), mirrored (CSRNet "
+                                 "image.py trains on whole images: its crop/flip block is 'if False:'; the text wins)"),
+    "repeat": Choice(4, "silent; CSRNet dataset.py: root * 4, each training image 4 times an epoch (there whole "
+                        "images; here its 18 patches each time)"),
     "max_size": Choice(None, "CSRNet: no resizing"),
     "optimizer": Choice("sgd", "CSRNet sec. 3: SGD"),
     "lr": Choice(1e-6, "CSRNet sec. 3: fixed learning rate 1e-6 (CSRNet train.py uses 1e-7)"),
     "momentum": Choice(0.95, "silent; CSRNet train.py: momentum 0.95"),
     "weight_decay": Choice(5e-4, "silent; CSRNet train.py: decay 5e-4"),
-    "epochs": Choice(400, "silent; CSRNet train.py: 400 epochs"),
+    "epochs": Choice(400, "silent; CSRNet train.py: 400 epochs, each of every image 4 times (repeat)"),
     "lr_step": Choice(None, "CSRNet sec. 3: fixed learning rate"),
     "lr_gamma": Choice(0.5, "unused (no step)"),
     "criterion_kwargs.reduction": Choice("sum", "CSRNet sec. 3: L = 1/(2N) sum_i ||Z_i - Z_i^GT||^2"),
-    "criterion_kwargs.density_weight": Choice(0.5, "CSRNet sec. 3: the 1/2"),
+    "criterion_kwargs.density_weight": Choice(0.5, "CSRNet sec. 3: the 1/2 (CSRNet train.py: MSELoss(size_average="
+                                                   "False), no 1/2; the text wins)"),
+    "criterion_kwargs.downsample": Choice("cubic", "silent; CSRNet image.py: cv2.resize(target, (w/8, h/8), "
+                                                   "interpolation=cv2.INTER_CUBIC) * 64 (ours without it: 'sum' over 8 x 8 cells)"),
     "criterion_kwargs.per_batch": Choice(True, "CSRNet sec. 3: the 1/N"),
     "criterion_kwargs.rel": Choice(False, "CSRNet; --rel adds REL as in HMoDE Table X"),
-    "criterion_kwargs.rel_options": Choice(dict(_REL), "HMoDE sec. IV-B2, eq. 2 (used with --rel)"),
+    "criterion_kwargs.rel_options": Choice(dict(_REL), "HMoDE sec. IV-B2, eq. 2 (used with --rel); " + _REL_OURS),
     "criterion_kwargs.rel_weight": Choice(1.0, "HMoDE eq. 4 (used with --rel)"),
     "model_kwargs": Choice({}, "CSRNet sec. 3 (back end B)"),
+    "weight_init": Choice("auto", "CSRNet model.py _initialize_weights: N(0, 0.01), zero biases, on the back end; " + _HE),
+    "fold": Choice({"*": None, "ucf-cc-50": 1}, "UCF_CC_50 5-fold cross-validation (as HMoDE sec. IV-A): a run per --fold 1-5"),
     "val_start": Choice(1, "CSRNet train.py: every epoch"),
     "val_every": Choice(1, "CSRNet train.py: every epoch"),
-    "val_from_train": Choice(0.2, "CSRNet part_*_val.json: 20% of the training images"),
+    "val_from_train": Choice(0.2, "ours: 20% held out, disjoint. CSRNet's part_A_val.json (59 of 300) and "
+                                  "part_B_val.json (80 of 400) are inside part_*_train.json; the lists without them "
+                                  "are part_*_train_with_val.json (240, 320)"),
     "fit_levels": Choice(False, "not an L2SM model"),
     "seed": Choice(0, "ours (CSRNet train.py: time.time())"),
 }
@@ -213,7 +274,9 @@ RECIPE_NAMES = tuple(RECIPES)
 
 #: What each recipe is, one line each (README, --help).
 SUMMARIES = {
-    "hmode-released": "exactly what the authors' released HMoDE train.py does (model hmode-official)",
+    "hmode-released": "exactly what the authors' released HMoDE train.py does (model hmode-official); only its "
+                      "ShanghaiTech A setting (SHHA) was released: on every other dataset its cells are the SHA "
+                      "settings applied",
     "hmode-paper": "the HMoDE paper's text (sec. III, IV-B), the released code where the text is silent",
     "l2sm-paper": "the L2SM paper's text (sec. 3, 4.2)",
     "csrnet": "the CSRNet paper's recipe (ground truth, loss, SGD and rate); --rel adds REL (HMoDE Table X)",

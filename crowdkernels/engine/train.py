@@ -113,6 +113,9 @@ class TrainConfig:
     encoder: str | None = None  # the ImageNet encoder the recipe starts from ("vgg16", "vgg16_bn")
     pretrained: str | None = None  # a local torchvision vgg16 / vgg16_bn file for the encoder
     init: str | None = None  # initial weights: a crowdkernels checkpoint or a released HMoDE file
+    # the layers outside the ImageNet encoder: "normal" N(0, 0.01), "he" (Kaiming), or "auto": N(0, 0.01) over
+    # a --pretrained encoder, He over a random one (the models' `init` argument)
+    weight_init: str = "auto"
     dataset: str = "synthetic"
     root: str | None = None
     fold: int | None = None
@@ -133,6 +136,7 @@ class TrainConfig:
     flip: bool = True
     tiles: int = 1  # each image cut into tiles x tiles parts, batched together (L2SM on UCF-QNRF: 2)
     patches: str | None = None  # "csrnet9": CSRNet's nine quarter-size patches, mirrored, per image
+    repeat: int = 1  # each training image (or patch set) this many times an epoch, each a new random draw
     shuffle: bool = True
     val_start: int = 1  # the first epoch that is validated
     val_every: int = 1
@@ -701,6 +705,8 @@ def build_run(config: TrainConfig, *, warn=None):
     kwargs = dict(config.model_kwargs)
     if config.pretrained is not None:
         kwargs["pretrained"] = config.pretrained
+    if config.weight_init != "auto":
+        kwargs["init"] = config.weight_init
     try:
         model = build_model(config.model, **kwargs)
     except (OSError, ValueError) as exc:  # a missing or wrong weights file, or a width that cannot take it
@@ -803,7 +809,8 @@ def build_datasets(config: TrainConfig, *, split: str = "train", warn=None, leve
     the held-out set uses another seed. ``config.val_from_train`` holds a seeded fraction of the training
     images out as the validation set (instead of the dataset's val/test split); ``config.patches`` =
     "csrnet9" trains on CSRNet's nine patches per image (:class:`crowdkernels.data.patches.NinePatches`).
-    The training set's ``unaugmented()`` gives its images without the random transforms."""
+    ``config.repeat`` > 1 reads each training sample that many times an epoch (a new random crop and flip each
+    time). The training set's ``unaugmented()`` gives its images once each, without the random transforms."""
     from ..data.datasets import CrowdDataset, SyntheticCrowds, dataset_samples
 
     if config.dataset == "synthetic":
@@ -816,7 +823,7 @@ def build_datasets(config: TrainConfig, *, split: str = "train", warn=None, leve
         train = SyntheticCrowds(int(syn["train"]), int(syn["size"]), config.seed, transform=build_transforms(config, True))
         train.unaugmented = lambda: SyntheticCrowds(int(syn["train"]), int(syn["size"]), config.seed,
                                                     transform=build_transforms(config, False))
-        return train, val
+        return _repeated(train, config), val
     if config.root is None:
         raise TrainError(f"--root is required for --dataset {config.dataset}")
     if split != "train":
@@ -848,7 +855,15 @@ def build_datasets(config: TrainConfig, *, split: str = "train", warn=None, leve
     else:
         train = CrowdDataset(train_samples, build_transforms(config, True), strict=config.strict, warn=warn)
     train.unaugmented = lambda: CrowdDataset(train_samples, plain, strict=config.strict)
-    return train, val
+    return _repeated(train, config), val
+
+
+def _repeated(train, config: TrainConfig):
+    """The training set with each of its samples ``config.repeat`` times an epoch (:class:`Repeated`)."""
+    from ..data.patches import Repeated
+
+    times = config.repeat
+    return train if type(times) is int and times == 1 else Repeated(train, times)
 
 
 def _max_size(config: TrainConfig):

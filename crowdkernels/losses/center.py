@@ -35,6 +35,8 @@ class MultipolarCenterLoss(nn.Module):
         alpha: eq. 1's centre learning rate, in (0, 1].
         init_max: upper bound of the random initial centres.
         generator: optional torch.Generator for the initial centres.
+        norm: eq. 2's ||.||_2 of each scalar difference read as its square ("squared", the centre loss of Wen et
+            al. whose gradient eq. 1's update is) or as written, its absolute value ("l2").
 
     forward(region_density, scale, center_index):
         region_density: ``[...]`` D_i, any shape (e.g. ``[B, K*K]`` or ``[N]``).
@@ -53,8 +55,11 @@ class MultipolarCenterLoss(nn.Module):
     """
 
     def __init__(self, num_centers: int, alpha: float = 0.5, init_max: float = 1.0,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, norm: str = "squared"):
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        self.norm = norm
         check_positive_int(num_centers, "num_centers")
         if not (0.0 < float(alpha) <= 1.0):
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
@@ -68,7 +73,7 @@ class MultipolarCenterLoss(nn.Module):
     def forward(self, region_density: torch.Tensor, scale: torch.Tensor, center_index: torch.Tensor) -> torch.Tensor:
         d, c = _selected_levels(region_density, scale, center_index, self.num_centers)
         centers = self.centers.to(d.dtype)
-        loss = ((d - centers[c]) ** 2).sum()                        # eq. 2, with the centres before the update
+        loss = _distance(d - centers[c], self.norm).sum()           # eq. 2, with the centres before the update
         if self.training and c.numel():
             with torch.no_grad():
                 d_det = d.detach()
@@ -79,7 +84,15 @@ class MultipolarCenterLoss(nn.Module):
         return loss
 
     def extra_repr(self) -> str:
-        return f"num_centers={self.num_centers}, alpha={self.alpha}"
+        return f"num_centers={self.num_centers}, alpha={self.alpha}, norm={self.norm!r}"
+
+
+NORMS = ("squared", "l2")
+
+
+def _distance(diff: torch.Tensor, norm: str) -> torch.Tensor:
+    """||diff||_2 of scalar differences: squared ("squared") or the absolute value ("l2")."""
+    return diff * diff if norm == "squared" else diff.abs()
 
 
 def _selected_levels(region_density, scale, center_index, num_centers):

@@ -56,6 +56,18 @@ def init_normal_(module: nn.Module, std: float = 0.01, *, from_scratch: bool = F
                 nn.init.zeros_(m.bias)
 
 
+INITS = ("auto", "normal", "he")
+
+
+def he_init(init: str, pretrained) -> bool:
+    """Whether the layers outside the encoder get He initialization (``init_normal_(from_scratch=True)``):
+    ``init`` "normal" (N(0, 0.01)), "he", or "auto" (N(0, 0.01) over a ``pretrained`` encoder, He over a
+    random one: see `init_normal_`)."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    return init == "he" or (init == "auto" and pretrained is None)
+
+
 def check_images(images) -> torch.Tensor:
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a tensor [B, 3, H, W], got {type(images).__name__}")
@@ -97,6 +109,24 @@ def density_at(density: torch.Tensor, stride: int, size: Tuple[int, int]) -> tor
         return density
     B = density.shape[0]
     return density.reshape(B, 1, size[0], stride, size[1], stride).sum(dim=(3, 5))
+
+
+DOWNSAMPLES = ("sum", "cubic")
+
+
+def density_cubic(density: torch.Tensor, stride: int) -> torch.Tensor:
+    """A full-resolution density [B, 1, H, W] resized to floor(H/s) x floor(W/s) by bicubic interpolation (a =
+    -0.75, pixel centres at +0.5: ``align_corners=False``, no antialiasing) and multiplied by s^2, s = `stride`:
+    the released CSRNet image.py's ``cv2.resize(target, (w/8, h/8), interpolation=cv2.INTER_CUBIC) * 64``
+    (Python 2 integer division). Unlike `density_at`, the count is kept only approximately."""
+    if not isinstance(density, torch.Tensor) or density.dim() != 4 or density.shape[1] != 1:
+        raise ValueError(f"targets['density'] must be [B, 1, H, W], got "
+                         f"{tuple(density.shape) if isinstance(density, torch.Tensor) else type(density).__name__}")
+    H, W = density.shape[-2:]
+    if H < stride or W < stride:
+        raise ValueError(f"a cubic-downsampled target needs images of at least {stride} x {stride} pixels, got {H} x {W}")
+    out = F.interpolate(density, size=(H // stride, W // stride), mode="bicubic", align_corners=False)
+    return out * float(stride * stride)
 
 
 def check_targets(targets, batch: int, need_points: bool = False):

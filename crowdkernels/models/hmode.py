@@ -44,7 +44,7 @@ from torch import nn
 from ..losses import attention_loss, density_loss, expert_importance_loss, relative_local_count_loss
 from ..losses.rel import check_rel_normalize, rel_normalizer
 from ..ops.gating import hierarchical_gating
-from ._common import (channels, check_images, check_targets, check_width, conv_relu, conv_stack, density_at, init_normal_,
+from ._common import (channels, check_images, check_targets, check_width, conv_relu, conv_stack, density_at, he_init, init_normal_,
                       out_size, pad_to_multiple)
 from ..data.transforms import IMAGENET_NORM
 from .backbones import VGG16
@@ -95,6 +95,9 @@ class HMoDE(nn.Module):
             gates, no attention).
         pretrained: a local torchvision vgg16_bn state_dict (path or dict) for the encoder; see `VGG16`.
         width: channel multiplier for every layer (1.0 = the widths above).
+        init: the layers outside the pretrained encoder: "normal" (N(0, 0.01) weights, zero biases: the
+            released HMoDE and CSRNet code), "he" (Kaiming), or "auto" (normal over a `pretrained` encoder, He
+            over a random one; see `init_normal_`).
 
     Input sizes: the paper variant zero-pads the input at the bottom/right to a multiple of 16 and crops the outputs to ceil(H/s) x ceil(W/s), s = `stride` (4; 2 with
     K = 4), the grid of `density_maps(..., stride=s)`. The official variant takes any size as the released
@@ -102,7 +105,7 @@ class HMoDE(nn.Module):
     """
 
     def __init__(self, experts: int = 3, group_size: int = 2, *, variant: str = "paper", fusion: str = "hmode",
-                 pretrained=None, width: float = 1.0):
+                 pretrained=None, width: float = 1.0, init: str = "auto"):
         super().__init__()
         # the input convention (ImageNet mean/std of the pretrained VGG); saved in checkpoints, read by every
         # path that feeds the model (crowdkernels.data.transforms.normalize_image)
@@ -118,6 +121,7 @@ class HMoDE(nn.Module):
         if variant == "official" and (experts, group_size, fusion) != (3, 2, "hmode"):
             raise ValueError("variant='official' is the released model: experts=3, group_size=2, fusion='hmode'")
         width = check_width(width)
+        scratch = he_init(init, pretrained)
         self.variant, self.fusion, self.width = variant, fusion, width
         self.num_experts, self.group_size = experts, group_size
         self.register_buffer("groups", torch.tensor(list(itertools.combinations(range(experts), group_size)),
@@ -154,11 +158,11 @@ class HMoDE(nn.Module):
             g2 = conv_stack([enc[4], c(1024), c(2048), c(1024), c(512), c(256)])
             g2.extend([nn.Conv2d(c(256), M, 1), nn.ReLU(inplace=True)])
             self.gate2 = g2
-        init_normal_(self.decoder, from_scratch=pretrained is None)
-        init_normal_(self.heads, from_scratch=pretrained is None)
+        init_normal_(self.decoder, from_scratch=scratch)
+        init_normal_(self.heads, from_scratch=scratch)
         if fusion == "hmode":
             for m in (self.gate1, self.gate2, self.attention):
-                init_normal_(m, from_scratch=pretrained is None)
+                init_normal_(m, from_scratch=scratch)
 
     # ------------------------------------------------------------------------------------------- forward
 
@@ -235,9 +239,12 @@ class HMoDE(nn.Module):
             attention_log_eps: None (clamped logs) / 1e-10 (the released log(a + 1e-10)).
             importance_per_image: True (eq. 6 on each image's weight maps: "balance expert contributions on
                 the image-level") / False (the released code sums the weight maps over the batch first).
+            attention_threshold: A^g = (ground truth > attention_threshold), in people per pixel (1e-5: sec.
+                III-D1 "a threshold of 1e-5"; the released train.py: gt_map > 1e-5 * LOG_PARA on its scaled maps).
+            importance_unbiased: L_Eim's variance over N - 1 (True: the released cv_squared's x.var()) or over N.
             density_scale: the targets are multiplied by it (default: the model's `density_scale`, set by the
                 recipe's ground-truth scale; 100 for the official variant, the released LOG_PARA); the
-                attention threshold 1e-5 is scaled with it.
+                attention threshold is scaled with it.
             per_batch: divide the total by the batch size (False / True, as the released script).
         """
         return HMoDECriterion(self, **options)
@@ -303,7 +310,8 @@ class HMoDECriterion(nn.Module):
     def __init__(self, model: HMoDE, *, weights=None, reduction=None, resolution=None, rel=None, rel_options=None,
                  attention_weight: float = 1.0, importance_weight: float = 1.0, attention_reduction=None,
                  attention_log_eps="default", importance_per_image=None, density_scale=None, per_batch=None,
-                 rel_weight: float = 1.0, rel_normalize: str = "none"):
+                 rel_weight: float = 1.0, rel_normalize: str = "none", attention_threshold: float = 1e-5,
+                 importance_unbiased: bool = True):
         super().__init__()
         official = model.variant == "official"
         n_out = model.num_experts + (0 if model.fusion == "average" else model.groups.shape[0]) + 1
@@ -325,6 +333,12 @@ class HMoDECriterion(nn.Module):
         self.attention_reduction = attention_reduction or ("sum" if official else "mean")
         self.attention_log_eps = (1e-10 if official else None) if attention_log_eps == "default" else attention_log_eps
         self.importance_per_image = (not official) if importance_per_image is None else bool(importance_per_image)
+        if isinstance(attention_threshold, bool) or not isinstance(attention_threshold, (int, float)) or not attention_threshold >= 0:
+            raise ValueError(f"attention_threshold must be a number >= 0, got {attention_threshold!r}")
+        self.attention_threshold = float(attention_threshold)
+        if not isinstance(importance_unbiased, bool):
+            raise TypeError(f"importance_unbiased must be True or False, got {importance_unbiased!r}")
+        self.importance_unbiased = importance_unbiased
         self.density_scale = float(model.density_scale if density_scale is None else density_scale)
         self.per_batch = official if per_batch is None else bool(per_batch)
 
@@ -358,9 +372,10 @@ class HMoDECriterion(nn.Module):
             terms["rel"] = rel
             total = total + self.rel_weight * rel
         if output.attention is not None:
-            terms["attention"] = attention_loss(output.attention, full, threshold=1e-5 * self.density_scale,
+            terms["attention"] = attention_loss(output.attention, full, threshold=self.attention_threshold * self.density_scale,
                                                 reduction=self.attention_reduction, log_eps=self.attention_log_eps)
-            terms["importance"] = expert_importance_loss(output.importance, per_image=self.importance_per_image)
+            terms["importance"] = expert_importance_loss(output.importance, per_image=self.importance_per_image,
+                                                         unbiased=self.importance_unbiased)
             total = total + self.attention_weight * terms["attention"] + self.importance_weight * terms["importance"]
         terms["total"] = total / B if self.per_batch else total
         return terms

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..losses import MultipolarCenterLoss, assign_centers, fit_density_levels
+from ..losses.center import NORMS
 from ..ops.density import knn_sigma
 from ..ops.regions import grid_boxes, region_means, scale_regions, transform_region_targets, unscale_regions
-from ._common import (channels, check_images, check_targets, check_width, conv_stack, density_at, init_normal_,
+from ._common import (channels, check_images, check_targets, check_width, conv_stack, density_at, he_init, init_normal_,
                       out_size, pad_to_multiple)
 from ..data.transforms import IMAGENET_NORM
 from .spn import SPN
@@ -71,12 +72,15 @@ class L2SM(nn.Module):
         k: K (4 in the paper).
         num_groups: G (5); num_centers: C (3; 5 on UCF_CC_50).
         max_scale: the upper bound of r (2).
+        init: the layers outside the pretrained encoder: "normal" (N(0, 0.01) weights, zero biases: the
+            released HMoDE and CSRNet code), "he" (Kaiming), or "auto" (normal over a `pretrained` encoder, He
+            over a random one; see `init_normal_`).
     """
 
     stride = 4
 
     def __init__(self, pretrained=None, *, width: float = 1.0, pyramid_channels: int = 64, k: int = 4,
-                 num_groups: int = 5, num_centers: int = 3, max_scale: float = 2.0):
+                 num_groups: int = 5, num_centers: int = 3, max_scale: float = 2.0, init: str = "auto"):
         super().__init__()
         # the input convention (ImageNet mean/std of the pretrained VGG); saved in checkpoints, read by every
         # path that feeds the model (crowdkernels.data.transforms.normalize_image)
@@ -84,6 +88,7 @@ class L2SM(nn.Module):
         # the output convention: people per cell times density_scale (the recipe's ground-truth scale)
         self.density_scale = 1.0
         width = check_width(width)
+        scratch = he_init(init, pretrained)
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an int >= 1, got {k!r}")
         if not isinstance(num_groups, int) or num_groups < 1:
@@ -93,14 +98,14 @@ class L2SM(nn.Module):
         if not float(max_scale) > 1:
             raise ValueError(f"max_scale must be > 1, got {max_scale!r}")
         self.k, self.num_groups, self.num_centers, self.max_scale = k, num_groups, num_centers, float(max_scale)
-        self.spn = SPN(pretrained, width=width, pyramid_channels=pyramid_channels)
+        self.spn = SPN(pretrained, width=width, pyramid_channels=pyramid_channels, init=init)
         p = self.spn.pyramid_channels
         self.scale_conv = nn.Conv2d(5 * p, 1, 1)
         c5 = self.spn.backbone.stage_channels[-1]
         self.repredict = conv_stack([c5] + [channels(n, width) for n in (256, 128, 64, 32)])
         self.repredict.append(nn.Conv2d(channels(32, width), 1, 1))
-        init_normal_(self.scale_conv, from_scratch=pretrained is None)
-        init_normal_(self.repredict, from_scratch=pretrained is None)
+        init_normal_(self.scale_conv, from_scratch=scratch)
+        init_normal_(self.repredict, from_scratch=scratch)
         self.register_buffer("density_levels", torch.zeros(num_groups - 1, dtype=torch.float64))
         self.register_buffer("levels_fitted", torch.tensor(False))
 
@@ -185,7 +190,8 @@ class L2SM(nn.Module):
     # -------------------------------------------------------------------------------------- criterion
 
     def criterion(self, *, lambda1: float = 1.0, lambda2: float = 1.0, sigma="adaptive", alpha: float = 0.5,
-                  generator: Optional[torch.Generator] = None, density_scale=None) -> "L2SMCriterion":
+                  generator: Optional[torch.Generator] = None, density_scale=None, center_init_max: float = 1.0,
+                  norm: str = "squared") -> "L2SMCriterion":
         """Eq. 3: L = L_D + lambda1 L_r + lambda2 L_c (lambda1 = 1 as in sec. 4.2; lambda2 the weight the
         paper studies in Fig. 5).
 
@@ -196,10 +202,15 @@ class L2SM(nn.Module):
         `sigma`: each head's Gaussian spread in input pixels for the zoomed targets: "adaptive" (`knn_sigma`,
         k = 3, beta = 0.3; a lone head gets mean(H, W) / 4, as `density_maps`) or a float; it is divided by
         the stride with the head positions, so the heads keep their own sigmas (Fig. 4).
+        `center_init_max`: the C centres start as sorted uniform random values in [0, center_init_max) (sec. 3.3:
+        "increasing random values"), in the units of D_i / r_i^2 (people per stride-4 cell times the density
+        scale). `norm`: how sec. 3.4's ||.||_2 is read in L_D, L_r and L_c: "squared" (the sum of squared
+        errors, "L2 loss" as counting papers use it, and the centre loss whose gradient eq. 1 is) or "l2" (the
+        norm as printed: L_D = ||D - D-hat||_2 per image, L_r = sum_i ||D'_i - D-hat'_i||_2, L_c = sum |d_i - d_c|).
         The criterion owns the centres (a buffer): keep the same criterion object through training.
         Targets (and the zoomed region targets) are multiplied by `density_scale` (default: the model's)."""
         return L2SMCriterion(self, lambda1, lambda2, sigma, alpha, generator,
-                             self.density_scale if density_scale is None else density_scale)
+                             self.density_scale if density_scale is None else density_scale, center_init_max, norm)
 
 
 class L2SMCriterion(nn.Module):
@@ -207,14 +218,18 @@ class L2SMCriterion(nn.Module):
     {"density", "reprediction", "center", "total"}."""
 
     def __init__(self, model: L2SM, lambda1=1.0, lambda2=1.0, sigma="adaptive", alpha=0.5, generator=None,
-                 density_scale=1.0):
+                 density_scale=1.0, center_init_max=1.0, norm="squared"):
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        self.norm = norm
         if not (sigma == "adaptive" or (isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and sigma > 0)):
             raise ValueError(f"sigma must be 'adaptive' or a positive float, got {sigma!r}")
         self.stride = model.stride
         self.lambda1, self.lambda2, self.sigma = float(lambda1), float(lambda2), sigma
         self.density_scale = float(density_scale)
-        self.center_loss = MultipolarCenterLoss(model.num_centers, alpha=alpha, generator=generator)
+        self.center_loss = MultipolarCenterLoss(model.num_centers, alpha=alpha, init_max=center_init_max,
+                                                generator=generator, norm=norm)
 
     def _sigmas(self, points, size):
         if self.sigma != "adaptive":
@@ -246,12 +261,20 @@ class L2SMCriterion(nn.Module):
         B = initial.shape[0]
         full = check_targets(targets, B, need_points=True)
         gt = density_at(full.to(initial.dtype) * self.density_scale, self.stride, initial.shape[-2:])
-        l_d = ((initial - gt) ** 2).sum() / B
+        sq = ((initial - gt) ** 2).flatten(1).sum(dim=1)
+        l_d = (sq if self.norm == "squared" else _sqrt(sq)).sum() / B
         if output.boxes.shape[0]:
             target, valid = self.region_targets(output, targets)
-            l_r = (((output.repredictions - target) ** 2)[:, 0] * valid.to(target.dtype)).sum() / B
+            sq = (((output.repredictions - target) ** 2)[:, 0] * valid.to(target.dtype)).flatten(1).sum(dim=1)
+            l_r = (sq if self.norm == "squared" else _sqrt(sq)).sum() / B
         else:
             l_r = initial.new_zeros(())
         l_c = self.center_loss(output.region_means, output.scale.flatten(1), output.center_index) / B
         total = l_d + self.lambda1 * l_r + self.lambda2 * l_c
         return {"density": l_d, "reprediction": l_r, "center": l_c, "total": total}
+
+
+def _sqrt(sq: torch.Tensor) -> torch.Tensor:
+    """sqrt of sums of squares with a zero (not NaN) gradient where the sum is 0 (the subgradient of the norm)."""
+    safe = torch.where(sq > 0, sq, torch.ones_like(sq))
+    return torch.where(sq > 0, safe.sqrt(), torch.zeros_like(sq))

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..losses import density_loss
 from ._common import (channels, check_images, check_targets, check_width, conv_relu, conv_stack, density_at,
-                      init_normal_, out_size, pad_to_multiple)
+                      he_init, init_normal_, out_size, pad_to_multiple)
 from ..data.transforms import IMAGENET_NORM
 from .backbones import VGG16
 
@@ -45,12 +45,13 @@ class SPN(nn.Module):
         pretrained: a local torchvision vgg16 state_dict (path or dict); see `VGG16`.
         width: channel multiplier (1.0 = the widths above).
         pyramid_channels: P, the channels of each pyramid conv (scaled by width).
+        init: the layers outside the encoder: "normal" (N(0, 0.01)), "he" or "auto" (see `he_init`).
     """
 
     stride = 4
     pad_multiple = 8
 
-    def __init__(self, pretrained=None, *, width: float = 1.0, pyramid_channels: int = 64):
+    def __init__(self, pretrained=None, *, width: float = 1.0, pyramid_channels: int = 64, init: str = "auto"):
         super().__init__()
         # the input convention (ImageNet mean/std of the pretrained VGG); saved in checkpoints, read by every
         # path that feeds the model (crowdkernels.data.transforms.normalize_image)
@@ -58,6 +59,7 @@ class SPN(nn.Module):
         # the output convention: people per cell times density_scale (the recipe's ground-truth scale)
         self.density_scale = 1.0
         width = check_width(width)
+        scratch = he_init(init, pretrained)
         self.width = width
         self.backbone = VGG16(batch_norm=False, pretrained=pretrained, width=width, pools=(1, 2, 3))
         p = channels(pyramid_channels, width)
@@ -66,9 +68,9 @@ class SPN(nn.Module):
         c5 = self.backbone.stage_channels[-1]
         self.regressor = conv_stack([c5 + 5 * p, channels(256, width), channels(128, width), channels(64, width)])
         self.deconv = nn.ConvTranspose2d(channels(64, width), 1, 4, stride=2, padding=1)
-        init_normal_(self.pyramid, from_scratch=pretrained is None)
-        init_normal_(self.regressor, from_scratch=pretrained is None)
-        init_normal_(self.deconv, from_scratch=pretrained is None)
+        init_normal_(self.pyramid, from_scratch=scratch)
+        init_normal_(self.regressor, from_scratch=scratch)
+        init_normal_(self.deconv, from_scratch=scratch)
 
     def run(self, padded: torch.Tensor):
         """On an input already padded to `pad_multiple`: (density [B,1,H/4,W/4], conv5_3 [B,C,H/8,W/8],
