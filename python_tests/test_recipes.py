@@ -737,3 +737,4 @@ def test_ucf_cc_50_is_run_per_fold():
         assert build_config(recipe=r, dataset="ucf-cc-50").fold == 1
         assert build_config(recipe=r, dataset="ucf-cc-50", overrides={"fold": 3}).fold == 3
         assert build_config(recipe=r, dataset="shanghaitech-a").fold is None
+

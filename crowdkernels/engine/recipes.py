@@ -130,13 +130,25 @@ _HMODE_PAPER = {
     "lr_step": Choice(100, "HMoDE sec. IV-B2: halved after 100 epochs"),
     "lr_gamma": Choice(0.5, "HMoDE sec. IV-B2: halved"),
     "criterion_kwargs.weights": Choice([1.0] * 7, "HMoDE eq. 7: L = sum_k L_Ek + L_Att + L_Eim"),
-    "criterion_kwargs.reduction": Choice("mean", "HMoDE eq. 3: 1/Z sum_z"),
+    "criterion_kwargs.reduction": Choice("sum", "ours: the balance of the terms is unstated. Eq. 3 prints 1/Z, and "
+                                                "beside eq. 2's REL on raw counts at unit weight that reading flattens "
+                                                "the maps to 0 from random weights (measured, benchmarks/RESULTS.md); "
+                                                "the released train.py's MSELoss(reduction='sum') weighs each pixel's "
+                                                "error as eq. 2 weighs each count, and trains"),
     "criterion_kwargs.resolution": Choice("input", "HMoDE sec. III-D: optimized on the original resolution"),
     "criterion_kwargs.rel": Choice(True, "HMoDE eq. 4: L_E = L_Des + L_Rel on every output"),
+    "criterion_kwargs.rel_weight": Choice(1.0, "HMoDE eq. 4 as printed: L_E = L_Des + L_Rel (no weight is stated, "
+                                               "and the released train.py never calls REL)"),
+    "criterion_kwargs.rel_normalize": Choice("window", "ours, measured: eq. 2 hinges on window counts, in the map's units "
+                                                       "(x target.scale); as printed ('none') REL outweighs the summed "
+                                                       "density loss and held-out MAE after 3600 steps was 53.8 against "
+                                                       "40.0 with REL on the windows' mean densities (count / w^2) and 40.9 "
+                                                       "without REL (SHB, benchmarks/RESULTS.md)"),
     "criterion_kwargs.rel_options": Choice(dict(_REL), "HMoDE sec. IV-B2 (w = 1/8, S = 9), eq. 2 (3 sub-lists, adjacent); "
                                                        + _REL_OURS),
     "criterion_kwargs.attention_weight": Choice(1.0, "HMoDE eq. 7"),
-    "criterion_kwargs.attention_reduction": Choice("mean", "HMoDE eq. 5: 1/Z sum_z"),
+    "criterion_kwargs.attention_reduction": Choice("sum", "ours, as the density loss: released train.py "
+                                                          "torch.sum(cross_entropy_loss) (eq. 5 prints 1/Z)"),
     "criterion_kwargs.attention_log_eps": Choice(None, "HMoDE eq. 5: log a_z, no epsilon; the clamp of each log at -100 "
                                                        "(as BCE) is ours (released: log(a + 1e-10)). Eq. 5 as printed "
                                                        "lacks the minus on its first term (a^g log a - (1 - a^g) log(1 - a)): "
@@ -147,7 +159,7 @@ _HMODE_PAPER = {
     "criterion_kwargs.importance_per_image": Choice(True, "HMoDE sec. III-B2, eq. 6: per image (image-level)"),
     "criterion_kwargs.importance_unbiased": Choice(True, "eq. 6: sigma(W_i), over N or N - 1 unsaid; released "
                                                          "cv_squared: x.var() (over N - 1)"),
-    "criterion_kwargs.per_batch": Choice(False, "HMoDE eq. 3, 5: means"),
+    "criterion_kwargs.per_batch": Choice(True, "ours, with the sums: released train.py: loss / batch size"),
     "model_kwargs": Choice({}, "HMoDE sec. IV-B1: K = 3, N = 2"),
     "weight_init": Choice("auto", "silent; released HMoDE.py: N(0, 0.01), zero biases, outside the ImageNet VGG; " + _HE),
     "fold": Choice({"*": None, "ucf-cc-50": 1}, "HMoDE sec. IV-A: UCF '5-fold cross validation and calculate the "
@@ -251,7 +263,10 @@ _CSRNET = {
     "criterion_kwargs.per_batch": Choice(True, "CSRNet sec. 3: the 1/N"),
     "criterion_kwargs.rel": Choice(False, "CSRNet; --rel adds REL as in HMoDE Table X"),
     "criterion_kwargs.rel_options": Choice(dict(_REL), "HMoDE sec. IV-B2, eq. 2 (used with --rel); " + _REL_OURS),
-    "criterion_kwargs.rel_weight": Choice(1.0, "HMoDE eq. 4 (used with --rel)"),
+    "criterion_kwargs.rel_weight": Choice(1.0, "ours (used with --rel): HMoDE sec. IV-D / Table X do not say how REL "
+                                               "was added to CSRNet; as hmode-paper, eq. 4's unit weight"),
+    "criterion_kwargs.rel_normalize": Choice("window", "ours (used with --rel): as hmode-paper, REL on the windows' "
+                                                       "mean densities"),
     "model_kwargs": Choice({}, "CSRNet sec. 3 (back end B)"),
     "weight_init": Choice("auto", "CSRNet model.py _initialize_weights: N(0, 0.01), zero biases, on the back end; " + _HE),
     "fold": Choice({"*": None, "ucf-cc-50": 1}, "UCF_CC_50 5-fold cross-validation (as HMoDE sec. IV-A): a run per --fold 1-5"),
