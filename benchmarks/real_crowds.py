@@ -102,8 +102,8 @@ def report(out: Path, png: Path | None) -> str:
         best_step, best = min(vals, key=lambda sv: sv[1]["mae"])
         last_step, last = vals[-1]
         cpu_file = run.parent / (run.name + ".cpu.json")
-        cpu = json.loads(cpu_file.read_text())["seconds"] if cpu_file.is_file() else float("nan")
-        rows.append(f"| `{arm}` | {last_step} | {cpu:.0f} | **{best['mae']:.2f}** ({best_step}) | {best['mse']:.2f} | "
+        cpu = f"{json.loads(cpu_file.read_text())['seconds']:.0f}" if cpu_file.is_file() else "not recorded"
+        rows.append(f"| `{arm}` | {last_step} | {cpu} | **{best['mae']:.2f}** ({best_step}) | {best['mse']:.2f} | "
                     f"{last['mae']:.2f} | {last['mse']:.2f} | {last.get('baseline_mae', float('nan')):.2f} |")
         baseline = last.get("baseline_mae")
     table = "\n".join(rows) + "\n"
