@@ -526,13 +526,13 @@ def _count_command(p: argparse.ArgumentParser):
 
 def _count_picture(save_dir: Path, pred) -> None:
     """The picture of one counted image; with the true map when a point file lies beside the image."""
-    from .data.datasets import AnnotationError, point_file_beside, read_point_file
+    from .data.datasets import AnnotationError, image_points, point_file_beside, read_point_file
     from .viz import save_prediction
 
     points, ann = None, point_file_beside(pred.source)
     if ann is not None:
         try:
-            points = read_point_file(ann)
+            points = image_points(read_point_file(ann), pred.source)  # turned with a photo's EXIF orientation
         except AnnotationError as exc:
             _warn(f"warning: no true map for {Path(pred.source).name}: {exc}")
     save_prediction(save_dir / f"{Path(pred.source).stem}.png", pred, points=points)

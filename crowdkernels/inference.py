@@ -7,8 +7,9 @@
     >>> counter.count_many(["a.jpg", "b.jpg"], batch_size=4)
 
 An image is a path, a Pillow image, a NumPy array ([H, W, 3] or [H, W]; uint8, uint16, or floats in
-[0, 1]) or a tensor ([3, H, W] or [1, 3, H, W]; uint8 or floats in [0, 1]), always as stored: RGB, not
-normalized. The counter feeds it to the model as the model was trained
+[0, 1]) or a tensor ([3, H, W] or [1, 3, H, W]; uint8 or floats in [0, 1]): RGB, not normalized. A file or
+a Pillow image is turned upright by its EXIF orientation first, as photo viewers show it (a phone photo
+stored sideways is counted, mapped and drawn upright); arrays and tensors are taken as they are. The counter feeds it to the model as the model was trained
 (:func:`crowdkernels.data.transforms.normalize_image` with the checkpoint's ``input_norm``), runs the
 whole image (tiled with overlap beyond ``tile`` pixels, as ``crowdkernels eval`` does, so memory stays
 bounded) through :func:`crowdkernels.engine.predict_density`, and sums the map.
