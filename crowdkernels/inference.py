@@ -189,7 +189,7 @@ class Prediction:
 
     def points(self, radius: float | None = None) -> torch.Tensor:
         """Head locations: float32 [N, 3] (x, y, score), N = the rounded count, x and y in pixels of the image
-        (pixel (i, j) covers [j, j+1) x [i, i+1)), highest peak first. Found on the model's own cells
+        (pixel (i, j) covers [j, j+1) x [i, i+1)), highest peaks first. Found on the model's own cells
         (:func:`crowdkernels.data.points.density_to_points`: local maxima, non-maximum suppression at each
         peak's local sigma, count-preserving), then placed in the image; score: the people of the map within
         the point's radius. ``radius``: a fixed suppression radius in image pixels instead."""

@@ -151,6 +151,10 @@ def test_prediction_points_are_in_image_pixels(stride, image, model_input):
     assert len(pts) == 12 and count_inside(pts[:, :2].double().numpy(), image) == 12
     # within three quarters of a cell (in image pixels; 3 px at least)
     assert match_points(pts, heads, max(3.0, 0.75 * stride / fx))["tp"] == 12
+    # a fixed radius is in image pixels: one of a whole image's size keeps a single maximum, then fills in
+    assert len(pred.points(radius=float(max(H, W)))) == 12
+    with pytest.raises(ValueError, match=r"radius must be a positive number of pixels \(or None\), got -2"):
+        pred.points(radius=-2)
 
 
 class DotCounter(torch.nn.Module):

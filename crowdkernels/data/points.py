@@ -95,7 +95,8 @@ def density_to_points(density, count=None, radius=None, *, refine: bool = True) 
             two neighbours peaks (the vertex of a parabola through their logarithms), or their centre of mass
             where a neighbour is not positive; off: the peak element's centre.
     Returns:
-        float32 [N, 3]: (x, y, score) per point, highest peak first; x, y in elements (element (i, j) covers
+        float32 [N, 3]: (x, y, score) per point, in the order taken (the maxima from the highest down, then
+        the rest); x, y in elements (element (i, j) covers
         [j, j+1) x [i, i+1)); score: the people of the map within the point's radius of its peak.
     Raises:
         ValueError naming the argument for a map that is not [H, W] or holds NaN/inf, a count that is not a
