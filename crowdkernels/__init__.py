@@ -4,6 +4,7 @@
     >>> counter = ck.load("runs/b/best.pt")      # a trained checkpoint: counter.count("crowd.jpg") -> float
     >>> pts = torch.tensor([[10.5, 20.2], [30.0, 12.7]])
     >>> d = ck.density_map(pts, (64, 64))        # geometry-adaptive Gaussian density map, sums to 2
+    >>> ck.density_to_points(d)                  # [2, 3] (x, y, score): the heads back, as many as the count
 """
 from ._ext import backends, cpu_cache_info, empty_cache, set_cpu_cache_limit
 
@@ -38,6 +39,10 @@ from .models import CSRNet, HMoDE, L2SM, SPN, VGG16
 
 # ---- one-line inference (issue 15)
 from .inference import Counter, Prediction, load
+
+
+# ---- head locations from density maps (issue 21)
+from .data.points import density_to_points, match_points
 
 
 __version__ = "0.1.0"

@@ -535,6 +535,10 @@ def _count_command(p: argparse.ArgumentParser):
                    help="write <image stem>.png: the image beside its density map, the count in the title (and "
                         "the true count and map when a point file <image stem>.txt/.csv/.json lies beside it)")
     p.add_argument("--model", choices=MODEL_NAMES, help="refuse a checkpoint of another model")
+    p.add_argument("--points", action="store_true",
+                   help="locate the heads (as many as the rounded count; see Counter.points): stdout becomes a CSV "
+                        "'image,x,y,score' (pixels; score: people near the point), with --json each image gets "
+                        "\"points\": [[x, y, score], ...]; --save-dir pictures mark them")
     p.add_argument("--max-size", type=_max_size_arg, help="shrink larger images first (e.g. 1920x1080)")
     p.add_argument("--tile", type=_positive_int, default=2048, help="tile images beyond this side; default: 2048")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="images of one size run together; default: 1")
@@ -544,18 +548,29 @@ def _count_command(p: argparse.ArgumentParser):
     return _run_count
 
 
-def _count_picture(save_dir: Path, pred) -> None:
+def _count_picture(save_dir: Path, pred, heads=None) -> None:
     """The picture of one counted image; with the true map when a point file lies beside the image."""
-    from .data.datasets import AnnotationError, point_file_beside, read_point_file
+    from .data.datasets import AnnotationError, image_points, point_file_beside, read_point_file
     from .viz import save_prediction
 
     points, ann = None, point_file_beside(pred.source)
     if ann is not None:
         try:
-            points = read_point_file(ann)
+            points = image_points(read_point_file(ann), pred.source)  # turned with a photo's EXIF orientation
         except AnnotationError as exc:
             _warn(f"warning: no true map for {Path(pred.source).name}: {exc}")
-    save_prediction(save_dir / f"{Path(pred.source).stem}.png", pred, points=points)
+    save_prediction(save_dir / f"{Path(pred.source).stem}.png", pred, points=points, heads=heads)
+
+
+def _print_heads(source: str, heads, header: bool) -> None:
+    """CSV rows 'image,x,y,score' of one image's located heads on stdout (the header before the first)."""
+    import csv
+
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    if header:
+        writer.writerow(["image", "x", "y", "score"])
+    writer.writerows([source, f"{x:.2f}", f"{y:.2f}", f"{c:.4f}"] for x, y, c in heads.tolist())
+    sys.stdout.flush()
 
 
 def _run_count(args) -> int:
@@ -579,10 +594,15 @@ def _run_count(args) -> int:
                 _warn(f"skipping {pred.error}")
                 continue
             results.append({"image": pred.source, "count": pred.count})
-            if not args.json:
+            heads = pred.points() if args.points else None
+            if heads is not None and args.json:
+                results[-1]["points"] = [[round(x, 2), round(y, 2), round(c, 4)] for x, y, c in heads.tolist()]
+            elif heads is not None:
+                _print_heads(pred.source, heads, header=len(results) == 1)
+            elif not args.json:
                 print(f"{pred.source}\t{pred.count:.2f}", flush=True)
             if save_dir is not None:
-                _count_picture(save_dir, pred)
+                _count_picture(save_dir, pred, heads)
     except ImageError as exc:  # --strict
         raise _CliError(f"{exc} (--strict)") from None
     if args.json:

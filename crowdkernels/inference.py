@@ -4,11 +4,13 @@
     >>> counter = ck.load("runs/b/best.pt")              # any checkpoint `crowdkernels train` writes
     >>> counter.count("crowd.jpg")                       # people in the image: a float
     >>> counter.density("crowd.jpg")                     # [H, W] people per pixel; sums to the count
+    >>> counter.points("crowd.jpg")                      # [N, 3] (x, y, score) of the heads, N = round(count)
     >>> counter.count_many(["a.jpg", "b.jpg"], batch_size=4)
 
 An image is a path, a Pillow image, a NumPy array ([H, W, 3] or [H, W]; uint8, uint16, or floats in
-[0, 1]) or a tensor ([3, H, W] or [1, 3, H, W]; uint8 or floats in [0, 1]), always as stored: RGB, not
-normalized. The counter feeds it to the model as the model was trained
+[0, 1]) or a tensor ([3, H, W] or [1, 3, H, W]; uint8 or floats in [0, 1]): RGB, not normalized. A file or
+a Pillow image is turned upright by its EXIF orientation first, as photo viewers show it (a phone photo
+stored sideways is counted, mapped and drawn upright); arrays and tensors are taken as they are. The counter feeds it to the model as the model was trained
 (:func:`crowdkernels.data.transforms.normalize_image` with the checkpoint's ``input_norm``), runs the
 whole image (tiled with overlap beyond ``tile`` pixels, as ``crowdkernels eval`` does, so memory stays
 bounded) through :func:`crowdkernels.engine.predict_density`, and sums the map.
@@ -185,6 +187,29 @@ class Prediction:
             raise ValueError(f"{self.source}: no prediction ({self.error})")
         return spread_cells(self.cells, self.size, self.input_size)
 
+    def points(self, radius: float | None = None) -> torch.Tensor:
+        """Head locations: float32 [N, 3] (x, y, score), N = the rounded count, x and y in pixels of the image
+        (pixel (i, j) covers [j, j+1) x [i, i+1)), highest peaks first. Found on the model's own cells
+        (:func:`crowdkernels.data.points.density_to_points`: local maxima, non-maximum suppression at each
+        peak's local sigma, count-preserving), then placed in the image; score: the people of the map within
+        the point's radius. ``radius``: a fixed suppression radius in image pixels instead."""
+        from .data.points import density_to_points
+
+        if self.cells is None:
+            raise ValueError(f"{self.source}: no prediction ({self.error})")
+        (H, W), (Hs, Ws) = self.size, self.input_size
+        s = cell_stride(self.cells.shape[-2:], (Hs, Ws))
+        fy, fx = s * H / Hs, s * W / Ws  # image pixels per cell
+        if radius is not None:
+            if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not radius > 0:
+                raise ValueError(f"radius must be a positive number of pixels (or None), got {radius!r}")
+            radius = radius / min(fx, fy)
+        pts = density_to_points(self.cells, self.count, radius)
+        # inside the image: a partial last row or column of cells reaches past its border
+        below = torch.nextafter(torch.tensor([float(W), float(H)]), torch.zeros(2))
+        pts[:, :2] = torch.minimum((pts[:, :2] * torch.tensor([fx, fy])).clamp_min(0.0), below)
+        return pts
+
 
 class _Sources(torch.utils.data.Dataset):
     """Images decoded in DataLoader workers: (index, source name, RGB tensor or None, error or None), the
@@ -307,6 +332,11 @@ class Counter:
         """float32 [H, W], people per pixel at the image's resolution: each output cell's people spread over
         the pixels it covers (see the module docstring); sums to :meth:`count`."""
         return self.predict(image).density()
+
+    def points(self, image, radius: float | None = None) -> torch.Tensor:
+        """Where the heads are: float32 [N, 3] (x, y, score) in pixels of ``image``, as many as the rounded
+        :meth:`count` (see :meth:`Prediction.points`)."""
+        return self.predict(image).points(radius)
 
     # ----------------------------------------------------------------------------------- many images
     def predictions(self, images, batch_size: int = 1, *, workers: int = 0, errors: str = "raise", progress=None):

@@ -4,7 +4,8 @@ matplotlib's Agg canvas directly (no display, no pyplot state), written atomical
 
 Picture layout (:func:`picture_layout`), in PNG pixels:
 
-- panels side by side: the image, the predicted map, and the true map when there is an annotation;
+- panels side by side: the image (with the located heads as red rings when given), the predicted map, and
+  the true map when there is an annotation;
   each panel is the image's size, shrunk to a longest side of :data:`PANEL_MAX` (1024) for huge images,
   or enlarged by a whole factor k = max(1, floor(:data:`PANEL_MIN` / longest side)) for small ones, so
   one image pixel is exactly k x k picture pixels;
@@ -126,7 +127,7 @@ def picture_title(name: str, predicted: float, true: float | None = None) -> str
 
 
 def save_picture(path, image, predicted, *, truth=None, name: str | None = None, count: float | None = None,
-                 true_count: float | None = None, norm=None) -> PictureLayout:
+                 true_count: float | None = None, norm=None, heads=None) -> PictureLayout:
     """Writes the picture of one image (see the module docstring) to ``path`` (PNG); returns its layout.
 
     Args:
@@ -137,9 +138,12 @@ def save_picture(path, image, predicted, *, truth=None, name: str | None = None,
         name: shown in the title (default: the file's stem).
         count: the predicted count (default: the sum of ``predicted``).
         true_count: the true count (default: the sum of ``truth``, when given).
+        heads: [N, 2] or [N, 3] head locations (x, y[, score]) in image pixels (e.g.
+            :meth:`crowdkernels.Counter.points`), marked with red rings on the image.
     """
     rgb = _rgb_array(image, norm)
     size = rgb.shape[:2]
+    marks = None if heads is None else _head_array(heads)
     pred = _map_array(predicted, size, "predicted")
     maps = [pred] if truth is None else [pred, _map_array(truth, size, "truth")]
     count = float(np.sum(pred)) if count is None else float(count)
@@ -157,6 +161,12 @@ def save_picture(path, image, predicted, *, truth=None, name: str | None = None,
     ax = _axes(fig, layout.panels[0], layout.size)
     ax.imshow(rgb, interpolation=interp, aspect="auto")
     ax.set_title("image", fontsize=9)
+    if marks is not None:
+        # imshow puts pixel (i, j)'s centre at (j, i); a head at (x, y) covers pixel (floor(y), floor(x))
+        ax.scatter(marks[:, 0] - 0.5, marks[:, 1] - 0.5, s=30, facecolors="none", edgecolors="red", linewidths=1.2)
+        ax.set_xlim(-0.5, size[1] - 0.5)
+        ax.set_ylim(size[0] - 0.5, -0.5)
+        ax.set_title(f"image: {len(marks)} heads located", fontsize=9)
     titles = ["predicted", "true"]
     artist = None
     for k, m in enumerate(maps):
@@ -175,10 +185,11 @@ def save_picture(path, image, predicted, *, truth=None, name: str | None = None,
     return layout
 
 
-def save_prediction(path, prediction, *, points=None, name: str | None = None) -> PictureLayout:
+def save_prediction(path, prediction, *, points=None, name: str | None = None, heads=None) -> PictureLayout:
     """The picture of a :class:`crowdkernels.Prediction` (from ``Counter.predict`` or
     ``Counter.predictions``); with the image's head points ([N, 2] (x, y) pixels), also the true map
-    (``crowdkernels.density_map``, style exact) and the true count."""
+    (``crowdkernels.density_map``, style exact) and the true count; with ``heads`` (e.g.
+    ``prediction.points()``), the located heads marked on the image."""
     import torch
 
     from .ops.density import density_map
@@ -189,7 +200,18 @@ def save_prediction(path, prediction, *, points=None, name: str | None = None) -
         truth = density_map(pts, prediction.size).float()
     return save_picture(path, prediction.image, prediction.density(), truth=truth,
                         name=name or Path(prediction.source).name, count=prediction.count,
-                        true_count=None if truth is None else float(truth.sum(dtype=torch.float64)))
+                        true_count=None if truth is None else float(truth.sum(dtype=torch.float64)), heads=heads)
+
+
+def _head_array(heads) -> np.ndarray:
+    import torch
+
+    a = heads.detach().cpu().double().numpy() if isinstance(heads, torch.Tensor) else np.asarray(heads, np.float64)
+    if a.size == 0:
+        return np.zeros((0, 2))
+    if a.ndim != 2 or a.shape[1] not in (2, 3):
+        raise ValueError(f"heads must be [N, 2] (x, y) or [N, 3] (x, y, score), got shape {a.shape}")
+    return a[:, :2]
 
 
 def _save(fig, path) -> None:

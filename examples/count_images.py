@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 import crowdkernels as ck
-from crowdkernels.data import point_file_beside, read_point_file
+from crowdkernels.data import image_points, point_file_beside, read_point_file
 from crowdkernels.viz import save_prediction
 
 
@@ -26,7 +26,8 @@ def main(checkpoint, images, out=None, batch_size: int = 4) -> dict:
         print(f"{pred.source}: {pred.count:.1f} people")
         if out is not None:
             ann = point_file_beside(pred.source)
-            points = None if ann is None else read_point_file(ann)
+            # points annotate the stored pixels; a photo's EXIF orientation turns them with the image
+            points = None if ann is None else image_points(read_point_file(ann), pred.source)
             save_prediction(Path(out) / f"{Path(pred.source).stem}.png", pred, points=points)
     return counts
 

@@ -51,6 +51,13 @@ __all__ = [
     "read_nwpu_json",
     "read_points",
     "image_size",
+    "image_orientation",
+    "image_points",
+    "exif_orientation",
+    "upright",
+    "oriented_size",
+    "orient_points",
+    "EXIF_ORIENTATION_TAG",
     "list_samples",
     "natural_key",
     "count_inside",
@@ -204,9 +211,80 @@ def read_nwpu_json(path) -> np.ndarray:
     return _as_points(path, data)
 
 
-def image_size(path) -> tuple[int, int]:
-    """(H, W) of an image from its header only: Pillow opens lazily and the pixels are never decoded.
-    The stored pixel grid is used (EXIF orientation is ignored), which is what the annotations refer to."""
+# ----------------------------------------------------------------------------------------- orientation
+#: the EXIF tag of a photo's orientation: how the stored pixels must be turned to show the scene upright
+EXIF_ORIENTATION_TAG = 0x0112
+
+
+def exif_orientation(im) -> int:
+    """The EXIF orientation (1-8) of an open Pillow image, 1 when it has none or an invalid one. Read from the
+    header: a PNG whose eXIf chunk does not come before its pixels counts as 1 (Pillow would decode the whole
+    image to find it)."""
+    if im.format == "PNG" and "exif" not in im.info:
+        return 1
+    try:
+        value = im.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    except Exception:  # a malformed EXIF block is no reason to refuse the pixels
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def upright(im):
+    """The Pillow image as a viewer shows it: turned by its EXIF orientation
+    (:func:`PIL.ImageOps.exif_transpose`), or the image itself when it has none."""
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(im) if exif_orientation(im) != 1 else im
+
+
+def oriented_size(size, orientation: int) -> tuple[int, int]:
+    """(H, W) of an image shown upright, from its stored (H, W): orientations 5-8 swap the sides."""
+    h, w = int(size[0]), int(size[1])
+    return (w, h) if orientation >= 5 else (h, w)
+
+
+def _flip(c: np.ndarray, length: float) -> np.ndarray:
+    """``length - c``, except that the two edges of [0, length) keep their side: a point on the first pixel's
+    edge (0) lands inside the last pixel, one on the far edge (``length``, outside) lands outside."""
+    out = length - c
+    out[c == 0] = np.nextafter(float(length), 0.0)
+    out[c == length] = np.nextafter(0.0, -1.0)
+    return out
+
+
+def orient_points(points, orientation: int, size) -> np.ndarray:
+    """Head points of the stored pixel grid moved onto the image shown upright (what
+    :func:`PIL.ImageOps.exif_transpose` does to the pixels).
+
+    Args:
+        points: [N, 2] (x, y) in pixel coordinates of the stored grid (pixel (i, j) covers [j, j+1) x [i, i+1)).
+        orientation: the EXIF orientation, 1-8 (1: as stored; 3: turned 180; 6: turned 90 clockwise; 8: turned
+            90 counter-clockwise; 2, 4, 5, 7: those with a mirror).
+        size: the stored (H, W).
+    Returns:
+        float64 [N, 2] (x, y) in the upright image, whose size is :func:`oriented_size`. A point inside
+        (outside) the stored image stays inside (outside).
+    """
+    if isinstance(orientation, bool) or not isinstance(orientation, int) or not 1 <= orientation <= 8:
+        raise ValueError(f"orientation must be an EXIF orientation 1-8, got {orientation!r}")
+    pts = np.array(points, dtype=np.float64).reshape(-1, 2)
+    h, w = float(size[0]), float(size[1])
+    x, y = pts[:, 0], pts[:, 1]
+    new_x, new_y = {
+        1: lambda: (x, y),
+        2: lambda: (_flip(x, w), y),
+        3: lambda: (_flip(x, w), _flip(y, h)),
+        4: lambda: (x, _flip(y, h)),
+        5: lambda: (y, x),
+        6: lambda: (_flip(y, h), x),
+        7: lambda: (_flip(y, h), _flip(x, w)),
+        8: lambda: (y, _flip(x, w)),
+    }[orientation]()
+    return np.stack([new_x, new_y], axis=1)
+
+
+def _header(path: Path) -> tuple[int, int, int]:
+    """(H, W) as stored and the EXIF orientation, from the header only (the pixels are never decoded)."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -215,11 +293,34 @@ def image_size(path) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             width, height = im.size
+            orientation = exif_orientation(im)
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise ImageError(path, f"cannot read the image header ({exc})") from None
     if width < 1 or height < 1:
         raise ImageError(path, f"image header gives an empty size {width}x{height}")
-    return int(height), int(width)
+    return int(height), int(width), orientation
+
+
+def image_size(path) -> tuple[int, int]:
+    """(H, W) of an image shown upright (its EXIF orientation applied, as :func:`load_image` reads it), from
+    its header only: Pillow opens lazily and the pixels are never decoded."""
+    h, w, orientation = _header(Path(path))
+    return oriented_size((h, w), orientation)
+
+
+def image_orientation(path) -> int:
+    """The EXIF orientation (1-8) of an image file, from its header; 1 when it has none."""
+    return _header(Path(path))[2]
+
+
+def image_points(points, image) -> np.ndarray:
+    """Annotated head points of the image file ``image`` on the image as :func:`load_image` reads it:
+    annotations refer to the stored pixel grid (the datasets were annotated on the pixels as stored, e.g.
+    MATLAB's imread ignores EXIF), so they are turned with the image (:func:`orient_points`).
+    float64 [N, 2] (x, y)."""
+    h, w, orientation = _header(Path(image))
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    return pts if orientation == 1 else orient_points(pts, orientation, (h, w))
 
 
 # ----------------------------------------------------------------------------------------- layouts
@@ -234,12 +335,17 @@ class Sample:
     format: str
 
     def points(self) -> np.ndarray:
-        """float64 [N, 2] (x, y) points as annotated (out-of-image points included)."""
-        return FORMATS[self.format].reader(self.annotation)
+        """float64 [N, 2] (x, y) points as annotated (out-of-image points included), on the image shown
+        upright: a photo's EXIF orientation turns its points with it (:func:`image_points`)."""
+        return image_points(FORMATS[self.format].reader(self.annotation), self.image)
 
     def size(self) -> tuple[int, int]:
-        """(H, W) from the image header."""
+        """(H, W) of the image shown upright, from its header."""
         return image_size(self.image)
+
+    def orientation(self) -> int:
+        """The image's EXIF orientation (1-8; 1: none), from its header."""
+        return image_orientation(self.image)
 
 
 @dataclass(frozen=True)
@@ -685,8 +791,11 @@ def pil_to_rgb(im, source="image") -> torch.Tensor:
     - 32-bit floats (``F``): used as they are when every value lies in [0, 1], else refused.
 
     Pillow reads 16-bit colour PNGs as 8-bit RGB(A) itself (the high byte of each sample), which is right.
-    Raises ImageError naming ``source`` for pixels whose white level is unknown.
+    The image is shown upright first: its EXIF orientation is applied (:func:`upright`), so [3, H, W] is the
+    upright size. Raises ImageError naming ``source`` for pixels whose white level is unknown.
     """
+    white = _integer_white(im) if im.mode == "I" else None  # a TIFF's tags: the turned copy has none
+    im = upright(im)
     mode = im.mode
     if mode in _EIGHT_BIT_MODES:
         rgb = (im.convert("LA") if mode == "La" else im).convert("RGB")
@@ -695,7 +804,6 @@ def pil_to_rgb(im, source="image") -> torch.Tensor:
         gray = np.asarray(im).astype(np.float32) / np.float32(65535.0)
     elif mode == "I":
         arr = np.asarray(im)
-        white = _integer_white(im)
         if white is None:
             raise ImageError(source, "32-bit integer pixels (Pillow mode I) whose white level the file does not state; "
                                      "save the image as 8-bit or 16-bit")
@@ -717,8 +825,8 @@ def pil_to_rgb(im, source="image") -> torch.Tensor:
 
 
 def load_image(path) -> torch.Tensor:
-    """float32 [3, H, W] RGB in [0, 1] of an image file (the first frame of a multi-frame file); every Pillow
-    mode is read by what its pixels mean (:func:`pil_to_rgb`: 16-bit images are / 65535, grayscale is
+    """float32 [3, H, W] RGB in [0, 1] of an image file (the first frame of a multi-frame file), shown upright
+    (its EXIF orientation applied, as photo viewers do); every Pillow mode is read by what its pixels mean (:func:`pil_to_rgb`: 16-bit images are / 65535, grayscale is
     repeated over the channels). ImageError naming the file when it is missing, does not decode, or has
     pixels whose white level is unknown."""
     from PIL import Image, UnidentifiedImageError

@@ -121,7 +121,7 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
-def _entry(sample, root: Path, size, points, density, settings: DensitySettings, sha: str) -> dict:
+def _entry(sample, root: Path, size, points, density, settings: DensitySettings, sha: str, orientation: int) -> dict:
     from .datasets import count_inside, relative_to_root
 
     return {
@@ -130,6 +130,7 @@ def _entry(sample, root: Path, size, points, density, settings: DensitySettings,
         "annotation": relative_to_root(sample.annotation, root),
         "annotation_sha256": sha,
         "size": [int(size[0]), int(size[1])],
+        "orientation": int(orientation),  # the image's EXIF orientation: the map is of the image shown upright
         "map_size": [int(density.shape[0]), int(density.shape[1])],
         "style": settings.style,
         "head_count": int(points.shape[0]),
@@ -140,10 +141,13 @@ def _entry(sample, root: Path, size, points, density, settings: DensitySettings,
     }
 
 
-def _reusable(path: Path, entry, size, shape, sha: str) -> bool:
-    """Whether the map at ``path`` provably came from this annotation (``sha``) and image ``size`` with the
-    run's settings: its manifest record says so, and the file is that record's finished map."""
+def _reusable(path: Path, entry, size, shape, sha: str, orientation: int) -> bool:
+    """Whether the map at ``path`` provably came from this annotation (``sha``) and image ``size`` and EXIF
+    ``orientation`` with the run's settings: its manifest record says so, and the file is that record's
+    finished map."""
     if not isinstance(entry, dict) or entry.get("annotation_sha256") != sha or list(entry.get("size", [])) != list(size):
+        return False
+    if entry.get("orientation", 1) != orientation:  # records written before orientations were applied lack it
         return False
     if list(entry.get("map_size", [])) != list(shape) or not isinstance(entry.get("map_sum"), (int, float)):
         return False
@@ -243,11 +247,11 @@ def run_density_job(root, format: str, out, settings: DensitySettings = DensityS
             for sample in samples:
                 npy = out / f"{sample.name}.npy"
                 try:
-                    size = sample.size()
+                    size, orientation = sample.size(), sample.orientation()
                     shape = _map_shape(size, settings.stride)
                     sha = file_sha256(sample.annotation)
                     entry = old_entries.get(sample.name)
-                    if not overwrite and _reusable(npy, entry, size, shape, sha):
+                    if not overwrite and _reusable(npy, entry, size, shape, sha, orientation):
                         images[sample.name] = entry
                         reused += 1
                     else:
@@ -256,7 +260,7 @@ def run_density_job(root, format: str, out, settings: DensitySettings = DensityS
                         arr = dm.to(torch.float32).cpu().numpy()
                         save_npy(npy, arr)
                         written += 1
-                        images[sample.name] = _entry(sample, root, size, points, arr, settings, sha)
+                        images[sample.name] = _entry(sample, root, size, points, arr, settings, sha, orientation)
                 except Exception as exc:  # one bad file must not stop the run; it is reported and counted
                     # the readers' errors (AnnotationError, ImageError) already name their file; others get the image's
                     failures[sample.name] = (

@@ -29,13 +29,30 @@ class CheckpointError(ValueError):
     """A checkpoint is unreadable, not a crowdkernels checkpoint, or made for another model."""
 
 
+def _umask() -> int:
+    """The process's file mode creation mask. Read from /proc where there is one: setting and restoring it
+    with os.umask would, for a moment, let another thread create files under mask 0."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write, mode: str = "wb") -> None:
     """Writes through ``write(fileobj)`` into a temp file in the same folder, flushes it to disk, then
     renames it over ``path``: a reader (or a rerun after a crash) sees the old file or the new one,
-    never a half-written one."""
+    never a half-written one. The file gets the mode ``open()`` would give it (0o666 less the umask, so
+    0o644 under the usual umask 0o022), not the temp file's private 0o600."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()

@@ -246,9 +246,10 @@ class Trainer:
             self._print(msg)
 
     def _loaders(self):
-        from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler, Subset
+        from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler, Subset
 
         from ..data.targets import CrowdCollate
+        from .workers import StopSafeLoader
 
         cfg = self.config
         if dist_utils.is_distributed():
@@ -257,12 +258,13 @@ class Trainer:
             # RandomSampler draws its permutation from torch's global RNG, restored on resume
             sampler = RandomSampler(self.train_set) if cfg.shuffle else SequentialSampler(self.train_set)
         common = {"num_workers": cfg.workers, "pin_memory": self.device.type == "cuda"}
-        train = DataLoader(self.train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=self.collate, **common)
+        # workers that outlive a SIGTERM to the process group: the stop handler saves between steps
+        train = StopSafeLoader(self.train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=self.collate, **common)
         val = None
         if self.val_set is not None and len(self.val_set):
             # each process evaluates a disjoint shard (no padding repeats, unlike DistributedSampler)
             shard = Subset(self.val_set, list(range(dist_utils.rank(), len(self.val_set), dist_utils.world_size())))
-            val = DataLoader(shard, batch_size=1, shuffle=False, collate_fn=CrowdCollate(target=None), **common)
+            val = StopSafeLoader(shard, batch_size=1, shuffle=False, collate_fn=CrowdCollate(target=None), **common)
         return train, sampler, val
 
     def _state(self, epoch: int, step: int, optimizer, scheduler, scaler, extra: dict) -> dict:
