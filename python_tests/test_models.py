@@ -114,18 +114,15 @@ def test_pretrained_errors(tmp_path):
     assert "\n" not in msg and "missing: features.1.weight" in msg and "unexpected: features.2.weight" in msg
 
 
-@pytest.mark.parametrize("wrap", ["plain", "no_num_batches_tracked", "state_dict", "model", "pickled_module"])
+@pytest.mark.parametrize("wrap", ["plain", "no_num_batches_tracked", "state_dict", "model"])
 def test_vgg16_bn_accepts_torchvision_files(tmp_path, wrap):
     """torchvision's published vgg16_bn file predates `num_batches_tracked` and carries the classifier; training
-    checkpoints wrap the dict; a whole pickled module is a state_dict away."""
+    checkpoints wrap the dict. (A whole pickled module is refused: test_safe_loading.py.)"""
     sd = _torchvision_state_dict(True)
     if wrap == "no_num_batches_tracked":
         sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
     obj = {"plain": sd, "no_num_batches_tracked": sd, "state_dict": {"state_dict": sd, "epoch": 3},
-           "model": {"model": sd}}.get(wrap)
-    if wrap == "pickled_module":
-        obj = VGG16(batch_norm=True)
-        obj.features.load_state_dict({k[9:]: v for k, v in sd.items() if k.startswith("features.")})
+           "model": {"model": sd}}[wrap]
     torch.save(obj, tmp_path / "w.pth")
     m = VGG16(batch_norm=True, pretrained=tmp_path / "w.pth")
     for k, v in m.features.state_dict().items():

@@ -3,7 +3,9 @@
 A checkpoint (``torch.save`` of a dict) holds ``format``, ``model_name`` (e.g. "hmode-official"),
 ``config`` (the run's settings, the model's constructor arguments among them), ``model`` (state dict),
 ``optimizer``, ``scheduler``, ``scaler``, ``rng`` (torch CPU/CUDA, NumPy and Python states), ``epoch``
-and ``step`` (where training resumes), ``best`` (the best validation MAE and its epoch) and ``history``.
+and ``step`` (where training resumes), ``best`` (the best validation MAE and its epoch) and ``history``:
+tensors and plain data only, so that it is read with ``torch.load(weights_only=True)``, as every file
+crowdkernels opens is (:mod:`crowdkernels._safe_load`).
 
 It is written to a temp file in the same folder, flushed to disk, then renamed over the old one
 (``os.replace`` is atomic on POSIX and Windows): a SIGKILL at any moment leaves the previous checkpoint
@@ -19,14 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._safe_load import CheckpointError, load_torch_file
+
 __all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "atomic_write", "save_checkpoint", "load_checkpoint", "check_model",
            "read_weights_file", "released_state_dict", "rng_state", "set_rng_state"]
 
 CHECKPOINT_FORMAT = "crowdkernels-checkpoint-1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is unreadable, not a crowdkernels checkpoint, or made for another model."""
 
 
 def _umask() -> int:
@@ -74,16 +74,13 @@ def save_checkpoint(path, state: dict) -> None:
 
 
 def _read(path, map_location="cpu"):
-    """What ``torch.load`` finds in the file at ``path``; CheckpointError naming the file when it is missing
-    or unreadable. The full unpickler: our RNG state holds NumPy arrays, and the released HMoDE training
-    checkpoint NumPy scalars, which weights_only refuses (load only files you trust)."""
+    """What ``torch.load(weights_only=True)`` finds in the file at ``path``
+    (:func:`crowdkernels._safe_load.load_torch_file`: nothing in the file is run); CheckpointError naming the
+    file when it is missing, unreadable, or refused (it needs more than tensors and plain data)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ... on bad files
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    return load_torch_file(path, map_location)
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -150,15 +147,26 @@ def check_model(ckpt: dict, path, model_name: str, model_kwargs: dict | None = N
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The torch (CPU and CUDA), NumPy and Python RNG states, as tensors and plain types only (what
+    ``torch.load(weights_only=True)`` rebuilds): NumPy's MT19937 key as an int64 tensor."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Puts back the states of :func:`rng_state`, or of a checkpoint of crowdkernels 0.1.0 (whose NumPy
+    state is ``np.random.get_state()``'s tuple, its key a uint32 array)."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        key = numpy_state["state"]["key"]
+        key = np.asarray(key.numpy() if isinstance(key, torch.Tensor) else key, dtype=np.uint32)
+        numpy_state = {**numpy_state, "state": {**numpy_state["state"], "key": key}}
+    np.random.set_state(numpy_state)
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

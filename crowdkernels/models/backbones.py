@@ -17,6 +17,7 @@ from typing import Iterable, List, Tuple
 import torch
 from torch import nn
 
+from .._safe_load import load_torch_file
 from ._common import channels, check_width
 
 #: convs per stage and their widths (VGG "D" configuration)
@@ -190,11 +191,13 @@ class PretrainedWeightsError(ValueError):
 
 
 def read_torchvision_state_dict(source, batch_norm: bool = False) -> dict:
-    """The state_dict in ``source``: a path or a dict. Accepted: a torchvision model's state_dict (features
-    and classifier, as torchvision publishes them), such a dict wrapped as ``{"state_dict": ...}`` or
-    ``{"model": ...}`` (training checkpoints), keys with a ``module.`` prefix (DataParallel), or a whole
-    pickled ``nn.Module`` (its ``state_dict()`` is taken; loading a pickle runs code from the file, so only
-    pass files you trust). Never downloads anything."""
+    """The state_dict in ``source``: a path or a dict (or an ``nn.Module`` object, whose ``state_dict()`` is
+    taken). Accepted: a torchvision model's state_dict (features and classifier, as torchvision publishes
+    them), such a dict wrapped as ``{"state_dict": ...}`` or ``{"model": ...}`` (training checkpoints), keys
+    with a ``module.`` prefix (DataParallel). A file is read with ``torch.load(weights_only=True)``
+    (:func:`crowdkernels._safe_load.load_torch_file`): a whole pickled ``nn.Module``, or anything else that
+    needs more than tensors and plain data, is refused with a CheckpointError saying how to convert it.
+    Never downloads anything."""
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         name = "vgg16_bn" if batch_norm else "vgg16"
@@ -205,15 +208,7 @@ def read_torchvision_state_dict(source, batch_norm: bool = False) -> dict:
                 f"~/.cache/torch/hub/checkpoints/{os.path.basename(WEIGHTS_URL[batch_norm])} from a machine "
                 f"that has torchvision) and pass its local path."
             )
-        try:
-            source = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as first:  # a pickled nn.Module is refused by weights_only
-            try:
-                source = torch.load(path, map_location="cpu", weights_only=False)
-            except Exception:
-                raise PretrainedWeightsError(
-                    f"{path}: not a readable PyTorch weights file ({type(first).__name__}: {first})"
-                ) from None
+        source = load_torch_file(path, what="PyTorch weights file")
     if isinstance(source, nn.Module):
         source = source.state_dict()
     if not isinstance(source, dict):

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._safe_load import load_torch_file
 from ..losses import attention_loss, density_loss, expert_importance_loss, relative_local_count_loss
 from ..losses.rel import check_rel_normalize, rel_normalizer
 from ..ops.gating import hierarchical_gating
@@ -260,7 +261,7 @@ class HMoDE(nn.Module):
         if isinstance(source, (str, os.PathLike)):
             if not os.path.isfile(source):
                 raise FileNotFoundError(f"official HMoDE checkpoint {os.fspath(source)!r} not found")
-            source = torch.load(source, map_location="cpu", weights_only=True)
+            source = load_torch_file(source)  # weights_only: CheckpointError if it needs more than tensors
         if not isinstance(source, dict):
             raise TypeError(f"source must be a path or a state_dict, got {type(source).__name__}")
         if isinstance(source.get("model"), dict):
