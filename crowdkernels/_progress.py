@@ -26,14 +26,20 @@ class Progress:
     """Counts the items of a job. ``bar``: True (always a tqdm bar), False (never), None (default: a bar
     when ``stream`` is a terminal). Without a bar, ``lines`` (default True) prints the end line and, every
     ``interval`` seconds (None: never), an in-between line; ``lines=False`` is silent. Use as a context
-    manager; ``update(n)`` after each item, ``postfix(text)`` for the bar's tail, ``write(msg)`` for a
-    message that does not break the bar."""
+    manager; ``update(n, skipped=k)`` after each item (``k`` of the ``n`` failed and were left out),
+    ``postfix(text)`` for the bar's tail, ``write(msg)`` for a message that does not break the bar.
+
+    Lines read "count: 9/9 img in 1.2 s (done)", or, when items were left out, "count: 6/9 img counted,
+    3 skipped, in 1.2 s (done)" (``done_word``, ``skip_word``)."""
 
     def __init__(self, total: int | None, desc: str, *, unit: str = "img", stream=None, bar: bool | None = None,
-                 lines: bool = True, interval: float | None = 60.0):
+                 lines: bool = True, interval: float | None = 60.0, done_word: str = "done",
+                 skip_word: str = "skipped"):
         self.stream = sys.stderr if stream is None else stream
         self.total, self.desc, self.unit = total, desc, unit
+        self.done_word, self.skip_word = done_word, skip_word
         self.done = 0
+        self.skipped = 0
         self.t0 = self._last = time.monotonic()
         self._bar = None
         self._closed = False
@@ -44,9 +50,12 @@ class Progress:
         self._lines = lines and self._bar is None
         self._interval = interval
 
-    def update(self, n: int = 1) -> None:
+    def update(self, n: int = 1, *, skipped: int = 0) -> None:
         self.done += n
+        self.skipped += skipped
         if self._bar is not None:
+            if skipped:
+                self._bar.set_postfix_str(f"{self.skipped} {self.skip_word}", refresh=False)
             self._bar.update(n)
         elif self._lines and self._interval is not None and time.monotonic() - self._last >= self._interval:
             self._last = time.monotonic()
@@ -65,8 +74,11 @@ class Progress:
 
     def _line(self, when: str) -> None:
         of = f"/{self.total}" if self.total is not None else ""
-        print(f"{self.desc}: {self.done}{of} {self.unit} in {time.monotonic() - self.t0:.1f} s ({when})",
-              file=self.stream, flush=True)
+        if self.skipped:
+            what = f"{self.done - self.skipped}{of} {self.unit} {self.done_word}, {self.skipped} {self.skip_word},"
+        else:
+            what = f"{self.done}{of} {self.unit}"
+        print(f"{self.desc}: {what} in {time.monotonic() - self.t0:.1f} s ({when})", file=self.stream, flush=True)
 
     def close(self, status: str = "done") -> None:
         if self._closed:

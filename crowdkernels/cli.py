@@ -108,6 +108,38 @@ def _max_size_arg(text: str):
     raise argparse.ArgumentTypeError(f"expected a side in pixels (2048) or a box (1920x1080), got {text!r}")
 
 
+#: what `--max-size none` and `--tile none` give: no cap, no tiles (overriding the checkpoint's own setting)
+_NONE = "none"
+
+
+def _max_size_or_none(text: str):
+    """eval/count --max-size: a side, a box, or 'none' (no cap, whatever the checkpoint's training used)."""
+    if text.strip().lower() == _NONE:
+        return _NONE
+    try:
+        return _max_size_arg(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a side in pixels (2048), a box (1920x1080) or 'none', got {text!r}") from None
+
+
+def _min_tile() -> int:
+    from .inference import min_tile
+
+    return min_tile()
+
+
+def _tile_arg(text: str):
+    """eval/count --tile: a side of at least min_tile() pixels, or 'none' (never tile)."""
+    if text.strip().lower() == _NONE:
+        return _NONE
+    return _int_at_least(_min_tile(), f"a tile side of at least {_min_tile()} pixels (2 x the 64-pixel overlap + 16) "
+                                      "or 'none'")(text)
+
+
+def _input_setting_help(what: str) -> str:
+    return f"{what}; default: the checkpoint's own (its training's setting), 'none' turns it off"
+
+
 # ----------------------------------------------------------------------------------------- messages
 def _warn(msg: str) -> None:
     print(f"crowdkernels: {msg}", file=sys.stderr)
@@ -282,7 +314,8 @@ def _train_command(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=_nonnegative_int, default=S)
     p.add_argument("--device", default=S, help="e.g. cuda, cuda:1, cpu; default: cuda:LOCAL_RANK when a GPU is visible")
     p.add_argument("--amp", action="store_true", default=S, help="bfloat16/float16 autocast (GPU only)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out with its own settings")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out with its own settings (an error "
+                   "when --out holds no run: no last.pt)")
     p.add_argument("--strict", action="store_true", default=S, help="fail on the first bad file instead of skipping it")
     p.add_argument("--synthetic", type=_positive_int, nargs=3, metavar=("TRAIN", "VAL", "SIZE"), default=S,
                    help="synthetic set: images to train on, held out, side; default: 200 40 128")
@@ -350,16 +383,27 @@ def _train_overrides(args) -> dict:
     return out
 
 
+#: TrainConfig settings -> the train option that sets them (for errors about a setting)
+_OPTION_OF = {key: "--" + opt.replace("_", "-") for opt, key in _TRAIN_OVERRIDES.items()}
+
+
 def _train_config(args):
     from .engine.train import build_config, resume_config
 
     overrides = _train_overrides(args)
+    if args.resume:
+        if args.out is None:
+            raise _CliError("--resume needs --out, the folder of the run to continue")
+        if not (args.out / "last.pt").is_file():
+            raise _CliError(f"--resume: there is no run to continue in {args.out} (no last.pt there); check --out, or "
+                            "leave out --resume to start a new run")
     try:
-        if args.resume and args.out is not None and (args.out / "last.pt").is_file():
+        if args.resume:
             return resume_config(args.out, overrides)
         config = build_config(recipe=args.recipe, dataset=args.dataset, overrides=overrides)
     except ValueError as exc:  # an unknown or malformed setting, or a resume that would change the run
-        raise _CliError(str(exc)) from None
+        option = _OPTION_OF.get(getattr(exc, "setting", None))
+        raise _CliError(f"{option} ({exc.setting}): {exc}" if option else str(exc)) from None
     config.root = None if args.root is None else str(args.root)
     config.out = str(args.out) if args.out is not None else config.out
     config.resume = bool(args.resume)
@@ -426,12 +470,36 @@ def _check_device(device) -> None:
             raise _CliError(str(exc)) from None
 
 
-def _load_counter(args, max_size=None):
-    """The Counter of ``--checkpoint`` on ``--device`` (``--model`` refuses another model's checkpoint)."""
+def _load_counter(args):
+    """The Counter of ``--checkpoint`` on ``--device`` (``--model`` refuses another model's checkpoint), with the
+    checkpoint's own input settings where ``--max-size`` and ``--tile`` are not given ('none': off)."""
     from . import inference
 
     _check_device(args.device)
-    return inference.load(args.checkpoint, args.device, model=args.model, tile=args.tile, amp=args.amp, max_size=max_size)
+
+    def setting(value):
+        return inference.CHECKPOINT if value is None else (None if value == _NONE else value)
+
+    try:
+        return inference.load(args.checkpoint, args.device, model=args.model, tile=setting(args.tile), amp=args.amp,
+                              max_size=setting(args.max_size))
+    except ValueError as exc:  # e.g. a tile too small for the model (CheckpointError is reported by main)
+        from .engine.checkpoint import CheckpointError
+
+        if isinstance(exc, CheckpointError):
+            raise
+        raise _CliError(str(exc)) from None
+
+
+def _same_dataset(trained: dict, args) -> bool:
+    """Whether eval runs on the dataset (and root) the checkpoint was trained on."""
+    if trained.get("dataset") != args.dataset:
+        return False
+    if args.dataset == "synthetic":
+        return True
+    if not trained.get("root") or args.root is None:
+        return False
+    return Path(trained["root"]).expanduser().resolve() == args.root.expanduser().resolve()
 
 
 @command("eval", "evaluate a checkpoint on a dataset split: MAE, MSE (RMSE), NAE, GAME(0-3), per density level")
@@ -440,23 +508,34 @@ def _eval_command(p: argparse.ArgumentParser):
     from .engine.train import MODEL_NAMES
 
     p.description = (
-        "Full-image inference (tiled with overlap beyond --tile pixels) over a split. The dataset may differ "
+        "Full-image inference (tiled with overlap beyond --tile pixels) over a split. Images are fed as the "
+        "checkpoint's training validated them (its max size, tiling, normalization, density scale; --max-size and "
+        "--tile override), so on the training's own data it reproduces the validation MAE of its log.jsonl; the "
+        "settings used are printed on stderr (and saved with --out). The dataset may differ "
         "from the training one (cross-dataset evaluation). Results are binned by true count into JHU's "
         "levels low 0-50, medium 51-500, high 501+. 'mse' is an RMSE, named as in the papers."
     )
     p.add_argument("--checkpoint", required=True, type=Path, help="a .pt from crowdkernels train")
     p.add_argument("--dataset", required=True, choices=DATASET_NAMES)
     p.add_argument("--root", type=Path, help="the dataset folder")
-    p.add_argument("--split", default="val", choices=("val", "test", "train"), help="default: val (the test split where there is no val)")
-    p.add_argument("--fold", type=int, choices=range(1, 6), metavar="K", help="UCF_CC_50 fold 1-5")
+    p.add_argument("--split", choices=("val", "test", "train"),
+                   help="default: the images the checkpoint's training validated on (on its own dataset: those "
+                        "--val-from-train held out; else the val split, the test split where there is no val, every "
+                        "10th training image where there is neither). A val or test split the dataset does not have "
+                        "is an error naming the folders found")
+    p.add_argument("--fold", type=int, choices=range(1, 6), metavar="K", help="UCF_CC_50 fold 1-5; default: the training's")
     p.add_argument("--model", choices=MODEL_NAMES, help="refuse a checkpoint of another model")
-    p.add_argument("--max-size", type=_max_size_arg, help="cap images (e.g. 1920x1080); default: none")
-    p.add_argument("--tile", type=_positive_int, default=2048, help="tile images beyond this side; default: 2048")
+    p.add_argument("--max-size", type=_max_size_or_none, metavar="SIZE",
+                   help=_input_setting_help("shrink larger images first: a side (2048) or a box (1920x1080)"))
+    p.add_argument("--tile", type=_tile_arg, metavar="PIXELS",
+                   help=_input_setting_help(f"run images beyond this side in overlapping tiles (at least "
+                                            f"{_min_tile()}: 2 x the 64-pixel overlap + 16)"))
     p.add_argument("--device", help="default: cuda when visible, else cpu")
     p.add_argument("--amp", action="store_true", help="autocast on a GPU (no effect on the CPU: a warning says so)")
     p.add_argument("--workers", type=_nonnegative_int, default=2, help="default: 2")
     p.add_argument("--strict", action="store_true", help="fail on the first bad file")
-    p.add_argument("--out", type=Path, help="write the metrics (and per-image counts) as JSON here")
+    p.add_argument("--out", type=Path, help="write the metrics, the input settings used and the per-image counts as "
+                                            "JSON here")
     p.add_argument("--save-dir", type=Path,
                    help="write DIR/predictions.csv (image, true count, predicted count, error), DIR/metrics.json, "
                         "DIR/scatter.png (predicted against true counts) and DIR/pictures/<image>.png")
@@ -477,11 +556,18 @@ def _run_eval(args) -> int:
         raise _CliError(f"--root is required for --dataset {args.dataset}")
     counter = _load_counter(args)
     trained = counter.info.get("config") or {}
-    cfg = TrainConfig(dataset=args.dataset, root=None if args.root is None else str(args.root), fold=args.fold,
-                      max_size=args.max_size, strict=args.strict, seed=int(trained.get("seed", 0)),
+    same = _same_dataset(trained, args)
+    # on the training's own data, the default split is the training's validation set (its fold, its held-out images)
+    fold = args.fold if args.fold is not None else (trained.get("fold") if same else None)
+    held_out = trained.get("val_from_train") if same and args.split is None else None
+    cfg = TrainConfig(dataset=args.dataset, root=None if args.root is None else str(args.root), fold=fold,
+                      max_size=list(counter.max_size) if isinstance(counter.max_size, tuple) else counter.max_size,
+                      strict=args.strict, seed=int(trained.get("seed", 0)), val_from_train=held_out,
                       synthetic=trained.get("synthetic") or TrainConfig().synthetic)
-    data, note = evaluation_dataset(cfg, args.split, warn=_warn)
-    _warn(f"{args.split}: {len(data)} images ({note})")
+    split = args.split or "val"
+    data, note = evaluation_dataset(cfg, args.split, warn=_warn, must_exist=args.split is not None)
+    _warn(f"{split}: {len(data)} images ({note})")
+    _warn(f"input settings: {counter.describe_settings()}")
     writer = None
     if save_dir is not None:
         paths = {s.name: str(s.image) for s in getattr(data, "samples", [])}
@@ -493,7 +579,8 @@ def _run_eval(args) -> int:
         "model": counter.info.get("model"),
         "trained_on": trained.get("dataset"),
         "evaluated_on": args.dataset,
-        "split": args.split,
+        "split": split,
+        "settings": counter.settings(),
         **metrics,
         "note": MSE_NOTE,
         "per_image": acc.per_image,
@@ -501,7 +588,7 @@ def _run_eval(args) -> int:
     cross = f" (trained on {result['trained_on']})" if result["trained_on"] not in (None, args.dataset) else ""
     if metrics["images"] == 0:
         raise _CliError("no image could be evaluated")
-    print(f"eval {args.dataset}/{args.split}{cross}: {metrics['images']} images  MAE {metrics['mae']:.3f}  "
+    print(f"eval {args.dataset}/{split}{cross}: {metrics['images']} images  MAE {metrics['mae']:.3f}  "
           f"MSE {metrics['mse']:.3f}  NAE {metrics['nae'] if metrics['nae'] is None else round(metrics['nae'], 4)}  "
           + "  ".join(f"GAME{lv} {metrics[f'game{lv}']:.3f}" for lv in range(4)))
     for name, m in metrics.get("levels", {}).items():
@@ -512,7 +599,7 @@ def _run_eval(args) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         save_json(out, result)
     if writer is not None:
-        writer.finish(metrics, result, title=f"{result['model']} ({args.checkpoint.name}) on {args.dataset}/{args.split}")
+        writer.finish(metrics, result, title=f"{result['model']} ({args.checkpoint.name}) on {args.dataset}/{split}")
         print(f"  predictions.csv, scatter.png, metrics.json and {writer.drawn} picture(s) in {save_dir}")
     _report_skipped(getattr(data, "skipped", {}))
     return EXIT_OK
@@ -525,22 +612,31 @@ def _count_command(p: argparse.ArgumentParser):
 
     p.description = (
         "Prints one line per image (path TAB count), or with --json one JSON list [{\"image\": PATH, \"count\": "
-        "FLOAT}, ...] and nothing else on stdout. IMAGE may be a file, a folder (its images, sorted) or a glob "
-        "pattern ('shots/*.jpg'). Images that fail are named on stderr and left out; the exit code is then 1."
+        "FLOAT}, ...] and nothing else on stdout. IMAGE may be a file, a folder (its images, sorted; video files "
+        "in it are left out with a warning) or a glob pattern ('shots/*.jpg'); URLs are not read (download the "
+        "image first). Images are fed as the checkpoint's training validated them (its max size, tiling, "
+        "normalization, density scale; --max-size and --tile override); the settings used are printed on stderr. "
+        "Images that fail are named on stderr and left out; the exit code is then 1."
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
     p.add_argument("--checkpoint", required=True, type=Path, help="a .pt from crowdkernels train")
     p.add_argument("--json", action="store_true", help="print one JSON list on stdout (progress and logs on stderr)")
     p.add_argument("--save-dir", type=Path,
-                   help="write <image stem>.png: the image beside its density map, the count in the title (and "
-                        "the true count and map when a point file <image stem>.txt/.csv/.json lies beside it)")
+                   help="write DIR/<image stem>.png: the image beside its density map, the count in the title (and "
+                        "the true count and map when a point file <image stem>.txt/.csv/.json lies beside it). Images "
+                        "that share a stem (a/crowd.jpg, b/crowd.jpg) are named after their paths below the folder they "
+                        "have in common, '/' written '__' (a__crowd.png, b__crowd.png; crowd.jpg.png and crowd.png.png "
+                        "for two files of one folder), so that no picture overwrites another")
     p.add_argument("--model", choices=MODEL_NAMES, help="refuse a checkpoint of another model")
     p.add_argument("--points", action="store_true",
                    help="locate the heads (as many as the rounded count; see Counter.points): stdout becomes a CSV "
                         "'image,x,y,score' (pixels; score: people near the point), with --json each image gets "
                         "\"points\": [[x, y, score], ...]; --save-dir pictures mark them")
-    p.add_argument("--max-size", type=_max_size_arg, help="shrink larger images first (e.g. 1920x1080)")
-    p.add_argument("--tile", type=_positive_int, default=2048, help="tile images beyond this side; default: 2048")
+    p.add_argument("--max-size", type=_max_size_or_none, metavar="SIZE",
+                   help=_input_setting_help("shrink larger images first: a side (2048) or a box (1920x1080)"))
+    p.add_argument("--tile", type=_tile_arg, metavar="PIXELS",
+                   help=_input_setting_help(f"run images beyond this side in overlapping tiles (at least "
+                                            f"{_min_tile()}: 2 x the 64-pixel overlap + 16)"))
     p.add_argument("--batch-size", type=_positive_int, default=1, help="images of one size run together; default: 1")
     p.add_argument("--device", help="default: cuda when visible, else cpu")
     p.add_argument("--amp", action="store_true", help="autocast on a GPU (no effect on the CPU: a warning says so)")
@@ -548,7 +644,42 @@ def _count_command(p: argparse.ArgumentParser):
     return _run_count
 
 
-def _count_picture(save_dir: Path, pred, heads=None) -> None:
+def _picture_names(paths) -> dict:
+    """The file name of each image's picture (keys: the paths as str): ``<stem>.png``, or, for images that share
+    a stem, their paths below the folder they have in common with '/' written '__' (``a/crowd.jpg`` and
+    ``b/crowd.jpg``: ``a__crowd.png`` and ``b__crowd.png``), the suffix kept where only it differs
+    (``crowd.jpg.png``, ``crowd.png.png``); a name still taken gets ``-2``, ``-3``, ... The same file given twice
+    keeps one name."""
+    import os
+
+    files = list(dict.fromkeys(str(p) for p in paths))
+    by_stem: dict[str, list[str]] = {}
+    for f in files:
+        by_stem.setdefault(Path(f).stem.lower(), []).append(f)
+    names = {}
+    for group in by_stem.values():
+        if len(group) == 1:
+            names[group[0]] = Path(group[0]).stem
+            continue
+        full = [os.path.abspath(f) for f in group]
+        common = os.path.commonpath([os.path.dirname(f) for f in full])
+        rel = [os.path.relpath(f, common) for f in full]
+        stems = [str(Path(r).with_suffix("")).replace(os.sep, "__") for r in rel]
+        unique = len({t.lower() for t in stems}) == len(stems)
+        for f, r, t in zip(group, rel, stems):
+            names[f] = t if unique else r.replace(os.sep, "__")
+    taken, out = set(), {}
+    for f in files:
+        name, k = names[f], 1
+        while (name if k == 1 else f"{name}-{k}").lower() in taken:
+            k += 1
+        name = name if k == 1 else f"{name}-{k}"
+        taken.add(name.lower())
+        out[f] = f"{name}.png"
+    return out
+
+
+def _count_picture(save_dir: Path, pred, name: str, heads=None) -> None:
     """The picture of one counted image; with the true map when a point file lies beside the image."""
     from .data.datasets import AnnotationError, image_points, point_file_beside, read_point_file
     from .viz import save_prediction
@@ -559,7 +690,7 @@ def _count_picture(save_dir: Path, pred, heads=None) -> None:
             points = image_points(read_point_file(ann), pred.source)  # turned with a photo's EXIF orientation
         except AnnotationError as exc:
             _warn(f"warning: no true map for {Path(pred.source).name}: {exc}")
-    save_prediction(save_dir / f"{Path(pred.source).stem}.png", pred, points=points, heads=heads)
+    save_prediction(save_dir / name, pred, points=points, heads=heads)
 
 
 def _print_heads(source: str, heads, header: bool) -> None:
@@ -583,9 +714,12 @@ def _run_count(args) -> int:
         paths = image_paths(args.images)
     except ValueError as exc:
         raise _CliError(str(exc)) from None
-    counter = _load_counter(args, max_size=tuple(args.max_size) if isinstance(args.max_size, list) else args.max_size)
+    counter = _load_counter(args)
+    _warn(f"input settings: {counter.describe_settings()}")
+    pictures = {}
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
+        pictures = _picture_names(paths)
     results, failed = [], {}
     try:
         for pred in counter.predictions(paths, args.batch_size, errors="raise" if args.strict else "skip"):
@@ -602,7 +736,7 @@ def _run_count(args) -> int:
             elif not args.json:
                 print(f"{pred.source}\t{pred.count:.2f}", flush=True)
             if save_dir is not None:
-                _count_picture(save_dir, pred, heads)
+                _count_picture(save_dir, pred, pictures[pred.source], heads)
     except ImageError as exc:  # --strict
         raise _CliError(f"{exc} (--strict)") from None
     if args.json:

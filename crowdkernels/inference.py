@@ -5,15 +5,19 @@
     >>> counter.count("crowd.jpg")                       # people in the image: a float
     >>> counter.density("crowd.jpg")                     # [H, W] people per pixel; sums to the count
     >>> counter.points("crowd.jpg")                      # [N, 3] (x, y, score) of the heads, N = round(count)
-    >>> counter.count_many(["a.jpg", "b.jpg"], batch_size=4)
+    >>> counter.count_many(["a.jpg", "b.jpg"], batch_size=4)   # [float, float], in order
+    >>> [(p.source, p.count) for p in counter.predictions("shots/")]   # each count with its file
 
 An image is a path, a Pillow image, a NumPy array ([H, W, 3] or [H, W]; uint8, uint16, or floats in
 [0, 1]) or a tensor ([3, H, W] or [1, 3, H, W]; uint8 or floats in [0, 1]): RGB, not normalized. A file or
 a Pillow image is turned upright by its EXIF orientation first, as photo viewers show it (a phone photo
-stored sideways is counted, mapped and drawn upright); arrays and tensors are taken as they are. The counter feeds it to the model as the model was trained
-(:func:`crowdkernels.data.transforms.normalize_image` with the checkpoint's ``input_norm``), runs the
-whole image (tiled with overlap beyond ``tile`` pixels, as ``crowdkernels eval`` does, so memory stays
-bounded) through :func:`crowdkernels.engine.predict_density`, and sums the map.
+stored sideways is counted, mapped and drawn upright); arrays and tensors are taken as they are. The
+counter feeds it to the model as the model's training validated it: shrunk to the checkpoint's
+``max_size`` when the training had one, normalized with the checkpoint's ``input_norm``
+(:func:`crowdkernels.data.transforms.normalize_image`), padded to the model's multiple, the whole image
+run (tiled with overlap beyond the checkpoint's ``tile`` pixels, as ``crowdkernels eval`` does, so memory
+stays bounded) through :func:`crowdkernels.engine.predict_density`, and the map summed (divided by the
+checkpoint's density scale). :meth:`Counter.settings` says which settings were used.
 
 Units. A model of output stride s (CSRNet 8; HMoDE, SPN and L2SM 4; the released HMoDE 1) predicts a map of
 ceil(H/s) x ceil(W/s) cells, each holding the people in its s x s block of pixels; the count is its sum
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import glob
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,39 +39,94 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Counter", "Prediction", "load", "image_paths", "as_rgb", "cell_stride", "spread_cells"]
+__all__ = ["Counter", "Prediction", "load", "image_paths", "as_rgb", "cell_stride", "spread_cells", "CHECKPOINT",
+           "VIDEO_EXTENSIONS", "min_tile"]
 
 _GLOB_CHARS = set("*?[")
 
+#: :func:`load`'s default for ``max_size`` and ``tile``: the setting the checkpoint's training used
+#: (its ``config``), so that the model sees images as its validation did.
+CHECKPOINT = "checkpoint"
 
-def image_paths(items) -> list[Path]:
+#: Video files: named as such when given (crowdkernels reads still images), and left out of folders with a warning.
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".wmv", ".flv", ".mpg", ".mpeg", ".3gp", ".ts")
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_FRAMES_HINT = "extract frames first (e.g. ffmpeg -i clip.mp4 -vf fps=1 frames/%04d.png) and count those"
+
+
+def _is_url(item) -> bool:
+    return isinstance(item, str) and bool(_URL.match(item))
+
+
+def _left_out_videos(where: str, videos: list) -> None:
+    """A warning naming the video files a folder or a pattern held, which are not counted."""
+    if videos:
+        shown = ", ".join(str(v) for v in videos[:5]) + (f" and {len(videos) - 5} more" if len(videos) > 5 else "")
+        warnings.warn(f"{where}: {len(videos)} video file(s) left out ({shown}): crowdkernels counts still images; "
+                      f"{_FRAMES_HINT}", UserWarning, stacklevel=3)
+
+
+def min_tile(overlap: int = 64, align: int = 16) -> int:
+    """The smallest ``tile`` that leaves each tile a core after ``overlap`` pixels of context on each side, for a
+    model padded to a multiple of ``align``: 2 x overlap + align (144 with the defaults)."""
+    return 2 * overlap + align
+
+
+def image_paths(items) -> list:
     """Image files from a mix of files, folders (their images, in natural order; not recursive) and glob
-    patterns (``"shots/*.jpg"``, ``"**/*.png"``; matches in natural order). Files are kept as given, even
-    missing ones (they fail per file later, with their name). A folder without images or a pattern that
-    matches nothing raises ValueError naming it."""
+    patterns (``"shots/*.jpg"``, ``"**/*.png"``; matches in natural order), as Paths. Files are kept as
+    given, even missing ones (they fail per file later, with their name); a URL is kept as its string (it
+    fails per file too, saying that URLs are not read). Video files in a folder or matched by a pattern are
+    left out with a warning naming them. A folder without images or a pattern that matches nothing raises
+    ValueError naming it."""
     from .data.datasets import IMAGE_EXTENSIONS, natural_key
 
     if isinstance(items, (str, Path)):
         items = [items]
-    out: list[Path] = []
+    out: list = []
     for item in items:
+        if _is_url(item):  # Path() would fold its "//" into "/"
+            out.append(item)
+            continue
         p = Path(item)
         if p.is_dir():
-            found = sorted((q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTENSIONS and q.is_file()),
-                           key=lambda q: natural_key(q.name))
+            files = sorted((q for q in p.iterdir() if q.is_file()), key=lambda q: natural_key(q.name))
+            found = [q for q in files if q.suffix.lower() in IMAGE_EXTENSIONS]
+            videos = [q.name for q in files if q.suffix.lower() in VIDEO_EXTENSIONS]
             if not found:
-                raise ValueError(f"{p} is a folder without images ({', '.join(IMAGE_EXTENSIONS)})")
+                raise ValueError(f"{p} is a folder without images ({', '.join(IMAGE_EXTENSIONS)})" + (
+                    f"; its {len(videos)} video file(s) are not read: {_FRAMES_HINT}" if videos else ""))
+            _left_out_videos(str(p), videos)
             out += found
         elif not p.exists() and _GLOB_CHARS & set(str(item)):
-            found = sorted((Path(q) for q in glob.glob(str(item), recursive=True)
-                            if Path(q).is_file() and Path(q).suffix.lower() in IMAGE_EXTENSIONS),
-                           key=lambda q: natural_key(str(q)))
+            matched = sorted((Path(q) for q in glob.glob(str(item), recursive=True) if Path(q).is_file()),
+                             key=lambda q: natural_key(str(q)))
+            found = [q for q in matched if q.suffix.lower() in IMAGE_EXTENSIONS]
+            videos = [str(q) for q in matched if q.suffix.lower() in VIDEO_EXTENSIONS]
             if not found:
-                raise ValueError(f"no image matches the pattern {str(item)!r}")
+                raise ValueError(f"no image matches the pattern {str(item)!r}" + (
+                    f" (it matches {len(videos)} video file(s), which are not read: {_FRAMES_HINT})" if videos else ""))
+            _left_out_videos(f"the pattern {str(item)!r}", videos)
             out += found
         else:
             out.append(p)
     return out
+
+
+def _check_image_path(image) -> None:
+    """ImageError naming ``image`` (as given) when it is a URL, a folder or a video: what it is, and what to do."""
+    from .data.datasets import ImageError
+
+    if _is_url(image):
+        raise ImageError(image, "a URL: crowdkernels reads local image files only; download the image first "
+                                "(e.g. curl -O URL) and pass the file")
+    p = Path(image)
+    if p.is_dir():
+        raise ImageError(image, "a folder, not an image: count the images in it with counter.count_many(folder) "
+                                "(or `crowdkernels count FOLDER`)")
+    if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file():
+        raise ImageError(image, f"a video: crowdkernels counts still images; {_FRAMES_HINT}")
 
 
 def _source_name(image) -> str:
@@ -83,6 +143,7 @@ def as_rgb(image) -> torch.Tensor:
     from .data.datasets import load_image, pil_to_rgb
 
     if isinstance(image, (str, Path)):
+        _check_image_path(image)
         return load_image(image)
     if isinstance(image, Image.Image):
         return pil_to_rgb(image, "image")
@@ -256,11 +317,16 @@ class Counter:
         device: torch device (default: CUDA when visible, else the CPU).
         input_norm: the model's input normalization (default: ``model.input_norm``, which every model of
             this library and :func:`load` set; None feeds raw RGB in [0, 1]).
-        tile: images whose padded side exceeds it run in overlapping tiles (pixels; None: never).
+        tile: images whose padded side exceeds it run in overlapping tiles (pixels; None: never); at least
+            :func:`min_tile` (2 x ``overlap`` + the model's padding multiple: 144 for most models).
         overlap: context around each tile, pixels (a multiple of 16).
         amp: bfloat16/float16 autocast on a GPU; on the CPU it has no effect and a warning says so.
         max_size: shrink larger images first: a longest side (int) or a box (a, b), e.g. (1920, 1080).
-        info: what :func:`load` read from the checkpoint (``path``, ``model``, ``config``).
+        info: what :func:`load` read from the checkpoint (``path``, ``model``, ``config``, and ``sources``:
+            where each input setting came from, for :meth:`settings`).
+
+    Images are zero-padded to a multiple of the model's ``input_multiple`` (16; 1 for the released HMoDE)
+    and the map is divided by the model's ``density_scale``, as training validated them.
     """
 
     def __init__(self, model, device=None, *, input_norm="model", tile: int | None = 2048, overlap: int = 64,
@@ -279,15 +345,62 @@ class Counter:
             warnings.warn(f"amp: autocast runs on GPUs only; on {self.device} the model runs in float32", UserWarning,
                           stacklevel=2)
             amp = False
-        if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 1):
-            raise ValueError(f"tile must be a positive int or None, got {tile!r}")
+        #: the padding multiple of the model's input (what predict_density pads to, in training's validation too)
+        self.align = int(getattr(model, "input_multiple", 16))
+        if tile is not None:
+            if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+                raise ValueError(f"tile must be a positive int or None, got {tile!r}")
+            if tile < min_tile(overlap, self.align):
+                raise ValueError(f"tile must be at least {min_tile(overlap, self.align)} pixels (2 x the overlap of "
+                                 f"{overlap} + the padding multiple {self.align}), or None (never tile); got {tile}")
+        if isinstance(max_size, list):
+            max_size = tuple(max_size)
         self.model = model.to(self.device).eval()
         self.tile, self.overlap, self.amp, self.max_size = tile, overlap, amp, max_size
         self.info = dict(info or {})
 
     def __repr__(self) -> str:
         name = self.info.get("model") or type(self.model).__name__
-        return f"Counter({name}, device={self.device}, tile={self.tile})"
+        return f"Counter({name}, device={self.device}, tile={self.tile}, max_size={self.max_size})"
+
+    def settings(self) -> dict:
+        """The input settings images are counted with, and where each came from (``sources``: "checkpoint"
+        (the training's own, from its ``config``), "override" (an argument of :func:`load` that replaced the
+        checkpoint's), "default" (a checkpoint without that setting), "argument" (of a Counter made directly),
+        or "model" (an attribute of the model)): ``max_size``, ``tile``, ``overlap``, ``pad_multiple``,
+        ``input_norm``, ``density_scale``. ``crowdkernels eval`` and ``count`` report them."""
+        given = dict(self.info.get("sources") or {})
+        sources = {k: given.get(k, "argument") for k in ("max_size", "tile")}
+        sources.update({"overlap": "default", "pad_multiple": "model"})
+        sources.update({k: given.get(k, "model") for k in ("input_norm", "density_scale")})
+        return {
+            "max_size": list(self.max_size) if isinstance(self.max_size, tuple) else self.max_size,
+            "tile": self.tile,
+            "overlap": self.overlap,
+            "pad_multiple": self.align,
+            "input_norm": self.input_norm,
+            "density_scale": float(getattr(self.model, "density_scale", 1.0)),
+            "sources": sources,
+        }
+
+    def describe_settings(self) -> str:
+        """:meth:`settings` in one line, e.g. "max size 384 (checkpoint), tiles beyond 2048 px (checkpoint), ..."."""
+        from .data.transforms import IMAGENET_NORM, check_norm
+
+        s, src = self.settings(), self.settings()["sources"]
+        box = s["max_size"]
+        size = "none" if box is None else (f"{box[0]}x{box[1]}" if isinstance(box, list) else str(box))
+        norm = s["input_norm"]
+        if norm is None:
+            norm_text = "none (raw RGB in [0, 1])"
+        elif norm == check_norm(IMAGENET_NORM):
+            norm_text = "ImageNet mean/std"
+        else:
+            norm_text = f"mean {list(norm['mean'])} std {list(norm['std'])}"
+        tile = "never" if s["tile"] is None else f"beyond {s['tile']} px"
+        return (f"max size {size} ({src['max_size']}), tiles {tile} ({src['tile']}), padding to a multiple of "
+                f"{s['pad_multiple']} ({src['pad_multiple']}), normalization {norm_text} ({src['input_norm']}), "
+                f"density scale {s['density_scale']:g} ({src['density_scale']})")
 
     # ----------------------------------------------------------------------------------- one image
     def _model_input(self, rgb: torch.Tensor) -> torch.Tensor:
@@ -314,7 +427,7 @@ class Counter:
             raise ValueError(f"images must be RGB in [0, 1], got values in [{lo:g}, {hi:g}]: leave out the Normalize "
                              "step, the counter applies the model's normalization itself")
         x = normalize_image(x, self.input_norm)
-        out = predict_density(self.model, x, tile=self.tile, overlap=self.overlap, amp=self.amp)
+        out = predict_density(self.model, x, tile=self.tile, overlap=self.overlap, align=self.align, amp=self.amp)
         return out.float().cpu()
 
     def predict(self, image) -> Prediction:
@@ -360,7 +473,7 @@ class Counter:
 
         loader = torch.utils.data.DataLoader(_Sources(images), batch_size=batch_size, num_workers=workers,
                                              collate_fn=_as_list)
-        with Progress(len(images), "count", bar=progress, lines=progress is not False) as bar:
+        with Progress(len(images), "count", bar=progress, lines=progress is not False, done_word="counted") as bar:
             for batch in loader:
                 results: list[Prediction | None] = [None] * len(batch)
                 good = []
@@ -383,12 +496,18 @@ class Counter:
                         results[k] = Prediction(name, float(c[0].sum(dtype=torch.float64)), c[0], rgb, tuple(x.shape[-2:]))
                     start = stop
                 for r in results:
-                    bar.update(1)
+                    bar.update(1, skipped=int(r.error is not None))
                     yield r
 
     def count_many(self, images, batch_size: int = 1, *, workers: int = 0, errors: str = "raise", progress=None) -> list[float]:
-        """The counts of many images, in order (see :meth:`predictions` for the arguments); with
-        ``errors="skip"`` an unreadable image counts NaN and a warning names it."""
+        """The counts of many images, in order, as bare floats (see :meth:`predictions` for the arguments);
+        with ``errors="skip"`` an unreadable image counts NaN and a warning names it. A folder or a pattern
+        is expanded here, so to know which file each count belongs to, iterate :meth:`predictions` instead:
+        each :class:`Prediction` has ``.source`` (the path as given or found), ``.count`` and ``.error``::
+
+            for p in counter.predictions("shots/", errors="skip"):
+                print(p.source, p.count if p.error is None else p.error)
+        """
         counts = []
         for p in self.predictions(images, batch_size, workers=workers, errors=errors, progress=progress):
             if p.error is not None:
@@ -404,13 +523,16 @@ class Counter:
         """Metrics of an annotated data set (samples of :class:`crowdkernels.data.CrowdDataset` or
         :class:`~crowdkernels.data.SyntheticCrowds` as RGB in [0, 1], *without* the ``Normalize`` step: the
         counter normalizes), as :func:`crowdkernels.engine.evaluate` returns them: ``(metrics, accumulator)``.
+        The dataset's own transform sizes the images (the points must match them), so ``max_size`` is not
+        applied here: :func:`crowdkernels.engine.evaluation_dataset` with ``config.max_size = counter.max_size``
+        gives the images as ``crowdkernels eval`` feeds them.
         ``on_image(name, rgb [3, H, W], cells [1, 1, h, w], points [N, 2])`` is called per image."""
         from ._progress import Progress
         from .data.targets import CrowdCollate
         from .engine.evaluate import evaluate
 
         loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=workers, collate_fn=CrowdCollate(target=None))
-        with Progress(len(dataset), "eval", bar=progress, lines=progress is not False) as bar:
+        with Progress(len(dataset), "eval", bar=progress, lines=progress is not False, done_word="evaluated") as bar:
             return evaluate(self.model, loader, self.device, levels=levels, game_levels=game_levels, strict=strict,
                             warn=warn if warn is not None else bar.write, predict=self.predict_cells,
                             on_image=on_image, progress=bar)
@@ -425,17 +547,22 @@ def _device(device) -> torch.device:
 
 
 def load(checkpoint, device=None, *, model: str | None = None, model_kwargs: dict | None = None,
-         tile: int | None = 2048, amp: bool = False, max_size=None) -> Counter:
+         tile=CHECKPOINT, amp: bool = False, max_size=CHECKPOINT) -> Counter:
     """A :class:`Counter` for a checkpoint: any ``last.pt``/``best.pt`` that ``crowdkernels train`` writes
     (and whatever else :func:`crowdkernels.engine.train.model_from_checkpoint` loads). The model is built
-    from the checkpoint's own settings and fed as it was trained (its ``input_norm``).
+    from the checkpoint's own settings and fed as its training validated it: the checkpoint's ``max_size``
+    (images shrunk as in training), ``tile``, normalization (``input_norm``) and density scale, the model's
+    padding multiple. :meth:`Counter.settings` says which were used and where each came from.
 
     Args:
         checkpoint: path of the checkpoint file.
         device: e.g. "cuda", "cpu" (default: CUDA when visible, else the CPU).
         model, model_kwargs: refuse a checkpoint of another model (e.g. ``model="hmode"``), with an error
             naming both.
-        tile, amp, max_size: see :class:`Counter`.
+        tile, max_size: :data:`CHECKPOINT` (default): the training's own (its ``config``; 2048 and None for
+            files without them, such as the released HMoDE weights); or a value that overrides it (None: never
+            tile / never shrink). See :class:`Counter`.
+        amp: see :class:`Counter`.
     Raises:
         CheckpointError naming the file when it is missing, unreadable, or of another model.
     """
@@ -443,5 +570,17 @@ def load(checkpoint, device=None, *, model: str | None = None, model_kwargs: dic
 
     dev = _device(device)
     net, ckpt = model_from_checkpoint(checkpoint, dev, model=model, model_kwargs=model_kwargs)
-    info = {"path": str(checkpoint), "model": ckpt.get("model_name"), "config": ckpt.get("config") or {}}
-    return Counter(net, dev, tile=tile, amp=amp, max_size=max_size, info=info)
+    cfg = ckpt.get("config") or {}
+    sources = {"input_norm": "checkpoint" if "input_norm" in cfg else "default",
+               "density_scale": "checkpoint" if "scale" in (cfg.get("target") or {}) else "default"}
+    if ckpt.get("released"):  # the released test.py's conventions, not a config of ours
+        sources.update(input_norm="released test.py", density_scale="released test.py")
+    settings = {}
+    for name, value, default in (("tile", tile, 2048), ("max_size", max_size, None)):
+        if isinstance(value, str) and value == CHECKPOINT:
+            settings[name] = cfg.get(name, default)
+            sources[name] = "checkpoint" if name in cfg else "default"
+        else:
+            settings[name], sources[name] = value, "override"
+    info = {"path": str(checkpoint), "model": ckpt.get("model_name"), "config": cfg, "sources": sources}
+    return Counter(net, dev, tile=settings["tile"], amp=amp, max_size=settings["max_size"], info=info)

@@ -1,4 +1,4 @@
-"""The CUDA kernels of csrc/ executed on the CPU (DESIGN.md "Testing the GPU code"), for the tests.
+"""The CUDA kernels of csrc/ executed on the CPU (docs/definitions.md, "Testing the GPU code"), for the tests.
 
 `emulated_ops()` builds the emulation from this checkout's csrc/ (once; cached under build/cuda_emulated/,
 never part of the installed package), loads it, and returns ``torch.ops.crowdkernels_cuda_emulated``: the

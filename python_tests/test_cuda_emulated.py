@@ -1,4 +1,4 @@
-"""The CUDA kernels (csrc/*/*_cuda.cu) executed on the CPU through csrc/common/cuda_emulation.h (DESIGN.md
+"""The CUDA kernels (csrc/*/*_cuda.cu) executed on the CPU through csrc/common/cuda_emulation.h (docs/definitions.md,
 "Testing the GPU code"), against the C++ CPU kernels and the references: every CUDA entry point, random and
 real-sample inputs, float32 and float64, ragged batches, empty inputs, strides, every density style,
 deterministic mode, the gradients of the regions ops, shuffled thread orders, and launch geometries forced

@@ -325,6 +325,14 @@ def test_jhu_levels_nwpu_lists_and_bad_files(tmp_path):
         (nwpu / "jsons" / f"{3100 + i}.json").write_text(json.dumps({"points": [[1, 1]] * (i + 1)}))
     (nwpu / "val.txt").write_text("3101 1 1\n3102 1 2\n")
     assert [s.name for s in ds.dataset_samples("nwpu", nwpu, "val")[0]] == ["3101", "3102"]
+    # issue 21, item 2: a split named by the user must exist (no silent hold-out of training images)
+    assert [s.name for s in ds.dataset_samples("nwpu", nwpu, "val", fallback=False)[0]] == ["3101", "3102"]
+    with pytest.raises(ds.LayoutError, match=r"no test split in .*no test.txt .*lists found: val.txt"):
+        ds.dataset_samples("nwpu", nwpu, "test", fallback=False)
+    assert len(ds.dataset_samples("nwpu", nwpu, "test")[0]) == 1  # the fallback, where nobody asked for "test"
+    assert len(ds.dataset_samples("jhu", root, "val", fallback=False)[0]) == 3
+    with pytest.raises(ds.LayoutError, match=r"no test split under .*looked for .*jhu/test/\); found: .*jhu/train/, .*jhu/val/"):
+        ds.dataset_samples("jhu", root, "test", fallback=False)
 
     # NaN points, a missing annotation, an image that is not one: warned, named, skipped
     (root / "val" / "gt" / "0001.txt").write_text("nan 1 1 1 0 0\n")

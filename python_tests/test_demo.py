@@ -30,7 +30,7 @@ def test_run_demo_files_and_a_checkpoint_that_counts_like_the_demo(tmp_path):
     # the data folders: lossless images and their heads, in the `folder` format
     val = SyntheticCrowds(3, 48, 1000).base
     samples = list_samples(out / "data" / "val", "folder")
-    assert [s.name for s in samples] == [val[i].name for i in range(3)]
+    assert [s.name for s in samples] == ["heldout_" + val[i].name for i in range(3)]
     for s, ref in zip(samples, (val[i] for i in range(3))):
         np.testing.assert_array_equal(np.asarray(Image.open(s.image)), ref.image)
         np.testing.assert_allclose(s.points(), ref.points, atol=5e-4)
@@ -40,3 +40,19 @@ def test_run_demo_files_and_a_checkpoint_that_counts_like_the_demo(tmp_path):
     counter = ck.load(out / "run" / "last.pt", device="cpu")
     got = counter.count_many([s.image for s in samples], progress=False)
     assert got == pytest.approx([r["pred"] for r in metrics["per_image"]], rel=1e-5, abs=1e-6)
+
+
+def test_a_held_out_image_has_one_name_in_every_output(tmp_path):
+    """Issue 21, item 13: pictures/ and density/ said heldout_synthetic_0000, data/val/ and metrics.json
+    synthetic_0000."""
+    out = tmp_path / "demo"
+    run_demo(out, num_images=4, val_images=2, size=32, epochs=1, lr=FAST["lr"], batch_size=2, pictures=2,
+             stream=io.StringIO())
+    names = ["heldout_synthetic_0000", "heldout_synthetic_0001"]
+    assert sorted(p.stem for p in (out / "pictures").iterdir()) == names
+    assert sorted(p.stem for p in (out / "density").glob("heldout_*.npy")) == names
+    assert sorted(p.stem for p in (out / "data" / "val").glob("*.png")) == names
+    assert sorted(p.stem for p in (out / "data" / "val").glob("*.txt")) == names
+    assert [r["name"] for r in json.loads((out / "metrics.json").read_text())["per_image"]] == names
+    held = [r["name"] for r in json.loads((out / "summary.json").read_text())["per_image"] if r["name"].startswith("heldout_")]
+    assert held == names

@@ -1,4 +1,4 @@
-"""The density op (DESIGN.md "Density maps"; L2SM sec. 3.2) against references written from each recipe's
+"""The density op (docs/definitions.md, "Density maps"; L2SM sec. 3.2) against references written from each recipe's
 definition: the classic CSRNet KD-tree + gaussian_filter script, the MATLAB/SASNet fixed-kernel script,
 and the windowed "exact" construction; on random points and on the real samples in ../shared/data."""
 from __future__ import annotations
@@ -27,7 +27,7 @@ STYLES = ("exact", "csrnet", "matlab")
 def classic_csrnet_recipe(points: np.ndarray, shape) -> np.ndarray:
     """The classic recipe as CSRNet's make_dataset notebook (and many repositories) write it: rasterize the
     heads, a KD-tree for the 3 nearest, one full-image gaussian_filter per head. Points outside the image
-    are dropped beforehand (DESIGN.md), which the real ShanghaiTech annotations never need."""
+    are dropped beforehand (docs/definitions.md), which the real ShanghaiTech annotations never need."""
     H, W = shape
     gt = np.zeros((H, W))
     for x, y in points:
@@ -808,7 +808,7 @@ def test_raw_splat_op_rejects_negative_sigma():
 
 
 def test_density_map_spells_out_its_signature():
-    """Issue 15, defect 7: density_map's options are visible to help() and IDEs (DESIGN.md's API)."""
+    """Issue 15, defect 7: density_map's options are visible to help() and IDEs (the API of docs/definitions.md)."""
     import inspect
 
     sig = inspect.signature(ck.density_map)

@@ -63,12 +63,13 @@ def test_job_refuses_other_settings_and_bad_ones(root, tmp_path):
             run_density_job(root, "folder", out, device="cuda")
 
 
-def test_job_strict_and_per_file_errors(root, tmp_path):
+def test_job_strict_and_per_file_errors(root, tmp_path, capsys):
     (root / "im1.txt").write_text("1 nan\n")
     notes = []
     m = run_density_job(root, "folder", tmp_path / "a", warn=notes.append)
     assert list(m["images"]) == ["im0", "im2"] and list(m["failures"]) == ["im1"] and "not finite" in m["failures"]["im1"]
     assert len(notes) == 1 and notes[0].startswith("crowdkernels density: error: ") and "im1.txt" in notes[0]
+    assert capsys.readouterr().err.startswith("density: 2/3 img done, 1 failed, in")  # issue 21: not "3/3 img"
     m = run_density_job(root, "folder", tmp_path / "b", strict=True, warn=notes.append)
     assert list(m["images"]) == ["im0"] and list(m["failures"]) == ["im1"]  # stopped at the bad file
 

@@ -80,7 +80,7 @@ def test_eval_save_dir_writes_predictions_pictures_and_scatter(ckpt, tmp_path, c
         _png(root / f"{name}.png", 24 + 8 * i, 40, seed=i)
         (root / f"{name}.txt").write_text("".join(f"{x} {y}\n" for x, y in pts))
     save = tmp_path / "report"
-    assert _eval(ckpt, "--dataset", "folder", "--root", str(root), "--split", "test", "--save-dir", str(save),
+    assert _eval(ckpt, "--dataset", "folder", "--root", str(root), "--save-dir", str(save),
                  "--out", str(tmp_path / "m.json")) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
     held = [r["name"] for r in metrics["per_image"]]  # the held-out images of a single folder
@@ -100,7 +100,7 @@ def test_eval_save_dir_writes_predictions_pictures_and_scatter(ckpt, tmp_path, c
     assert "picture(s) in" in capsys.readouterr().out
     # --pictures caps the drawing, not the predictions
     save2 = tmp_path / "report2"
-    assert _eval(ckpt, "--dataset", "folder", "--root", str(root), "--split", "test", "--save-dir", str(save2),
+    assert _eval(ckpt, "--dataset", "folder", "--root", str(root), "--save-dir", str(save2),
                  "--pictures", "0") == 0
     assert not list((save2 / "pictures").iterdir()) and (save2 / "predictions.csv").is_file()
 
@@ -224,6 +224,7 @@ def test_eval_strict_stops_at_an_image_that_does_not_decode(ckpt, tmp_path, caps
     assert cli.main(["eval", "--checkpoint", str(ckpt), *args]) == 0
     captured = capsys.readouterr()
     assert "1 images" in captured.out and "1 file(s) skipped" in captured.out and "b.png" in captured.err
+    assert "eval: 1/2 img evaluated, 1 skipped, in" in captured.err  # issue 21: not "2/2 img (done)"
     assert cli.main(["eval", "--checkpoint", str(ckpt), *args, "--strict"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("crowdkernels eval: error: ") and "b.png" in err[-1] and "Traceback" not in err[-1]
@@ -250,3 +251,159 @@ def test_count_into_a_closed_pipe_is_not_a_traceback(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == 141, err
     assert first.startswith(str(shots).encode()) and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------------- issue 21
+def _train_tiny(out, *extra):
+    """`crowdkernels train` of the tiny stand-in (registered as csrnet by the fixture), a couple of steps."""
+    return cli.main(["train", "--model", "csrnet", "--out", str(out), "--lr", "3e-3", "--workers", "0",
+                     "--batch-size", "4", "--crop", "16", "--epochs", "1", *extra])
+
+
+def _log_val_mae(run) -> float:
+    entries = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return [e["val"]["mae"] for e in entries if e["val"]][-1]
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setitem(train_mod.MODEL_BUILDERS, "csrnet", lambda **kw: TinyNet(8))
+
+
+def test_eval_of_a_checkpoint_reproduces_its_training_log(tiny, tmp_path, capsys):
+    """Issue 21, item 1: a model trained with --max-size was evaluated (and counted) at full size: `eval
+    --checkpoint best.pt` disagreed with the training log by 17x. Now the checkpoint's own settings are used
+    (and said), so eval without flags gives the log's validation MAE."""
+    run = tmp_path / "run"
+    assert _train_tiny(run, "--synthetic", "8", "3", "64", "--max-size", "24") == 0
+    logged = _log_val_mae(run)
+    report = tmp_path / "eval.json"
+    capsys.readouterr()
+    assert _eval(run / "best.pt", "--dataset", "synthetic", "--out", str(report)) == 0
+    got = json.loads(report.read_text())
+    assert got["mae"] == pytest.approx(logged, rel=1e-5, abs=1e-6)
+    assert got["settings"]["max_size"] == 24 and got["settings"]["sources"]["max_size"] == "checkpoint"
+    assert got["settings"]["tile"] == 2048 and got["settings"]["pad_multiple"] == 16
+    err = capsys.readouterr().err
+    assert "input settings: max size 24 (checkpoint)" in err and "normalization ImageNet mean/std (checkpoint)" in err
+    # an explicit --max-size overrides the checkpoint's (and 'none' turns it off): other numbers, said so
+    assert _eval(run / "best.pt", "--dataset", "synthetic", "--max-size", "none", "--out", str(report)) == 0
+    full = json.loads(report.read_text())
+    assert full["settings"]["max_size"] is None and full["settings"]["sources"]["max_size"] == "override"
+    assert full["mae"] != pytest.approx(logged, rel=1e-3)
+    assert "max size none (override)" in capsys.readouterr().err
+
+    # count, and ck.load, feed images as the training did: 24 px, not 64
+    img = _png(tmp_path / "crowd.png", 64, 64)
+    counter = ck.load(run / "best.pt")
+    assert counter.max_size == 24 and counter.settings()["sources"]["max_size"] == "checkpoint"
+    assert counter.predict(img).input_size == (24, 24)
+    assert counter.count(img) == pytest.approx(ck.load(run / "best.pt", max_size=24).count(img), rel=1e-6)
+    assert ck.load(run / "best.pt", max_size=None).predict(img).input_size == (64, 64)
+    assert cli.main(["count", str(img), "--checkpoint", str(run / "best.pt"), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)[0]["count"] == pytest.approx(counter.count(img), rel=1e-6)
+    assert "input settings: max size 24 (checkpoint)" in captured.err
+
+
+def test_eval_reproduces_the_log_on_real_images_held_out_by_val_from_train(tiny, tmp_path, capsys):
+    """Item 1 on the shared ShanghaiTech B samples (1024 x 768, trained at --max-size 96, validated on the
+    images --val-from-train held out): eval without flags takes the same images, at the same size."""
+    from conftest import require_data
+
+    root = require_data("ShanghaiTech")
+    run = tmp_path / "run"
+    assert _train_tiny(run, "--dataset", "shanghaitech-b", "--root", str(root), "--max-size", "96",
+                       "--val-from-train", "0.25", "--seed", "3") == 0
+    logged = _log_val_mae(run)
+    report = tmp_path / "eval.json"
+    assert _eval(run / "best.pt", "--dataset", "shanghaitech-b", "--root", str(root), "--out", str(report)) == 0
+    got = json.loads(report.read_text())
+    assert got["images"] == 6 and got["mae"] == pytest.approx(logged, rel=1e-5, abs=1e-6)
+    assert "--val-from-train" in capsys.readouterr().err
+
+
+def test_an_explicit_split_the_dataset_does_not_have_is_an_error(ckpt, tmp_path, capsys):
+    """Item 2: `eval --split test` on a dataset without a test split evaluated training images and exited 0."""
+    from conftest import require_data
+
+    root = require_data("ShanghaiTech")  # part_B/train_data only
+    for split in ("test", "val"):
+        assert _eval(ckpt, "--dataset", "shanghaitech-b", "--root", str(root), "--split", split) == 2
+        captured = capsys.readouterr()
+        err = captured.err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"crowdkernels eval: error: there is no {split} split under"), err
+        assert "part_B/train_data/" in err[0] and "part_B/test_data/" in err[0]  # found, and looked for
+        assert captured.out == ""
+    # the default is still the held-out tenth of the training images, and says so
+    assert _eval(ckpt, "--dataset", "shanghaitech-b", "--root", str(root)) == 0
+    captured = capsys.readouterr()
+    assert "eval shanghaitech-b/val (trained on synthetic): 2 images" in captured.out
+    assert "every 10th image" in captured.err
+    crowds = tmp_path / "crowds"
+    for name in ("a", "b"):
+        _png(crowds / "train" / f"{name}.png")
+        (crowds / "train" / f"{name}.txt").write_text("3 4\n")
+    _png(crowds / "test" / "c.png")
+    (crowds / "test" / "c.txt").write_text("3 4\n")
+    assert _eval(ckpt, "--dataset", "folder", "--root", str(crowds), "--split", "test") == 0  # there: fine
+    capsys.readouterr()
+    assert _eval(ckpt, "--dataset", "folder", "--root", str(crowds), "--split", "val") == 0  # val: the test split
+    assert "eval folder/val (trained on synthetic): 1 images" in capsys.readouterr().out
+
+
+def test_count_save_dir_keeps_images_of_the_same_name(ckpt, tmp_path, capsys):
+    """Item 3: a/crowd.jpg and b/crowd.jpg were drawn to the same crowd.png, the second over the first."""
+    a = _png(tmp_path / "a" / "crowd.png", 30, 40, seed=1)
+    b = _png(tmp_path / "b" / "crowd.png", 36, 40, seed=2)
+    c = _png(tmp_path / "a" / "other.png", 24, 40, seed=3)
+    Image.open(a).convert("RGB").save(tmp_path / "a" / "crowd.jpg")
+    d = tmp_path / "a" / "crowd.jpg"
+    save = tmp_path / "pics"
+    assert cli.main(["count", str(a), str(b), str(c), str(d), "--checkpoint", str(ckpt), "--save-dir", str(save)]) == 0
+    names = sorted(p.name for p in save.iterdir())
+    assert names == sorted(["a__crowd.png.png", "b__crowd.png.png", "a__crowd.jpg.png", "other.png"]), names
+    assert cli.main(["count", str(a), str(b), "--checkpoint", str(ckpt), "--save-dir", str(tmp_path / "two")]) == 0
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["a__crowd.png", "b__crowd.png"]
+    for name, h in (("a__crowd.png", 30), ("b__crowd.png", 36)):
+        with Image.open(tmp_path / "two" / name) as im:
+            assert im.size == _documented_size(h, 40, 2)  # each image's own picture
+    helptext = cli.build_parser()._subparsers._group_actions[0].choices["count"].format_help()
+    assert "a__crowd.png" in helptext
+
+
+def test_count_tile_below_the_minimum_is_one_line(ckpt, tmp_path, capsys):
+    """Item 5: `count --tile 100` ended in a traceback from the tiler; the minimum is in --help."""
+    img = _png(tmp_path / "big.png", 200, 300)
+    for command in (["count", str(img)], ["eval", "--dataset", "synthetic"]):
+        assert cli.main([*command, "--checkpoint", str(ckpt), "--tile", "100"]) == 2
+        err = capsys.readouterr().err
+        assert "at least 144" in err.strip().splitlines()[-1] and "Traceback" not in err  # argparse: usage, error
+    assert cli.main(["count", str(img), "--checkpoint", str(ckpt), "--tile", "144"]) == 0
+    tiled = float(capsys.readouterr().out.split("\t")[1])
+    assert tiled == pytest.approx(ck.load(ckpt, tile=None).count(img), rel=1e-4)
+    parser = cli.build_parser()._subparsers._group_actions[0].choices
+    for name in ("count", "eval"):
+        assert "at least 144" in " ".join(parser[name].format_help().split())
+    with pytest.raises(ValueError, match="at least 144"):
+        ck.load(ckpt, tile=100)
+
+
+def test_count_says_what_a_url_a_folder_and_a_video_are(ckpt, tmp_path, capsys):
+    """Item 8: a URL was reported as `https:/example.com/crowd.jpg: image file not found`; videos were
+    "not found" or silently left out of a folder."""
+    shots = tmp_path / "shots"
+    img = _png(shots / "s1.png")
+    (shots / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    url = "https://example.com/crowd.jpg"
+    assert cli.main(["count", url, str(shots / "clip.mp4"), str(shots), "--checkpoint", str(ckpt), "--json"]) == 1
+    captured = capsys.readouterr()
+    assert [g["image"] for g in json.loads(captured.out)] == [str(img)]
+    assert f"{url}: a URL: crowdkernels reads local image files only" in captured.err
+    assert "https:/example" not in captured.err.replace("https://", "")
+    assert f"{shots / 'clip.mp4'}: a video" in captured.err
+    assert f"crowdkernels count: warning: {shots}: 1 video file(s) left out (clip.mp4)" in captured.err
+    assert "count: 1/3 img counted, 2 skipped, in" in captured.err  # item 13: not "3/3 img (done)"
+    (shots / "s1.png").unlink()
+    assert cli.main(["count", str(shots), "--checkpoint", str(ckpt)]) == 2
+    assert "video file(s) are not read" in capsys.readouterr().err

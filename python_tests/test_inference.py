@@ -263,3 +263,68 @@ def test_evaluate_refuses_a_dataset_that_normalizes_already():
     assert metrics["images"] == 2
     with pytest.raises(ValueError, match=r"RGB in \[0, 1\].*leave out the Normalize"):
         counter.evaluate(SyntheticCrowds(2, 32, 0, transform=Normalize(IMAGENET_NORM)), progress=False)
+
+
+# ----------------------------------------------------------------------------------------- issue 21
+def test_load_feeds_images_at_the_checkpoints_max_size_and_tile(tmp_path):
+    """Item 1: `ck.load(best.pt).count(img)` ran a model trained at --max-size 384 on the full image (561 people
+    for 70). The checkpoint's max_size and tile are the defaults; an argument overrides them."""
+    path = tmp_path / "run" / "best.pt"
+    torch.manual_seed(0)
+    net = build_model("csrnet", width=WIDTH)
+    cfg = TrainConfig(out=str(path.parent), model="csrnet", model_kwargs={"width": WIDTH}, dataset="folder",
+                      max_size=[48, 32], tile=512)
+    save_checkpoint(path, {"model_name": "csrnet", "config": cfg.to_dict(), "model": net.state_dict()})
+    img = _crowd_png(tmp_path / "crowd.png", 96, 120)
+    counter = ck.load(path, device="cpu")
+    assert counter.max_size == (48, 32) and counter.tile == 512
+    settings_ = counter.settings()
+    assert settings_["sources"] == {"max_size": "checkpoint", "tile": "checkpoint", "overlap": "default",
+                                    "pad_multiple": "model", "input_norm": "checkpoint", "density_scale": "checkpoint"}
+    assert settings_["max_size"] == [48, 32] and settings_["pad_multiple"] == 16
+    assert "max size 48x32 (checkpoint), tiles beyond 512 px (checkpoint)" in counter.describe_settings()
+    pred = counter.predict(img)
+    assert pred.input_size == (32, 40)  # shrunk into the 48 x 32 box, as training's validation shrank it
+    assert pred.count == pytest.approx(ck.Counter(net, "cpu", max_size=(48, 32)).count(img), rel=1e-6)
+    full = ck.load(path, device="cpu", max_size=None, tile=None)
+    assert full.predict(img).input_size == (96, 120) and full.settings()["sources"]["max_size"] == "override"
+    # the released HMoDE files and checkpoints without the settings keep the old defaults
+    bare = tmp_path / "bare.pt"
+    save_checkpoint(bare, {"model_name": "csrnet", "config": {"model": "csrnet", "model_kwargs": {"width": WIDTH}},
+                           "model": net.state_dict()})
+    old = ck.load(bare, device="cpu")
+    assert old.max_size is None and old.tile == 2048 and old.settings()["sources"]["max_size"] == "default"
+
+
+def test_a_url_a_folder_and_a_video_say_what_they_are(tmp_path):
+    """Item 8: `count("https://...")` said `https:/...: image file not found`; `count(folder)` said "not
+    found" instead of pointing to count_many; a video was "not found" or left out of a folder silently."""
+    counter = _tiny_counter()
+    url = "https://example.com/crowd.jpg"
+    with pytest.raises(ImageError, match=re.escape(url) + ": a URL: crowdkernels reads local image files only"):
+        counter.count(url)
+    _crowd_png(tmp_path / "a.png")
+    with pytest.raises(ImageError, match="a folder, not an image: count the images in it with counter.count_many"):
+        counter.count(tmp_path)
+    clip = tmp_path / "clip.MP4"
+    clip.write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    with pytest.raises(ImageError, match="clip.MP4: a video: crowdkernels counts still images; extract frames"):
+        counter.count(clip)
+    with pytest.warns(UserWarning, match=r"1 video file\(s\) left out \(clip.MP4\)"):
+        assert image_paths(tmp_path) == [tmp_path / "a.png"]
+    with pytest.warns(UserWarning, match="video"):
+        assert image_paths(str(tmp_path / "*")) == [tmp_path / "a.png"]
+    assert image_paths([url]) == [url]  # kept as given, to fail per file with its own name
+    (tmp_path / "a.png").unlink()
+    with pytest.raises(ValueError, match=r"folder without images .* its 1 video file\(s\) are not read"):
+        image_paths(tmp_path)
+    with pytest.raises(ValueError, match="matches 1 video file"):
+        image_paths(str(tmp_path / "*.MP4"))
+    with pytest.warns(UserWarning, match="skipping " + re.escape(url)):
+        assert math.isnan(counter.count_many([url], errors="skip", progress=False)[0])
+
+
+def test_count_many_documents_predictions_with_their_sources():
+    """Item 12: count_many returns bare floats; its docstring shows predictions(), whose items carry .source."""
+    doc = ck.Counter.count_many.__doc__
+    assert "predictions" in doc and ".source" in doc

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import crowdkernels as ck
 from crowdkernels.losses import assign_centers, fit_density_levels, multipolar_center_loss
@@ -99,6 +101,29 @@ def test_vgg16_stage_outputs_and_pools():
     outs = m(torch.randn(1, 3, 50, 70))
     assert [tuple(o.shape[-2:]) for o in outs] == [(50, 70), (25, 35), (12, 17), (6, 8), (3, 4)]
     assert [o.shape[1] for o in outs] == m.stage_channels == [8, 16, 32, 64, 64]
+
+
+def test_pretrained_file_errors_come_before_the_width_check(tmp_path):
+    """Issue 21, item 10: the real reason first: a missing file, or a file that is no weights file (an image, a
+    web page), before "pretrained weights need width=1.0"; one line, without PyTorch's weights_only advice."""
+    from crowdkernels.models.backbones import PretrainedWeightsError
+
+    with pytest.raises(FileNotFoundError, match="not found"):
+        VGG16(pretrained=tmp_path / "missing.pth", width=0.25)
+    pictures = {"crowd.jpg": "a JPEG image", "crowd.png": "a PNG image"}
+    for name, kind in pictures.items():
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name)
+    (tmp_path / "page.pth").write_text("<!DOCTYPE html><html>Sign in to download</html>")
+    pictures["page.pth"] = "an HTML or XML page"
+    for name, kind in pictures.items():
+        for width in (0.25, 1.0):
+            with pytest.raises(PretrainedWeightsError) as err:
+                VGG16(batch_norm=True, pretrained=tmp_path / name, width=width)
+            msg = str(err.value)
+            assert msg.startswith(f"{tmp_path / name}: not a PyTorch weights file ({kind}") and "\n" not in msg
+            assert "weights_only" not in msg and "vgg16_bn-6c64b313.pth" in msg
+    torch.save(_torchvision_state_dict(False), tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    VGG16(pretrained=tmp_path / "legacy.pth")  # torch's old (pickle) format passes the check
 
 
 def test_pretrained_errors(tmp_path):

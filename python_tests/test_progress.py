@@ -45,3 +45,17 @@ def test_interval_lines_silence_and_a_stopped_job():
             p.update(2)
             raise KeyboardInterrupt
     assert log.getvalue().startswith("job: 2/5 img in") and log.getvalue().endswith("(stopped)\n")
+
+
+def test_the_end_line_says_how_many_were_skipped():
+    """Issue 21, item 13: the line said "count: 9/9 img (done)" when 3 of the 9 were skipped."""
+    log = io.StringIO()
+    with Progress(9, "count", stream=log, done_word="counted") as p:
+        for i in range(9):
+            p.update(1, skipped=int(i % 3 == 0))
+    assert re.fullmatch(r"count: 6/9 img counted, 3 skipped, in [0-9.]+ s \(done\)\n", log.getvalue())
+    term = _Terminal()
+    with Progress(2, "eval", stream=term) as p:
+        p.update(1, skipped=1)
+        p.update(1)
+    assert "1 skipped" in term.getvalue()

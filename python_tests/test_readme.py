@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,7 @@ from conftest import REPO
 from crowdkernels import cli
 
 README = (REPO / "README.md").read_text()
+HERE = Path(__file__).resolve()
 
 
 def _blocks(language: str) -> list[str]:
@@ -80,3 +82,20 @@ def test_the_readme_names_every_format_model_and_dataset():
         assert f"`{name}`" in README, f"model {name} missing from the README"
     for name in DATASET_NAMES:
         assert f"`{name}`" in README, f"dataset {name} missing from the README"
+
+
+def test_docs_the_sources_point_to_exist_and_the_readme_shows_torchrun_and_predictions():
+    """Issue 21, item 12: docstrings said "see DESIGN.md", a file not in the repository; the README named
+    torchrun without a command; count_many's bare floats had no word on predictions() and .source."""
+    pointers = re.compile(r"\b(?:[A-Z][A-Z_]+\.md|docs/[\w./-]+\.md)")
+    for folder in ("crowdkernels", "python_tests", "csrc", "examples", "benchmarks"):
+        for path in (REPO / folder).rglob("*"):
+            if path.suffix not in (".py", ".h", ".cpp", ".cu", ".cuh") or "__pycache__" in path.parts or path == HERE:
+                continue
+            for name in set(pointers.findall(path.read_text(errors="replace"))):
+                if name.startswith("docs/") or name == "DESIGN.md":
+                    assert (REPO / name).is_file(), f"{path.relative_to(REPO)} points to {name}, which is not in the repo"
+    assert "see DESIGN.md" not in (REPO / "crowdkernels" / "ops" / "reference.py").read_text()
+    assert (REPO / "docs" / "definitions.md").read_text().count("## ") >= 3
+    assert re.search(r"^torchrun --standalone --nproc_per_node 2 -m crowdkernels train ", README, flags=re.M)
+    assert "predictions(" in README and ".source" in README

@@ -137,3 +137,68 @@ def test_a_step_budget_run_stops_saved_and_resumes(tiny, tmp_path, capsys):
     assert "train: step limit" in out.out and "step limit reached at epoch 2, step 1" in out.err
     assert _train(run, "--epochs", "3", "--resume") == 0
     assert "train: finished after 3 epoch(s)" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------- issue 21
+def _one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("crowdkernels train: error: ") and "Traceback" not in captured.err, err
+    return err[0]
+
+
+@pytest.mark.parametrize("print_config", [False, True])
+def test_loss_and_model_options_a_model_does_not_take_are_one_line(tmp_path, capsys, print_config):
+    """Item 5: `--recipe csrnet --loss-weights 1,1,1` was a TypeError traceback from CSRNet.criterion(), the wrong
+    number of weights on hmode a ValueError traceback; --print-config printed both configurations."""
+    extra = ["--print-config"] if print_config else ["--out", str(tmp_path / "run"), "--workers", "0",
+                                                       "--synthetic", "2", "1", "32", "--epochs", "1"]
+    assert cli.main(["train", "--recipe", "csrnet", "--loss-weights", "1,1,1", *extra]) == 2
+    line = _one_error_line(capsys)
+    assert "--loss-weights (criterion_kwargs.weights): the 'csrnet' loss has no option 'weights'" in line
+    assert "hmode" in line and "density_weight" in line  # where weights belong, and what the csrnet loss takes
+    assert cli.main(["train", "--model", "hmode", "--width", "0.125", "--loss-weights", "1,1,1", *extra]) == 2
+    assert "weights must have one value per density output (7), got 3" in _one_error_line(capsys)
+    assert cli.main(["train", "--model", "spn", "--set", 'criterion_kwargs.reduction="max"', *extra]) == 2
+    assert "reduction must be 'sum' or 'mean'" in _one_error_line(capsys)
+    assert cli.main(["train", "--model", "csrnet", "--width", "5", *extra]) == 2
+    assert "--width (model_kwargs.width)" in _one_error_line(capsys)
+    assert not (tmp_path / "run").exists()  # refused before anything started
+    assert cli.main(["train", "--model", "hmode", "--loss-weights", "1,1,1,1,1,1,2", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["criterion_kwargs"]["weights"] == [1, 1, 1, 1, 1, 1, 2]
+
+
+def test_resume_without_a_checkpoint_is_an_error(tiny, tmp_path, capsys):
+    """Item 7: `--resume` with a mistyped --out started a new full-size default run."""
+    typo = tmp_path / "runz"
+    for extra in ([], ["--print-config"]):
+        assert cli.main(["train", "--out", str(typo), "--resume", *extra]) == 2
+        line = _one_error_line(capsys)
+        assert f"there is no run to continue in {typo} (no last.pt there)" in line and "leave out --resume" in line
+    assert not typo.exists()
+    assert cli.main(["train", "--resume", "--print-config"]) == 2
+    assert "--resume needs --out" in _one_error_line(capsys)
+    # the library refuses it too (a config made by hand)
+    from crowdkernels.engine import TrainError
+    from test_engine import make_trainer, tiny_config
+
+    with pytest.raises(TrainError, match="no run to continue"):
+        make_trainer(tiny_config(tmp_path / "lib", resume=True)).run()
+
+
+def test_pretrained_messages_say_the_real_reason_first(tmp_path, capsys):
+    """Item 10: a missing --pretrained file at --width 0.25 was reported as "needs width=1.0"; a JPEG passed as
+    --pretrained printed PyTorch's advice to set weights_only=False."""
+    base = ["train", "--model", "csrnet", "--width", "0.25", "--workers", "0", "--synthetic", "2", "1", "32",
+            "--epochs", "1"]
+    assert cli.main([*base, "--pretrained", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "r1")]) == 2
+    line = _one_error_line(capsys)
+    assert "not found" in line and "width" not in line.split("not found")[0]
+    jpeg = tmp_path / "crowd.jpg"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(jpeg)
+    for width in ("0.25", "1"):
+        argv = [*base, "--width", width, "--pretrained", str(jpeg), "--out", str(tmp_path / f"r{width}")]
+        assert cli.main(argv) == 2
+        line = _one_error_line(capsys)
+        assert f"--pretrained: {jpeg}: not a PyTorch weights file (a JPEG image)" in line
+        assert "weights_only" not in line and "download.pytorch.org/models/vgg16-" in line

@@ -92,12 +92,13 @@ class AnnotationError(ValueError):
 
 
 class ImageError(ValueError):
-    """An image file is missing or its header cannot be read."""
+    """An image file is missing or its header cannot be read. The message names ``path`` as given (a URL keeps
+    its "//", which ``Path`` would fold)."""
 
     def __init__(self, path, reason: str):
         self.path = Path(path)
         self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        super().__init__(f"{path}: {reason}")
 
 
 class LayoutError(ValueError):
@@ -691,8 +692,23 @@ def _has_layout(folder: Path, fmt: DatasetFormat) -> bool:
     )
 
 
+def _found_splits(dataset: str, root: Path, fmt: DatasetFormat) -> str:
+    """The split folders of ``dataset`` under ``root`` (for an error about one that is not there)."""
+    found = []
+    for split in ("train", "val", "test"):
+        for rel in _split_folders(dataset, split):
+            if rel not in found and _has_layout(root / rel, fmt):
+                found.append(rel)
+    if found:
+        return ", ".join(f"{root / rel}/" for rel in found)
+    if _has_layout(root, fmt):
+        return f"{root}/ itself (one folder of images, no split folders)"
+    subs = sorted(p.name + "/" for p in root.iterdir() if p.is_dir())
+    return f"no split folder ({', '.join(subs[:10]) + (' ...' if len(subs) > 10 else '') if subs else 'no folders'})"
+
+
 def dataset_samples(dataset: str, root, split: str = "train", *, fold: int | None = None, missing: str = "keep",
-                    warn=None, whole: bool = False):
+                    warn=None, whole: bool = False, fallback: bool = True):
     """The samples of one split of a named dataset (:data:`DATASET_NAMES`, not "synthetic").
 
     ``root`` is the dataset folder (e.g. ``ShanghaiTech/`` holding ``part_A/train_data``), one part of it,
@@ -700,9 +716,11 @@ def dataset_samples(dataset: str, root, split: str = "train", *, fold: int | Non
     validation split, as the papers do; JHU and NWPU use their val split). UCF_CC_50 takes ``fold``
     (1-5). Where the root holds only one split (e.g. a single train_data folder), every 10th image is
     held out for "val" (:func:`holdout`); ``whole=True`` keeps every training image instead (for a
-    validation split the caller makes itself, ``train --val-from-train``). ``warn`` reports annotation
-    files without an image (see :func:`list_samples`). Returns (samples, note) with note saying which split
-    was used. Raises LayoutError naming the expected layout.
+    validation split the caller makes itself, ``train --val-from-train``). ``fallback=False`` (a split the
+    user named, ``eval --split val|test``) raises a LayoutError naming the split folders found instead of
+    holding out training images for a "val" or "test" split the dataset does not have. ``warn`` reports
+    annotation files without an image (see :func:`list_samples`). Returns (samples, note) with note saying
+    which split was used. Raises LayoutError naming the expected layout.
     """
     if dataset not in _FORMAT_OF:
         raise ValueError(f"dataset must be one of {[d for d in DATASET_NAMES if d != 'synthetic']}, got {dataset!r}")
@@ -726,6 +744,10 @@ def dataset_samples(dataset: str, root, split: str = "train", *, fold: int | Non
             return [s for s in samples if s.name in ids], f"the images listed in {listed.name}"
         if whole and split == "train":
             return samples, f"every image of {root}"
+        if not fallback and split != "train":
+            lists = sorted(p.name for p in root.glob("*.txt")) or ["none"]
+            raise LayoutError(f"there is no {split} split in {root}: no {split}.txt listing its images (lists found: "
+                              f"{', '.join(lists)}); leave out --split to evaluate the images held out for validation")
         train, held = holdout(samples)
         return (train if split == "train" else held), f"no {split}.txt in {root}: every 10th image held out"
 
@@ -751,6 +773,12 @@ def dataset_samples(dataset: str, root, split: str = "train", *, fold: int | Non
         )
     if whole and split == "train":
         return list_samples(base, fmt.name, missing=missing, warn=warn), f"every image of {base}"
+    if not fallback and split != "train":
+        looked = ", ".join(f"{root / rel}/" for rel in _split_folders(dataset, split))
+        raise LayoutError(
+            f"there is no {split} split under {root} (looked for {looked}); found: {_found_splits(dataset, root, fmt)}. "
+            "Leave out --split to evaluate the training images held out for validation (every 10th, or those "
+            "--val-from-train held out), or pass --split train")
     train, held = holdout(list_samples(base, fmt.name, missing=missing, warn=warn))
     return (train if split == "train" else held), f"no {split} split under {root}: every 10th image of {base} held out"
 

@@ -239,7 +239,7 @@ def run_density_job(root, format: str, out, settings: DensitySettings = DensityS
 
     written = reused = 0
     last_flush = time.monotonic()
-    with Progress(len(samples), "density", bar=progress, lines=progress is not False) as bar:
+    with Progress(len(samples), "density", bar=progress, lines=progress is not False, skip_word="failed") as bar:
         say = warn or bar.write
         for note in notes:
             say(f"crowdkernels density: warning: {note}")
@@ -272,7 +272,7 @@ def run_density_job(root, format: str, out, settings: DensitySettings = DensityS
                     if strict:
                         break
                 finally:
-                    bar.update(1)
+                    bar.update(1, skipped=int(sample.name in failures))
                 if time.monotonic() - last_flush > MANIFEST_FLUSH_SECONDS:
                     save_json(manifest_path, manifest)
                     last_flush = time.monotonic()

@@ -23,7 +23,7 @@ __all__ = ["DensityTarget", "DensityCache", "CrowdCollate"]
 
 @dataclass(frozen=True)
 class DensityTarget:
-    """The ``density_maps`` settings of the ground truth (DESIGN.md "Density maps"); calling it makes
+    """The ``density_maps`` settings of the ground truth (docs/definitions.md, "Density maps"); calling it makes
     the [B, 1, H, W] maps of a ragged batch of points in one pass of the kernel. The default is the
     geometry-adaptive "exact" style, whose maps sum to the head count."""
 

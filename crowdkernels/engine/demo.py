@@ -12,10 +12,14 @@ Files in OUT:
 - ``summary.json``: image counts, head counts, map sums, timings, ``ok`` (every map sums to its heads);
 - ``learning_curve.png``; ``pictures/heldout_<name>.png`` (image | predicted | true density,
   :func:`crowdkernels.viz.save_picture`) for the first ``pictures`` held-out images;
-- ``density/<name>.npy`` (float32 maps; held-out ones prefixed ``heldout_``);
+- ``density/<name>.npy`` (float32 maps);
 - ``data/train/`` and ``data/val/``: the images as PNG with their heads as ``<name>.txt`` (x y per
   line), a dataset in the ``folder`` format, to try ``crowdkernels eval --dataset folder --root OUT/data``
-  and ``crowdkernels count OUT/data/val`` on;
+  and ``crowdkernels count OUT/data/val`` on.
+
+A held-out image has one name everywhere: ``heldout_synthetic_0000`` in ``data/val/``, ``density/``,
+``pictures/``, ``metrics.json`` and ``summary.json`` (the two sets number their images alike, so the training
+images are ``synthetic_0000``, ...);
 - ``run/``: the training run (``last.pt`` = the final model, ``best.pt``, ``log.jsonl``), loadable with
   :func:`crowdkernels.load`.
 """
@@ -47,15 +51,20 @@ def _demo_targets(samples):
     return DensityTarget()([s.points_tensor() for s in samples], samples[0].size)
 
 
-def _write_folder_dataset(folder: Path, samples) -> None:
-    """The samples as a dataset of the ``folder`` format: NAME.png and NAME.txt (one "x y" per head)."""
+#: the prefix of the held-out images' names in every output (the two sets number their images alike)
+HELDOUT = "heldout_"
+
+
+def _write_folder_dataset(folder: Path, samples, prefix: str = "") -> None:
+    """The samples as a dataset of the ``folder`` format: PREFIX+NAME.png and PREFIX+NAME.txt (one "x y" per head)."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     for s in samples:
-        atomic_write(folder / f"{s.name}.png", lambda f, s=s: Image.fromarray(s.image).save(f, format="PNG"))
+        name = prefix + s.name
+        atomic_write(folder / f"{name}.png", lambda f, s=s: Image.fromarray(s.image).save(f, format="PNG"))
         text = "".join(f"{x:.3f} {y:.3f}\n" for x, y in s.points)
-        atomic_write(folder / f"{s.name}.txt", lambda f, text=text: f.write(text), mode="w")
+        atomic_write(folder / f"{name}.txt", lambda f, text=text: f.write(text), mode="w")
 
 
 def run_demo(out, *, num_images: int = 160, val_images: int = 40, size: int = 128, seed: int = 0, epochs: int = 40,
@@ -105,11 +114,11 @@ def run_demo(out, *, num_images: int = 160, val_images: int = 40, size: int = 12
     t2 = time.perf_counter()
     rows = []
     for i, (sample, density) in enumerate(zip(samples, maps)):
-        prefix = "" if i < len(train_samples) else "heldout_"  # the two sets number their images alike
+        prefix = "" if i < len(train_samples) else HELDOUT
         save_npy(out / "density" / f"{prefix}{sample.name}.npy", density)
         rows.append({"name": prefix + sample.name, "heads": sample.count, "map_sum": float(np.sum(density, dtype=np.float64))})
     _write_folder_dataset(out / "data" / "train", train_samples)
-    _write_folder_dataset(out / "data" / "val", val_samples)
+    _write_folder_dataset(out / "data" / "val", val_samples, prefix=HELDOUT)
     worst = max(abs(r["map_sum"] - r["heads"]) / max(1, r["heads"]) for r in rows)
     heads = sum(r["heads"] for r in rows)
     print(f"demo: {len(train_samples)} + {len(val_samples)} held-out synthetic images {size}x{size}, {heads} heads, "
@@ -153,7 +162,7 @@ def run_demo(out, *, num_images: int = 160, val_images: int = 40, size: int = 12
         "width": width,
         "seconds_training": t3 - t2,
         "note": MSE_NOTE,
-        "per_image": acc.per_image,
+        "per_image": [{**r, "name": HELDOUT + r["name"]} for r in acc.per_image],
     }
     result["ok"] = result["mae"] <= result["baseline_mae"] / 2
 
@@ -162,8 +171,8 @@ def run_demo(out, *, num_images: int = 160, val_images: int = 40, size: int = 12
     truth_maps = maps[len(train_samples):]
     for sample, density in list(zip(val_samples, truth_maps))[:pictures]:
         pred = counter.predict(sample.image)
-        save_picture(out / "pictures" / f"heldout_{sample.name}.png", pred.image, pred.density(), truth=density,
-                     name=f"heldout {sample.name}", count=pred.count, true_count=sample.count)
+        save_picture(out / "pictures" / f"{HELDOUT}{sample.name}.png", pred.image, pred.density(), truth=density,
+                     name=f"{HELDOUT}{sample.name}", count=pred.count, true_count=sample.count)
     save_learning_curve(out / "learning_curve.png", summary_run["history"], result["baseline_mae"],
                         title="crowdkernels demo: learning curve")
     save_json(out / "metrics.json", result)

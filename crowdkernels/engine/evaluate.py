@@ -157,7 +157,7 @@ def evaluate(
                 if warn:
                     warn(f"skipping {reason}")
                 if progress is not None:
-                    progress.update(1)
+                    progress.update(1, skipped=1)
             if batch["images"] is None:
                 continue
             images = batch["images"]
@@ -182,22 +182,29 @@ def evaluate(
     return metrics, acc
 
 
-def evaluation_dataset(config, split: str = "val", *, warn=None):
+def evaluation_dataset(config, split: str | None = "val", *, warn=None, must_exist: bool = False):
     """The images of one split of ``config.dataset``, as evaluation sees them: its own split (``"train"``
     gives the training images, not the validation ones), with the evaluation transforms (``config.max_size``
     only: no crops, no flips) and *not* normalized (RGB in [0, 1]: :class:`crowdkernels.Counter` applies the
     model's normalization). Synthetic crowds: ``config.synthetic`` sizes, the training seed for "train",
     seed + 1000 for "val"/"test", as :func:`crowdkernels.engine.train.build_datasets` draws them.
 
+    ``"val"`` is the dataset's val split, its test split where there is none, and every 10th training image
+    where there is neither; ``split=None``: the images the training of ``config`` validated on, as
+    :func:`crowdkernels.engine.train.build_datasets` picks them: those ``config.val_from_train`` held out
+    (seeded), else as "val". ``must_exist=True`` (a split the user named: ``eval --split val|test``): a "val"
+    or "test" split the dataset does not have raises a LayoutError naming the split folders found, instead of
+    taking training images.
+
     Returns ``(dataset, note)``, the note saying which images were used. ``warn`` reports left-out files.
     """
     from dataclasses import replace
 
     from ..data.datasets import CrowdDataset, SyntheticCrowds, dataset_samples
-    from .train import TrainError, build_transforms
+    from .train import TrainError, build_transforms, split_off
 
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    if split not in (None, "train", "val", "test"):
+        raise ValueError(f"split must be None, 'train', 'val' or 'test', got {split!r}")
     transform = build_transforms(replace(config, input_norm=None), False)
     if config.dataset == "synthetic":
         syn = config.synthetic
@@ -207,7 +214,14 @@ def evaluation_dataset(config, split: str = "val", *, warn=None):
             f"{n} synthetic {'training' if train else 'held-out'} images (seed {seed})")
     if config.root is None:
         raise TrainError(f"--root is required for --dataset {config.dataset}")
-    samples, note = dataset_samples(config.dataset, config.root, split, fold=config.fold, warn=warn)
+    if split is None and config.val_from_train is not None:
+        everything, _ = dataset_samples(config.dataset, config.root, "train", fold=config.fold, whole=True, warn=warn)
+        _, samples = split_off(everything, config.val_from_train, config.seed)
+        note = (f"the {config.val_from_train:g} of the training images the training held out with seed {config.seed} "
+                "(--val-from-train)")
+    else:
+        samples, note = dataset_samples(config.dataset, config.root, split or "val", fold=config.fold, warn=warn,
+                                        fallback=not must_exist)
     return CrowdDataset(samples, transform, strict=config.strict, warn=warn), note
 
 

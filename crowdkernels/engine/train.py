@@ -50,6 +50,7 @@ __all__ = [
     "Trainer",
     "build_model",
     "build_config",
+    "check_model_options",
     "resume_config",
     "build_run",
     "build_datasets",
@@ -308,7 +309,8 @@ class Trainer:
             ckpt = load_checkpoint(last)
             check_model(ckpt, last, cfg.model, cfg.model_kwargs)
         elif cfg.resume:
-            self.log(f"note: no checkpoint in {self.out} to resume from; starting a new run")
+            raise TrainError(f"--resume: there is no run to continue in {self.out} (no last.pt there); check --out, "
+                             "or leave out --resume to start a new run")
         if main:
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
 
@@ -643,7 +645,66 @@ def build_config(*, recipe: str | None = None, model: str | None = None, dataset
         _set_dotted(d, key, value)
     if d["model"] not in MODEL_BUILDERS:
         raise ValueError(f"model must be one of {sorted(MODEL_BUILDERS)}, got {d['model']!r}")
-    return TrainConfig(**d)
+    config = TrainConfig(**d)
+    check_model_options(config)
+    return config
+
+
+def _setting_error(message: str, setting: str | None) -> TrainError:
+    """A TrainError whose ``setting`` names the dotted setting at fault (the CLI names its option)."""
+    exc = TrainError(message)
+    exc.setting = setting
+    return exc
+
+
+def check_model_options(config: TrainConfig) -> None:
+    """What :func:`build_run` would refuse in ``config``'s model and loss settings, refused now, before a run
+    starts (and by ``train --print-config``): the model is built with ``config.model_kwargs`` and its
+    criterion with ``config.criterion_kwargs`` on the meta device (no memory, no weights, milliseconds).
+    Raises a TrainError (a ValueError) naming the setting; its ``setting`` attribute holds the dotted key
+    (e.g. "criterion_kwargs.weights") when one is to blame."""
+    import inspect
+    import re
+
+    def unexpected(exc):
+        found = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+        return found.group(1) if found else None
+
+    try:
+        with torch.device("meta"):
+            model = build_model(config.model, **config.model_kwargs)
+    except TypeError as exc:
+        key = unexpected(exc)
+        if key is None:
+            raise _setting_error(f"the {config.model!r} model: {exc}", None) from None
+        raise _setting_error(f"the {config.model!r} model has no option {key!r}", f"model_kwargs.{key}") from None
+    except ValueError as exc:
+        first = str(exc).split()[0] if str(exc) else ""
+        raise _setting_error(f"the {config.model!r} model: {exc}",
+                             f"model_kwargs.{first}" if first in config.model_kwargs else None) from None
+    except (RuntimeError, NotImplementedError):  # a model that cannot be built on the meta device: build_run checks
+        return
+    model.density_scale = float((config.target or {}).get("scale", 1.0))
+    kwargs = dict(config.criterion_kwargs)
+    try:
+        with torch.device("meta"):
+            model.criterion(**kwargs)
+    except TypeError as exc:
+        key = unexpected(exc)
+        if key is None:
+            raise _setting_error(f"the {config.model!r} loss: {exc}", None) from None
+        params = [n for n, p in inspect.signature(model.criterion).parameters.items()
+                  if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        hint = " (per-output loss weights are for the hmode models)" if key == "weights" else ""
+        options = f"; its options: {', '.join(params)}" if params else ""
+        raise _setting_error(f"the {config.model!r} loss has no option {key!r}{hint}{options}",
+                             f"criterion_kwargs.{key}") from None
+    except ValueError as exc:
+        first = str(exc).split()[0] if str(exc) else ""
+        raise _setting_error(f"the {config.model!r} loss: {exc}",
+                             f"criterion_kwargs.{first}" if first in kwargs else None) from None
+    except (RuntimeError, NotImplementedError):
+        return
 
 
 #: What ``--resume`` may change in a run: how long it runs and how it is run, not what it learns.
@@ -719,6 +780,7 @@ def build_run(config: TrainConfig, *, warn=None):
         load_initial_weights(model, config.init)
     model.input_norm = check_norm(config.input_norm)
     model.density_scale = float((config.target or {}).get("scale", 1.0))
+    check_model_options(config)  # a config made without build_config: its loss settings, named, not a TypeError
     criterion = model.criterion(**config.criterion_kwargs)
     train_set, val_set = build_datasets(config, warn=warn)
     return model, criterion, train_set, val_set

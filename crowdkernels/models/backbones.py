@@ -104,6 +104,8 @@ class VGG16(nn.Module):
         self.stage_spans, self.stage_pools = _stage_layout(self.batch_norm, num_stages, trailing)
         self._init_weights()
         if pretrained is not None:
+            if isinstance(pretrained, (str, os.PathLike)):
+                check_weights_path(pretrained, self.batch_norm)  # the real reason first: missing, or not weights
             if width != 1.0:
                 raise ValueError(f"pretrained weights need width=1.0, got width={width}")
             self.load_torchvision(pretrained)
@@ -222,3 +224,45 @@ def read_torchvision_state_dict(source, batch_norm: bool = False) -> dict:
             break
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in source.items()
             if isinstance(v, torch.Tensor)}
+
+
+#: first bytes of files that are often passed by mistake where weights are expected, and what they are
+_NOT_WEIGHTS = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"GIF8", "a GIF image"),
+                (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"), (b"%PDF", "a PDF document"),
+                (b"\x89HDF\r\n\x1a\n", "an HDF5 file (Keras weights?)"), (b"\x93NUMPY", "a NumPy .npy array"),
+                (b"\x1f\x8b", "a gzip archive"), (b"BM", "a BMP image"))
+
+
+def _weights_file_kind(path: str) -> str | None:
+    """None when the file starts as ``torch.save`` writes (a zip archive, a pickle, or the legacy tar); else
+    what it looks like ("a JPEG image", ...), from its first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")) or head[:1] == b"\x80" or head[257:262] == b"ustar":
+        return None
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "a WebP image"
+    for magic, kind in _NOT_WEIGHTS:
+        if head.startswith(magic):
+            return kind
+    if len(head) > 8 and head[8:9] == b"{":
+        return "a safetensors file (read it with safetensors.torch.load_file and torch.save the dict)"
+    if head.lstrip()[:1] == b"<":
+        return "an HTML or XML page (a failed download?)"
+    return "empty" if not head else "neither the zip archive nor the pickle that torch.save writes"
+
+
+def check_weights_path(path, batch_norm: bool = False) -> None:
+    """FileNotFoundError when the pretrained-weights file ``path`` is missing, PretrainedWeightsError when it is
+    plainly no PyTorch weights file (an image, a web page, ...: told by its first bytes): one line each, saying
+    where to get torchvision's file. Checked before anything else about the weights (e.g. the model's width)."""
+    path = os.fspath(path)
+    name = "vgg16_bn" if batch_norm else "vgg16"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"pretrained weights file {path!r} not found. crowdkernels never downloads weights: get torchvision's "
+            f"{name} ImageNet weights from {WEIGHTS_URL[batch_norm]} and pass its local path.")
+    kind = _weights_file_kind(path)
+    if kind is not None:
+        raise PretrainedWeightsError(f"{path}: not a PyTorch weights file ({kind}); pass torchvision's {name} "
+                                     f"ImageNet weights, {WEIGHTS_URL[batch_norm]}")

@@ -4,7 +4,7 @@ The ground truth of density-map crowd counting: D(p) = sum_i delta(p - p_i) * G_
 annotated head, with the geometry-adaptive spread sigma_i = beta * (mean distance from head i to its k
 nearest neighbours) (k = 3, beta = 0.3 in MCNN/CSRNet and their many copies).
 
-Public API (names fixed by DESIGN.md):
+Public API (the definitions: docs/definitions.md, "Density maps"):
 
 - ``knn_sigma(points, k=3, beta=0.3)``: [N] geometry-adaptive sigmas, exact kNN on a uniform grid
   (O(N) memory, never an N x N matrix).
@@ -279,7 +279,7 @@ _DENSITY_DOC_ARGS = """
             tiny one is a unit impulse).
         k, beta: the adaptive rule (sigma = beta * mean distance to the k nearest; 1 <= k <= 64).
         truncate: the Gaussian reaches int(truncate * sigma + 0.5) pixels (scipy's radius).
-        style: "exact" (default), "csrnet" or "matlab"; see DESIGN.md "Density maps":
+        style: "exact" (default), "csrnet" or "matlab"; see docs/definitions.md, "Density maps":
             - exact: each in-image point's truncated Gaussian is renormalized over the part of its window
               inside the image, so the map sums to the number of in-image points; duplicates are kept.
             - csrnet: the classic KD-tree + scipy.ndimage.gaussian_filter recipe (CSRNet make_dataset),

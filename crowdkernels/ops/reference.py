@@ -16,7 +16,7 @@ import torch
 # L2SM sec. 3.2: D(p) = sum_i delta(p - p_i) * G_sigma_i, with the geometry-adaptive spread
 # sigma_i = beta * mean_{j in kNN(i)} d_ij (MCNN/CSRNet; beta = 0.3, k = 3). HMoDE sec. III-D uses the
 # same construction ("convolving Gaussian kernels at head centers"). The three styles differ only in where
-# each Gaussian is centred, how far it reaches, and how it is normalized; see DESIGN.md "Density maps".
+# each Gaussian is centred, how far it reaches, and how it is normalized; see docs/definitions.md, "Density maps".
 
 DENSITY_STYLES = ("exact", "csrnet", "matlab")
 
@@ -141,7 +141,7 @@ def sum_pool_reference(density: torch.Tensor, stride: int) -> torch.Tensor:
 
 
 def density_prepare_reference(points: torch.Tensor, offsets: torch.Tensor, height: int, width: int, style: int):
-    """The point set each style splats (DESIGN.md "Density maps"), image by image.
+    """The point set each style splats (docs/definitions.md, "Density maps"), image by image.
 
     points: [T, 2] (x, y) of B images, offsets: [B + 1]. style 0 (exact): the in-image points, in order
     (a head outside the image is not in it); 1 (csrnet): those moved to their pixel (floor), the first of
@@ -172,7 +172,7 @@ def density_prepare_reference(points: torch.Tensor, offsets: torch.Tensor, heigh
 
 def density_map_reference(points, size, *, sigma="adaptive", k=3, beta=0.3, truncate=4.0, style="exact",
                           kernel_size=15, stride=1) -> torch.Tensor:
-    """The density map of one image, from the definitions in DESIGN.md, as float64 [ceil(H/s), ceil(W/s)].
+    """The density map of one image, from the definitions in docs/definitions.md, as float64 [ceil(H/s), ceil(W/s)].
 
     points: [N, 2] (x, y) pixel coordinates, pixel (i, j) covering [j, j+1) x [i, i+1); size: (H, W).
     sigma: "adaptive" (knn_sigma_reference; a lone point gets mean(H, W) / 4, the classic rule;
@@ -217,7 +217,7 @@ def density_map_reference(points, size, *, sigma="adaptive", k=3, beta=0.3, trun
 
 # ===================================================================================== regions (issue 3)
 # L2SM sec. 3.3: dense regions are zoomed by r (bilinear), re-predicted, resized back and multiplied by
-# r^2 "to preserve the same counting result". The sampling is defined exactly in DESIGN.md ("Region
+# r^2 "to preserve the same counting result". The sampling is defined exactly in docs/definitions.md ("Region
 # rescaling"): per axis, output index d samples the source at src = a * (d + 0.5) - 0.5 (a = 1/r to zoom
 # in, a = r to zoom back), clamped to the source as F.interpolate(align_corners=False) clamps.
 

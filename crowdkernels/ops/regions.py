@@ -7,7 +7,7 @@ density in the zoomed space, and puts it back resized and multiplied by r^2 so t
 multiplied by r, each keeping its own sigma (`transform_region_targets`, Fig. 4).
 
 Boxes are `[N, 5]` int64 rows (b, y0, x0, h, w): image b, top-left pixel (y0, x0), h x w pixels. Pixel
-(i, j) covers [j, j + 1) x [i, i + 1) in (x, y). The sampling is defined exactly in DESIGN.md ("Region
+(i, j) covers [j, j + 1) x [i, i + 1) in (x, y). The sampling is defined exactly in docs/definitions.md ("Region
 rescaling"); per axis, output index d samples the source at src = a (d + 0.5) - 0.5 with a = 1/r (zoom) or
 a = r (zoom back), clamped to the source as F.interpolate(align_corners=False) clamps.
 

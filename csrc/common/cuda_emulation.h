@@ -1,5 +1,5 @@
 // CK_LAUNCH, the one way the .cu sources launch a kernel, and the CUDA execution model on the CPU, so that
-// the same sources run as host C++ in the tests (DESIGN.md "Testing the GPU code").
+// the same sources run as host C++ in the tests (docs/definitions.md, "Testing the GPU code").
 //
 // Under nvcc, CK_LAUNCH(grid, block, stream, kernel)(args...) is kernel<<<grid, block, 0, stream>>>(args...)
 // and nothing else in this file is used.

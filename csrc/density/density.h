@@ -2,7 +2,8 @@
 // and the CUDA kernels (density_cuda.cu), so the CPU tests exercise the arithmetic the GPU runs.
 //
 // L2SM sec. 3.2 / HMoDE sec. III-D: D(p) = sum_i delta(p - p_i) * G_sigma_i, with the geometry-adaptive
-// sigma_i = beta * mean distance to the k nearest neighbours. See DESIGN.md "Density maps" for the styles.
+// sigma_i = beta * mean distance to the k nearest neighbours. See docs/definitions.md, "Density maps", for
+// the styles.
 #pragma once
 
 #include <cmath>
