@@ -14,8 +14,8 @@ The other files crowdkernels reads are parsed as data, never unpickled: ``.npy``
 ``np.load(allow_pickle=False)`` (an object array is refused); ``.mat`` through ``scipy.io.loadmat`` (MATLAB v4/v5
 parsed into arrays; a MATLAB object or function handle comes back as inert bytes, v7.3 files are refused); ``.json``
 through ``json.loads``; ``.txt`` split by hand. Images go through ``PIL.Image.open`` with every format Pillow
-knows; its decompression-bomb limit stays on. One caveat there: Pillow renders an EPS file (whatever its suffix)
-by running Ghostscript, when ``gs`` is installed, so an image is only as safe as that Ghostscript.
+knows but EPS, which Pillow renders by running Ghostscript whatever the file's suffix
+(:func:`crowdkernels.data.datasets.open_image_file`); its decompression-bomb limit stays on.
 """
 from __future__ import annotations
 

@@ -363,3 +363,19 @@ def test_a_checkpoint_of_release_0_1_0_loads_and_resumes_exactly(tmp_path):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
     assert resumed["best"]["epoch"] == finished["best"]["epoch"]
     assert torch.serialization.get_unsafe_globals_in_checkpoint(run / "last.pt") == []
+
+
+def test_an_eps_file_is_never_rendered(tmp_path, monkeypatch):
+    """Pillow renders EPS (whatever the suffix) by running Ghostscript: images are read as raster data only."""
+    from PIL import EpsImagePlugin
+
+    from crowdkernels.data.datasets import ImageError, image_size, load_image
+
+    ran = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: ran.append(a) or (_ for _ in ()).throw(OSError("gs")))
+    eps = tmp_path / "crowd.jpg"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n%%EOF\n")
+    for read in (load_image, image_size):
+        with pytest.raises(ImageError, match="crowd.jpg"):
+            read(eps)
+    assert ran == []

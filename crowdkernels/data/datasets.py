@@ -284,6 +284,15 @@ def orient_points(points, orientation: int, size) -> np.ndarray:
     return np.stack([new_x, new_y], axis=1)
 
 
+def open_image_file(path):
+    """``PIL.Image.open`` for every format Pillow reads except EPS, which Pillow renders by running Ghostscript
+    (an external interpreter) whatever the file's suffix: images are parsed as data, never run."""
+    from PIL import Image
+
+    Image.init()
+    return Image.open(path, formats=[f for f in Image.OPEN if f != "EPS"])
+
+
 def _header(path: Path) -> tuple[int, int, int]:
     """(H, W) as stored and the EXIF orientation, from the header only (the pixels are never decoded)."""
     from PIL import Image, UnidentifiedImageError
@@ -292,7 +301,7 @@ def _header(path: Path) -> tuple[int, int, int]:
     if not path.is_file():
         raise ImageError(path, "image file not found")
     try:
-        with Image.open(path) as im:
+        with open_image_file(path) as im:
             width, height = im.size
             orientation = exif_orientation(im)
     except (OSError, UnidentifiedImageError, ValueError) as exc:
@@ -863,7 +872,7 @@ def load_image(path) -> torch.Tensor:
     if not path.is_file():
         raise ImageError(path, "image file not found")
     try:
-        with Image.open(path) as im:
+        with open_image_file(path) as im:
             im.load()
             return pil_to_rgb(im, path)
     except UnidentifiedImageError:
