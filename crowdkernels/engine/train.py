@@ -738,6 +738,11 @@ def resume_config(out, overrides: dict | None = None) -> TrainConfig:
     if differ:
         raise TrainError(f"--resume continues the run in {out} with its own settings, but these options differ from "
                          f"them: {'; '.join(differ)}. Drop them, or start a new run in another --out")
+    # budgets belong to the command that gives them (--time-limit is this process's clock): a resumed run
+    # takes only its own, so that "continue with --resume" continues
+    for budget in ("max_seconds", "max_steps"):
+        if budget not in (overrides or {}):
+            d[budget] = None
     d.update(out=str(out), resume=True)
     return TrainConfig(**d)
 
