@@ -202,14 +202,7 @@ def read_torchvision_state_dict(source, batch_norm: bool = False) -> dict:
     Never downloads anything."""
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
-        name = "vgg16_bn" if batch_norm else "vgg16"
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"pretrained weights file {path!r} not found. crowdkernels never downloads weights: get "
-                f"torchvision's {name} ImageNet weights from {WEIGHTS_URL[batch_norm]} (or copy "
-                f"~/.cache/torch/hub/checkpoints/{os.path.basename(WEIGHTS_URL[batch_norm])} from a machine "
-                f"that has torchvision) and pass its local path."
-            )
+        check_weights_path(path, batch_norm)
         source = load_torch_file(path, what="PyTorch weights file")
     if isinstance(source, nn.Module):
         source = source.state_dict()
@@ -261,7 +254,9 @@ def check_weights_path(path, batch_norm: bool = False) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"pretrained weights file {path!r} not found. crowdkernels never downloads weights: get torchvision's "
-            f"{name} ImageNet weights from {WEIGHTS_URL[batch_norm]} and pass its local path.")
+            f"{name} ImageNet weights from {WEIGHTS_URL[batch_norm]} (or copy "
+            f"~/.cache/torch/hub/checkpoints/{os.path.basename(WEIGHTS_URL[batch_norm])} from a machine that has "
+            f"torchvision) and pass its local path.")
     kind = _weights_file_kind(path)
     if kind is not None:
         raise PretrainedWeightsError(f"{path}: not a PyTorch weights file ({kind}); pass torchvision's {name} "
