@@ -46,3 +46,10 @@ from .data.points import density_to_points, match_points
 
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "CSRNet", "Counter", "GatingOutput", "HMoDE", "L2SM", "Prediction", "SPN", "VGG16", "__version__",
+    "backends", "cpu_cache_info", "density_map", "density_maps", "density_to_points", "empty_cache", "grid_boxes",
+    "hierarchical_gating", "knn_sigma", "load", "local_counts", "losses", "match_points", "models", "region_means",
+    "region_points", "scale_regions", "set_cpu_cache_limit", "transform_region_targets", "unscale_regions",
+]

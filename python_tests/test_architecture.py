@@ -1,0 +1,191 @@
+"""The package's shape (issue 18): imports point down the layers, never in a circle, and the public
+interface (`crowdkernels.__all__`, every command's --help) is the previous release's."""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+import crowdkernels
+
+PACKAGE = Path(crowdkernels.__file__).parent
+RELEASE = Path(__file__).parent / "data" / "release_0.1.0_interface.json"
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> str:
+    if node.level == 0:
+        return node.module or ""
+    base = module.split(".")
+    if not is_package:
+        base = base[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _bound_names(init: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(init.read_text())):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+    return names
+
+
+def import_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
+    """module -> the package modules it imports, at module level or inside functions alike.
+    `from . import x` counts as importing the submodule x where x is one."""
+    files = {_module_name(p, root): p for p in root.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for module, path in files.items():
+        is_package = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = _resolve(module, is_package, node)
+                for a in node.names:
+                    child = f"{base}.{a.name}"
+                    if child in files:
+                        targets.append(child)
+                    elif node.module or base not in files or a.name in _bound_names(files[base]):
+                        targets.append(base)
+                    # else `from . import _C`: a compiled extension module, no Python source, no edge
+            for t in targets:
+                while t and t not in files:
+                    t = t.rpartition(".")[0]
+                if t and t != module:
+                    graph[module].add(t)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m):
+        state[m] = 1
+        stack.append(m)
+        for t in sorted(graph.get(m, ())):
+            if state.get(t) == 1:
+                return stack[stack.index(t):] + [t]
+            if t not in state:
+                found = visit(t)
+                if found:
+                    return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state:
+            found = visit(m)
+            if found:
+                return found
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle(tmp_path):
+    pkg = tmp_path / "crowdkernels"
+    (pkg / "engine").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "engine" / "__init__.py").write_text("")
+    (pkg / "engine" / "a.py").write_text("def f():\n    from .b import g\n")
+    (pkg / "engine" / "b.py").write_text("from ..inference import h\n")
+    (pkg / "inference.py").write_text("from .engine import a\n")
+    assert find_cycle(import_graph(pkg)) == ["crowdkernels.engine.a", "crowdkernels.engine.b",
+                                             "crowdkernels.inference", "crowdkernels.engine.a"]
+    (pkg / "inference.py").write_text("import torch\n")
+    assert find_cycle(import_graph(pkg)) is None
+
+
+def test_no_import_cycle_in_the_package():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def _release():
+    return json.loads(RELEASE.read_text())
+
+
+def test_public_names_are_the_previous_releases():
+    assert sorted(crowdkernels.__all__) == _release()["public"]
+    for name in crowdkernels.__all__:
+        assert hasattr(crowdkernels, name), name
+
+
+def _helps() -> dict:
+    from crowdkernels.cli import build_parser
+
+    parser = build_parser()
+    helps = {"": parser.format_help()}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps.update({name: sub.format_help() for name, sub in action.choices.items()})
+    return helps
+
+
+@pytest.mark.parametrize("command", sorted(_release()["help"]))
+def test_help_text_is_the_previous_releases(command, monkeypatch):
+    monkeypatch.setenv("COLUMNS", str(_release()["columns"]))
+    assert _helps()[command] == _release()["help"][command]
+
+
+# The layers of docs/ARCHITECTURE.md, lowest first; a module takes the layer of its longest matching prefix.
+LAYERS = {
+    "crowdkernels._ext": 0, "crowdkernels._io": 0, "crowdkernels._safe_load": 0, "crowdkernels._progress": 0,
+    "crowdkernels.ops": 1,
+    "crowdkernels.losses": 2,
+    "crowdkernels.models": 3, "crowdkernels.data": 3, "crowdkernels.viz": 3,
+    "crowdkernels.engine": 4,  # the engine's leaves: predict, metrics, checkpoint, config, recipes, pipeline, ...
+    "crowdkernels.engine.evaluate": 5,
+    "crowdkernels.engine.trainer": 6, "crowdkernels.inference": 6,
+    "crowdkernels.engine.demo": 7,
+    "crowdkernels": 8,  # the public API: re-exports from below
+    "crowdkernels.cli": 9,
+    "crowdkernels.__main__": 10,
+}
+
+
+def layer(module: str, layers: dict = LAYERS) -> int:
+    name = module
+    while name not in layers:
+        if "." not in name:
+            raise KeyError(f"{module} has no layer: give it one in LAYERS and in docs/ARCHITECTURE.md")
+        name = name.rpartition(".")[0]
+    return layers[name]
+
+
+def upward_imports(graph: dict[str, set[str]], layers: dict = LAYERS) -> list[str]:
+    """Every import that points up a layer. A package's __init__ may re-export its own modules."""
+    return sorted(f"{m} -> {t}" for m, ts in graph.items() for t in ts
+                  if layer(t, layers) > layer(m, layers) and not t.startswith(m + "."))
+
+
+def test_the_layer_check_finds_an_upward_import(tmp_path):
+    pkg = tmp_path / "crowdkernels"
+    (pkg / "ops").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from .ops import density\n")
+    (pkg / "ops" / "__init__.py").write_text("from . import density\n")
+    (pkg / "ops" / "density.py").write_text("import torch\n")
+    assert upward_imports(import_graph(pkg)) == []
+    (pkg / "ops" / "density.py").write_text("def f():\n    from ..inference import load\n")
+    (pkg / "inference.py").write_text("")
+    assert upward_imports(import_graph(pkg)) == ["crowdkernels.ops.density -> crowdkernels.inference"]
+
+
+def test_imports_point_down_the_layers():
+    assert upward_imports(import_graph()) == []
