@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageFile
 
 from conftest import require_data
-from crowdkernels.data import datasets as ds
+import crowdkernels.data as ds
 from crowdkernels.data import (
     AnnotationError,
     ImageError,

@@ -14,7 +14,7 @@ import crowdkernels as ck
 from crowdkernels import cli
 from crowdkernels.data import (CrowdDataset, image_points, image_size, list_samples, load_image, orient_points,
                                pil_to_rgb)
-from crowdkernels.data.datasets import count_inside, exif_orientation, oriented_size
+from crowdkernels.data.readers import count_inside, exif_orientation, oriented_size
 from crowdkernels.data.density_job import DensitySettings, run_density_job
 from crowdkernels.engine import train as train_mod
 from crowdkernels.engine.checkpoint import save_checkpoint

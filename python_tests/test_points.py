@@ -18,7 +18,7 @@ import crowdkernels as ck
 from conftest import require_data
 from crowdkernels import cli
 from crowdkernels.data import list_samples, synthetic_dataset
-from crowdkernels.data.datasets import count_inside
+from crowdkernels.data.readers import count_inside
 from crowdkernels.data.points import density_to_points, local_sigma, match_points
 from crowdkernels.engine import train as train_mod
 from crowdkernels.engine.checkpoint import save_checkpoint

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from crowdkernels.data import synthetic as syn
-from crowdkernels.data import SyntheticCrowdDataset, render_crowd, synthetic_dataset
+from crowdkernels.data import SyntheticCrowds, render_crowd, synthetic_dataset
 
 
 @pytest.fixture(scope="module")
@@ -39,23 +39,23 @@ def test_deterministic_from_the_seed():
         np.testing.assert_array_equal(x.points, y.points)
     assert any(x.count != z.count or not np.array_equal(x.image, z.image) for x, z in zip(a, c))
     # any one sample regenerates alone, in any order, from its (seed, index)
-    ds = SyntheticCrowdDataset(4, 64, seed=7, cache=False)
-    np.testing.assert_array_equal(ds[2].image, a[2].image)
-    np.testing.assert_array_equal(ds[-1].points, a[3].points)
+    ds = SyntheticCrowds(4, 64, seed=7, cache=False)
+    np.testing.assert_array_equal(ds.sample(2).image, a[2].image)
+    np.testing.assert_array_equal(ds.sample(-1).points, a[3].points)
     one = render_crowd((7, 2), 64, density=a[2].density, name="x")
     np.testing.assert_array_equal(one.image, a[2].image)
     np.testing.assert_array_equal(one.points, a[2].points)
 
 
 def test_dataset_cache_and_bounds():
-    ds = SyntheticCrowdDataset(3, 32, seed=1)
-    assert len(ds) == 3 and ds[1] is ds[1]
+    ds = SyntheticCrowds(3, 32, seed=1)
+    assert len(ds) == 3 and ds.sample(1) is ds.sample(1)
     with pytest.raises(IndexError):
         ds[3]
     with pytest.raises(ValueError, match="num_images"):
-        SyntheticCrowdDataset(0)
+        SyntheticCrowds(0)
     with pytest.raises(ValueError, match="seed"):
-        SyntheticCrowdDataset(2, seed=-1)
+        SyntheticCrowds(2, seed=-1)
 
 
 def test_points_inside_and_perspective(default_set):

@@ -1,60 +1,80 @@
-"""Data: annotation readers, dataset layouts and dataset classes (`datasets`), synthetic crowds
+"""Data: image and annotation file readers (`readers`), split folders on disk (`layouts`), the registry of
+named datasets and their split rules (`specs`), the Dataset classes (`datasets`), synthetic crowds
 (`synthetic`), joint image/point/map augmentation (`transforms`), ground-truth targets and the batch
-collate (`targets`), the density maps of a whole split as files (`density_job`)."""
-from .datasets import (
-    DATASET_NAMES,
-    DENSITY_LEVELS,
+collate (`targets`), head locations from maps (`points`), CSRNet's patches (`patches`), the density maps
+of a whole split as files (`density_job`)."""
+from .datasets import DENSITY_LEVELS, CrowdDataset, SyntheticCrowds, density_level
+from .layouts import (
     FORMATS,
-    AnnotationError,
-    CrowdDataset,
     DatasetFormat,
     DatasetWarning,
-    ImageError,
     LayoutError,
     Sample,
-    SyntheticCrowds,
-    dataset_samples,
-    density_level,
-    holdout,
+    list_samples,
+    natural_key,
+    orphan_annotations,
+    point_file_beside,
+    read_points,
+)
+from .readers import (
+    AnnotationError,
+    ImageError,
+    count_inside,
     image_points,
     image_size,
-    list_samples,
     load_image,
     orient_points,
-    orphan_annotations,
     pil_to_rgb,
-    point_file_beside,
     read_jhu_txt,
     read_nwpu_json,
     read_point_file,
-    read_points,
     read_shanghaitech_mat,
     read_ucf_mat,
+)
+from .specs import (
+    DATASET_NAMES,
+    DATASETS,
+    CrossValidation,
+    DatasetSpec,
+    FolderSplits,
+    ListedSplits,
+    dataset_samples,
+    dataset_spec,
+    holdout,
+    register_dataset,
     ucf_cc_50_folds,
 )
-from .synthetic import SyntheticCrowdDataset, SyntheticSample, render_crowd, synthetic_dataset
+from .synthetic import SyntheticSample, render_crowd, synthetic_dataset
 from .targets import CrowdCollate, DensityCache, DensityTarget
 from .transforms import Compose, RandomCrop, RandomHorizontalFlip, Resize, resized_shape
 
 __all__ = [
     "DATASET_NAMES",
+    "DATASETS",
     "DENSITY_LEVELS",
     "FORMATS",
     "AnnotationError",
+    "CrossValidation",
     "CrowdDataset",
     "DatasetFormat",
+    "DatasetSpec",
     "DatasetWarning",
+    "FolderSplits",
     "ImageError",
     "LayoutError",
+    "ListedSplits",
     "Sample",
     "SyntheticCrowds",
+    "count_inside",
     "dataset_samples",
+    "dataset_spec",
     "density_level",
     "holdout",
     "image_points",
     "image_size",
     "list_samples",
     "load_image",
+    "natural_key",
     "orient_points",
     "orphan_annotations",
     "pil_to_rgb",
@@ -65,8 +85,8 @@ __all__ = [
     "read_points",
     "read_shanghaitech_mat",
     "read_ucf_mat",
+    "register_dataset",
     "ucf_cc_50_folds",
-    "SyntheticCrowdDataset",
     "SyntheticSample",
     "render_crowd",
     "synthetic_dataset",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from .._io import clean_stale_temps, save_json, save_npy
+from .readers import AnnotationError, count_inside
 
 __all__ = ["SIGMA_RULE", "DensitySettings", "DensityJobError", "effective_sigmas", "file_sha256", "run_density_job"]
 
@@ -107,8 +109,6 @@ def _map_shape(size, stride: int) -> tuple[int, int]:
 
 def file_sha256(path) -> str:
     """The SHA-256 of a file's bytes, hex (AnnotationError naming it when it cannot be read)."""
-    from .datasets import AnnotationError
-
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as f:
@@ -121,9 +121,15 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
-def _entry(sample, root: Path, size, points, density, settings: DensitySettings, sha: str, orientation: int) -> dict:
-    from .datasets import count_inside, relative_to_root
+def relative_to_root(path: Path, root: Path) -> str:
+    """`path` relative to `root` when inside it (for manifests that stay valid when a tree moves)."""
+    try:
+        return os.path.relpath(path, root) if Path(path).resolve().is_relative_to(Path(root).resolve()) else str(path)
+    except (ValueError, OSError):
+        return str(path)
 
+
+def _entry(sample, root: Path, size, points, density, settings: DensitySettings, sha: str, orientation: int) -> dict:
     return {
         "file": f"{sample.name}.npy",
         "image": relative_to_root(sample.image, root),
@@ -186,6 +192,16 @@ def _old_entries(manifest_path: Path, fmt: str, settings: DensitySettings, out: 
     return entries
 
 
+def _version() -> str:
+    """The installed crowdkernels' version, as the manifest records it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("crowdkernels")
+    except PackageNotFoundError:  # a source tree on sys.path without an install
+        return "unknown"
+
+
 def run_density_job(root, format: str, out, settings: DensitySettings = DensitySettings(), *, device="cpu",
                     overwrite: bool = False, strict: bool = False, progress=None, warn=None) -> dict:
     """Writes the maps of one split folder and its manifest (see the module docstring); returns the manifest.
@@ -204,12 +220,10 @@ def run_density_job(root, format: str, out, settings: DensitySettings = DensityS
         LayoutError (ROOT has not the format's layout), DensityJobError (bad settings or device, or OUT
         holds maps of other settings without ``overwrite``).
     """
-    import crowdkernels
-
     from .._io import parse_device
     from .._progress import Progress
     from ..ops.density import density_map
-    from .datasets import list_samples
+    from .layouts import list_samples
 
     settings.check()
     try:
@@ -226,7 +240,7 @@ def run_density_job(root, format: str, out, settings: DensitySettings = DensityS
     old_entries = {} if overwrite else _old_entries(manifest_path, format, settings, out)
 
     manifest = {
-        "crowdkernels": crowdkernels.__version__,
+        "crowdkernels": _version(),
         "format": format,
         "root": str(root.resolve()),
         "settings": asdict(settings),

@@ -1,10 +1,10 @@
 """Synthetic crowds: procedurally rendered images with their exact head points.
 
-The built-in data set of the demo and the tests. Each image is a textured ground seen in perspective,
-with people drawn as a shoulder ellipse in a light clothing colour under a dark hair disk centred on
-the annotated head point. Head radius follows a linear perspective gradient (small at the top of the
-image, large at the bottom: :func:`head_radius`), and heads are placed in a few Gaussian clusters plus a
-scattered part, from a handful of people to a dense crowd.
+The built-in data set of the demo and the tests (as a Dataset: :class:`crowdkernels.data.datasets.SyntheticCrowds`).
+Each image is a textured ground seen in perspective, with people drawn as a shoulder ellipse in a light
+clothing colour under a dark hair disk centred on the annotated head point. Head radius follows a linear
+perspective gradient (small at the top of the image, large at the bottom: :func:`head_radius`), and heads
+are placed in a few Gaussian clusters plus a scattered part, from a handful of people to a dense crowd.
 
 Promises (checked by python_tests/test_synthetic.py):
 
@@ -28,8 +28,9 @@ import torch
 
 __all__ = [
     "SyntheticSample",
-    "SyntheticCrowdDataset",
     "render_crowd",
+    "synthetic_set",
+    "synthetic_crowd",
     "synthetic_dataset",
     "head_radius",
     "luminance",
@@ -241,46 +242,34 @@ def render_crowd(
     return SyntheticSample(image, points, radii, name=name, seed=entropy, density=float(density))
 
 
+def synthetic_set(num_images, size, seed) -> tuple[int, tuple[int, int], int]:
+    """(num_images, (H, W), seed) of a set of synthetic crowds, checked: ``num_images`` an int >= 1, ``seed`` an
+    int >= 0, ``size`` as :func:`render_crowd` takes it. ValueError (TypeError for a malformed size) otherwise."""
+    if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
+        raise ValueError(f"num_images must be an int >= 1, got {num_images!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    return int(num_images), _size_arg(size), int(seed)
+
+
+def synthetic_crowd(index: int, num_images: int, size=128, seed: int = 0, **render_kwargs) -> SyntheticSample:
+    """Crowd ``index`` (0 <= index < num_images) of a set of ``num_images`` from sparse to dense: rendered
+    from seed (seed, index) at density (index + u) / num_images, u uniform from (seed, index, 1), named
+    ``synthetic_<index:04d>``; so any one regenerates alone. Extra keyword arguments go to
+    :func:`render_crowd`."""
+    jitter = np.random.default_rng([seed, index, 1]).uniform()
+    return render_crowd(
+        (seed, index),
+        size,
+        density=(index + jitter) / num_images,
+        name=f"synthetic_{index:04d}",
+        **render_kwargs,
+    )
+
+
 def synthetic_dataset(num_images: int = 20, size=128, seed: int = 0, **kwargs) -> list[SyntheticSample]:
     """A list of ``num_images`` crowds from sparse to dense (image i gets density (i + u) / num_images,
-    u uniform), sample i rendered from seed (seed, i) so any one can be regenerated alone.
-    Extra keyword arguments go to :func:`render_crowd`."""
-    ds = SyntheticCrowdDataset(num_images, size, seed, cache=False, **kwargs)
-    return [ds[i] for i in range(len(ds))]
-
-
-class SyntheticCrowdDataset(torch.utils.data.Dataset):
-    """Synthetic crowds as a map-style Dataset, rendered on the fly from (seed, index) (so DataLoader
-    workers agree without sharing state) and optionally cached. Items are :class:`SyntheticSample`."""
-
-    def __init__(self, num_images: int = 20, size=128, seed: int = 0, *, cache: bool = True, **render_kwargs):
-        if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
-            raise ValueError(f"num_images must be an int >= 1, got {num_images!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-        self.num_images = int(num_images)
-        self.size = _size_arg(size)
-        self.seed = int(seed)
-        self.render_kwargs = render_kwargs
-        self._cache: dict[int, SyntheticSample] | None = {} if cache else None
-
-    def __len__(self) -> int:
-        return self.num_images
-
-    def __getitem__(self, index: int) -> SyntheticSample:
-        if not -self.num_images <= index < self.num_images:
-            raise IndexError(f"index {index} out of range for {self.num_images} images")
-        index %= self.num_images
-        if self._cache is not None and index in self._cache:
-            return self._cache[index]
-        jitter = np.random.default_rng([self.seed, index, 1]).uniform()
-        sample = render_crowd(
-            (self.seed, index),
-            self.size,
-            density=(index + jitter) / self.num_images,
-            name=f"synthetic_{index:04d}",
-            **self.render_kwargs,
-        )
-        if self._cache is not None:
-            self._cache[index] = sample
-        return sample
+    u uniform), sample i rendered from seed (seed, i) so any one can be regenerated alone
+    (:func:`synthetic_crowd`). Extra keyword arguments go to :func:`render_crowd`."""
+    num_images, size, seed = synthetic_set(num_images, size, seed)
+    return [synthetic_crowd(i, num_images, size, seed, **kwargs) for i in range(num_images)]
