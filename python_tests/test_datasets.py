@@ -3,6 +3,7 @@ UCF_CC_50) and small fixtures written here from the documented formats (UCF-QNRF
 NWPU-Crowd)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -355,6 +356,52 @@ def test_dataset_layout_errors(tmp_path):
         ds.dataset_samples("ucf-qnrf", tmp_path, "train")
     with pytest.raises(LayoutError, match="not a folder"):
         ds.dataset_samples("jhu", tmp_path / "nowhere", "train")
+
+
+# ----------------------------------------------------------------------------------------- the registry
+def test_names_formats_and_engine_facts_derive_from_the_registry():
+    assert ds.DATASET_NAMES == tuple(ds.DATASETS) == (
+        "shanghaitech-a", "shanghaitech-b", "ucf-cc-50", "ucf-qnrf", "jhu", "nwpu", "synthetic", "folder")
+    assert list(ds.FORMATS) == ["shanghaitech", "ucf_cc_50", "ucf_qnrf", "jhu", "nwpu", "folder"]
+    assert all(ds.FORMATS[s.format.name] is s.format for s in ds.DATASETS.values() if s.format is not None)
+    assert [n for n, s in ds.DATASETS.items() if s.small_crop] == ["shanghaitech-a"]
+    assert {n: s.max_size for n, s in ds.DATASETS.items() if s.max_size} == {"ucf-qnrf": (1920, 1080)}
+    assert ds.dataset_spec("synthetic").format is None
+    with pytest.raises(ValueError, match="dataset must be one of .*'folder'.*got 'nope'"):
+        ds.dataset_spec("nope")
+    with pytest.raises(ValueError, match=r"dataset must be one of \[.*'nwpu', 'folder'\], got 'synthetic'"):
+        ds.dataset_samples("synthetic", ".")
+
+
+def test_a_new_dataset_is_one_registry_entry(tmp_path, monkeypatch):
+    from crowdkernels.data import layouts, specs
+
+    formats = dict(layouts.FORMATS)  # the registry is global: this test's entry leaves with it
+    monkeypatch.setattr(layouts, "FORMATS", formats)
+    monkeypatch.setattr(specs, "FORMATS", formats)
+    monkeypatch.setattr(specs, "DATASETS", dict(specs.DATASETS))
+    monkeypatch.setattr(specs, "DATASET_NAMES", specs.DATASET_NAMES)
+    fmt = ds.DatasetFormat(name="pairs", layout="ROOT/images/X.png with ROOT/points/X.txt", image_dir="images",
+                           annotation_path=lambda root, img: root / "points" / f"{img.stem}.txt",
+                           reader=ds.read_point_file, required_dirs=("images", "points"))
+    splits = ds.FolderSplits(train=("a",), val=("b",), test=("b",))
+    ds.register_dataset(ds.DatasetSpec("pairs", fmt, splits))
+    assert specs.DATASET_NAMES[-1] == "pairs" and formats["pairs"] is fmt
+    for split, n in (("a", 3), ("b", 2)):
+        (tmp_path / split / "points").mkdir(parents=True)
+        for i in range(n):
+            _write_image(tmp_path / split / "images" / f"{i}.png", 8, 9)
+            (tmp_path / split / "points" / f"{i}.txt").write_text("1 2\n")
+    train, note = ds.dataset_samples("pairs", tmp_path, "train")
+    assert [s.name for s in train] == ["0", "1", "2"] and note == str(tmp_path / "a")
+    val, _ = ds.dataset_samples("pairs", tmp_path, "val")
+    assert [s.points().tolist() for s in val] == [[[1.0, 2.0]]] * 2
+    with pytest.raises(ValueError, match="registered already"):
+        ds.register_dataset(ds.DatasetSpec("pairs", fmt, splits))
+    with pytest.raises(ValueError, match="taken by another format"):
+        ds.register_dataset(ds.DatasetSpec("pairs-2", dataclasses.replace(fmt), splits))
+    with pytest.raises(ValueError, match="no split policy"):
+        ds.register_dataset(ds.DatasetSpec("pairs-3", fmt))
 
 
 # ----------------------------------------------------------------------------------------- image modes

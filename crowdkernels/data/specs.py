@@ -185,10 +185,10 @@ class DatasetSpec:
         splits: where its splits are (:class:`FolderSplits`, :class:`ListedSplits`, :class:`CrossValidation`);
             None without a format.
         small_crop: training crops take the model's smaller default crop (the engine's ``crop_sha``: 128 x 128
-            instead of 256 x 256, HMoDE sec. IV-B2): ShanghaiTech A's images are small (many under 400 px a side).
+            instead of 256 x 256, HMoDE sec. IV-B2): ShanghaiTech A's images vary in size, some under 300 px a side.
         max_size: the box (a, b) in pixels that training and evaluation images are shrunk to fit in either
             orientation (the engine's ``max_size``, :func:`crowdkernels.data.transforms.resized_shape`), or None:
-            UCF-QNRF's images (up to 9000 px a side) fit 1920 x 1080 (L2SM sec. 4.2).
+            UCF-QNRF's images above 1080p are shrunk to fit 1920 x 1080 (L2SM sec. 4.2).
     """
 
     name: str
