@@ -96,9 +96,9 @@ class CrowdDataset(torch.utils.data.Dataset):
 
 class SyntheticCrowds(torch.utils.data.Dataset):
     """Synthetic crowds (:mod:`crowdkernels.data.synthetic`) as samples of the same form as
-    :class:`CrowdDataset`. Crowd i is rendered on the fly from (seed, i) (:func:`~crowdkernels.data.synthetic.synthetic_crowd`: the
-    densities go from sparse to dense over the set), so DataLoader workers agree without sharing state, and
-    with ``cache`` it is kept in each process.
+    :class:`CrowdDataset`. Crowd i is rendered on the fly from (seed, i)
+    (:func:`~crowdkernels.data.synthetic.synthetic_crowd`: the densities go from sparse to dense over the set),
+    so DataLoader workers agree without sharing state, and with ``cache`` it is kept in each process.
 
     Args:
         num_images: the number of crowds, >= 1.

@@ -2,19 +2,11 @@
 (image, annotation) pairs of one split folder (:func:`list_samples`), and the annotation files that belong
 to no image (:func:`orphan_annotations`).
 
-Layouts of the registered formats (ROOT is one split folder; :mod:`crowdkernels.data.specs` defines them):
-
-==============  ======================================================================
-shanghaitech    ROOT/images/IMG_N.jpg, ROOT/ground-truth/GT_IMG_N.mat
-ucf_cc_50       ROOT/N.jpg, ROOT/N_ann.mat
-ucf_qnrf        ROOT/img_XXXX.jpg, ROOT/img_XXXX_ann.mat
-jhu             ROOT/images/XXXX.jpg, ROOT/gt/XXXX.txt
-nwpu            ROOT/images/XXXX.jpg, ROOT/jsons/XXXX.json
-folder          ROOT/NAME.jpg with ROOT/NAME.txt | .csv | .json (generic point files)
-==============  ======================================================================
-
-:data:`FORMATS` maps each format's name to its :class:`DatasetFormat`; it holds the formats of the datasets
-registered with :func:`crowdkernels.data.specs.register_dataset`.
+A :class:`DatasetFormat` describes one split folder ROOT: e.g. ShanghaiTech's ROOT/images/IMG_N.jpg with
+ROOT/ground-truth/GT_IMG_N.mat, or the generic ``folder`` format's ROOT/NAME.jpg with a point file
+ROOT/NAME.txt | .csv | .json beside it. :data:`FORMATS` maps each format's name to its :class:`DatasetFormat`:
+the formats of the datasets registered with :func:`crowdkernels.data.specs.register_dataset`, which defines
+them.
 """
 from __future__ import annotations
 
@@ -162,7 +154,7 @@ def list_samples(root, format: str, *, missing: str = "raise", warn=None) -> lis
     """The (image, annotation) pairs of one split folder, in natural order of the image names.
 
     Args:
-        root: the split folder (see the module docstring for each format's layout).
+        root: the split folder (its format's ``layout`` says what it holds).
         format: one of :data:`FORMATS` ("shanghaitech", "ucf_cc_50", "ucf_qnrf", "jhu", "nwpu", "folder").
         missing: "raise" (default): an AnnotationError listing every image whose annotation file is
             absent; "keep": return those samples anyway (reading their points raises AnnotationError

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .layouts import FORMATS, DatasetFormat, LayoutError, has_layout, list_samples, natural_key, point_file_beside
-from .readers import POINT_EXTENSIONS, read_jhu_txt, read_nwpu_json, read_point_file, read_shanghaitech_mat, read_ucf_mat
+from .readers import (POINT_EXTENSIONS, read_jhu_txt, read_nwpu_json, read_point_file, read_shanghaitech_mat,
+                      read_ucf_mat)
 
 __all__ = [
     "DatasetSpec",
