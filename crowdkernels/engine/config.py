@@ -38,6 +38,8 @@ __all__ = [
     "evaluation_config",
     "require_root",
     "resume_config",
+    "run_config",
+    "setting_arg",
     "start_warnings",
 ]
 
@@ -468,8 +470,12 @@ def resume_config(out, overrides: dict | None = None) -> TrainConfig:
     """The settings of the run in ``out`` (its last.pt), for ``--resume``, with those of ``overrides`` that a
     resumed run may change (:data:`RESUME_MAY_CHANGE`). Any other override that differs from the run's own
     value raises a TrainError naming each one: a resumed run continues the same training, so silently
-    applying (or silently ignoring) a new lr, batch or crop would both be wrong."""
+    applying (or silently ignoring) a new lr, batch or crop would both be wrong. No last.pt in ``out``: a
+    TrainError."""
     last = Path(out) / "last.pt"
+    if not last.is_file():
+        raise TrainError(f"--resume: there is no run to continue in {out} (no last.pt there); check --out, or leave "
+                         "out --resume to start a new run")
     ckpt = load_checkpoint(last)
     saved = dict(ckpt.get("config") or {})
     fields_ = TrainConfig.__dataclass_fields__
@@ -499,7 +505,39 @@ def resume_config(out, overrides: dict | None = None) -> TrainConfig:
     return TrainConfig(**d)
 
 
-# ----------------------------------------------------------------------------------------- before a run
+# ----------------------------------------------------------------------------------------- the command's run
+def setting_arg(text: str) -> tuple[str, Any]:
+    """``--set KEY=JSON`` -> (KEY, the JSON value), or a TrainError that says what is wrong."""
+    key, eq, value = text.partition("=")
+    if not eq:
+        raise TrainError(f"--set expects KEY=JSON, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        raise TrainError(f"--set {key.strip()}: the value must be JSON (e.g. 1e-4, \"sum\", [1, 2], null), "
+                         f"got {value!r}") from None
+
+
+def run_config(*, recipe: str | None = None, dataset: str = "synthetic", root=None, out=None, resume: bool = False,
+               overrides: dict | None = None) -> TrainConfig:
+    """The settings of a run as ``crowdkernels train`` makes them: with ``resume``, those of the run in ``out``
+    (:func:`resume_config`); else :func:`build_config` with the dataset's ``root`` folder and the run folder
+    ``out`` (default: the field's). A setting at fault raises a TrainError that names its option."""
+    try:
+        if resume:
+            if out is None:
+                raise TrainError("--resume needs --out, the folder of the run to continue")
+            return resume_config(out, overrides)
+        config = build_config(recipe=recipe, dataset=dataset, overrides=overrides)
+    except ValueError as exc:  # an unknown or malformed setting, no run to resume, or a resume that would change it
+        flag = {o.key: o.flag for o in cli_options() if o.override}.get(getattr(exc, "setting", None))
+        raise TrainError(f"{flag} ({exc.setting}): {exc}" if flag else str(exc)) from None
+    config.root = None if root is None else str(root)
+    config.out = config.out if out is None else str(out)
+    config.resume = False  # a new run, whatever --set says
+    return config
+
+
 def require_root(dataset: str, root) -> None:
     """A TrainError unless ``root`` names the folder of ``dataset`` (the synthetic set needs none)."""
     if dataset != "synthetic" and root is None:
