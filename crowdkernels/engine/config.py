@@ -36,6 +36,7 @@ __all__ = [
     "check_model_options",
     "cli_options",
     "evaluation_config",
+    "quick_settings",
     "require_root",
     "resume_config",
     "run_config",
@@ -294,7 +295,7 @@ class TrainConfig:
         Option("--val-start", 280, type=positive_int, help="first epoch to validate")))
     val_every: int = field(default=1, metadata=cli(
         Option("--val-every", 290, type=positive_int, help="validate every E epochs")))
-    val_from_train: float | None = field(default=None, metadata=cli(  # held out of the training images
+    val_from_train: float | None = field(default=None, metadata=cli(  # a fraction of the training images held out
         Option("--val-from-train", 300, type=fraction,
                help="hold this fraction of the training images out (seeded) for model selection, instead of the "
                     "dataset's val/test split")))

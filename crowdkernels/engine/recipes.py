@@ -3,7 +3,8 @@ value with its source.
 
 ``crowdkernels train --recipe NAME`` starts from :func:`resolve` ``(NAME, dataset)``; explicit flags override
 single values; ``--print-config`` prints the result. The README's recipe table is :func:`markdown_table`
-(a test checks that the README holds exactly that table and that ``--print-config`` agrees with it).
+(a test checks that the README holds exactly that table and that ``--print-config`` agrees with it). Without
+``--recipe``, ``--model NAME`` starts from :data:`QUICK` (ours, for quick runs; not in the table).
 
 Sources are cited as: a paper section ("HMoDE sec. IV-B2", "L2SM sec. 4.2", "CSRNet sec. 3"), a released
 file ("released train.py": github ZPDu/Redesigning-Multi-Scale-Neural-Network-for-Crowd-Counting; "CSRNet

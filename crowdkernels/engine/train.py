@@ -38,8 +38,7 @@ import torch
 
 from . import distributed as dist_utils
 from .checkpoint import CheckpointError, atomic_write, check_model, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import (DEFAULT_TARGET, MODEL_DEFAULTS, PAPER_DEFAULTS, RESUME_MAY_CHANGE, TrainConfig, TrainError, build_config,
-                     check_model_options, resume_config)
+from .config import MODEL_DEFAULTS, PAPER_DEFAULTS, TrainConfig, TrainError, build_config, check_model_options, resume_config
 from .evaluate import autocast, evaluate
 from ..data.transforms import IMAGENET_NORM
 
