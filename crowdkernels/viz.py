@@ -1,6 +1,7 @@
 """Pictures of predictions: an image beside its predicted (and true) density map, the scatter plot of a
 data set's predicted against true counts, and a training run's learning curve. PNG files, drawn on
-matplotlib's Agg canvas directly (no display, no pyplot state), written atomically.
+matplotlib's Agg canvas directly (no display, no pyplot state), written atomically; and the file names that
+keep the pictures of same-named images apart (:func:`picture_names`).
 
 Picture layout (:func:`picture_layout`), in PNG pixels:
 
@@ -26,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["CMAP", "PANEL_MAX", "PANEL_MIN", "PictureLayout", "picture_layout", "panel_size", "picture_title",
-           "save_picture", "save_prediction", "save_scatter", "save_learning_curve"]
+           "save_picture", "save_prediction", "save_count_picture", "picture_names", "save_scatter",
+           "save_learning_curve"]
 
 CMAP = "viridis"
 PANEL_MAX, PANEL_MIN = 1024, 384
@@ -201,6 +203,57 @@ def save_prediction(path, prediction, *, points=None, name: str | None = None, h
     return save_picture(path, prediction.image, prediction.density(), truth=truth,
                         name=name or Path(prediction.source).name, count=prediction.count,
                         true_count=None if truth is None else float(truth.sum(dtype=torch.float64)), heads=heads)
+
+
+def save_count_picture(path, prediction, *, heads=None, warn=None) -> None:
+    """:func:`save_prediction` of a counted image, with its true map when a point file (``<image stem>.txt``,
+    ``.csv`` or ``.json``) lies beside the image; a point file that cannot be read is told to ``warn`` (one
+    line) and the picture is drawn without it."""
+    from .data import AnnotationError, image_points, point_file_beside, read_point_file
+
+    points, ann = None, point_file_beside(prediction.source)
+    if ann is not None:
+        try:
+            points = image_points(read_point_file(ann), prediction.source)  # turned with a photo's EXIF orientation
+        except AnnotationError as exc:
+            if warn is not None:
+                warn(f"warning: no true map for {Path(prediction.source).name}: {exc}")
+    save_prediction(path, prediction, points=points, heads=heads)
+
+
+def picture_names(paths) -> dict:
+    """The file name of each image's picture (keys: the paths as str): ``<stem>.png``, or, for images that share
+    a stem, their paths below the folder they have in common with '/' written '__' (``a/crowd.jpg`` and
+    ``b/crowd.jpg``: ``a__crowd.png`` and ``b__crowd.png``), the suffix kept where only it differs
+    (``crowd.jpg.png``, ``crowd.png.png``); a name still taken gets ``-2``, ``-3``, ... The same file given twice
+    keeps one name."""
+    import os
+
+    files = list(dict.fromkeys(str(p) for p in paths))
+    by_stem: dict[str, list[str]] = {}
+    for f in files:
+        by_stem.setdefault(Path(f).stem.lower(), []).append(f)
+    names = {}
+    for group in by_stem.values():
+        if len(group) == 1:
+            names[group[0]] = Path(group[0]).stem
+            continue
+        full = [os.path.abspath(f) for f in group]
+        common = os.path.commonpath([os.path.dirname(f) for f in full])
+        rel = [os.path.relpath(f, common) for f in full]
+        stems = [str(Path(r).with_suffix("")).replace(os.sep, "__") for r in rel]
+        unique = len({t.lower() for t in stems}) == len(stems)
+        for f, r, t in zip(group, rel, stems):
+            names[f] = t if unique else r.replace(os.sep, "__")
+    taken, out = set(), {}
+    for f in files:
+        name, k = names[f], 1
+        while (name if k == 1 else f"{name}-{k}").lower() in taken:
+            k += 1
+        name = name if k == 1 else f"{name}-{k}"
+        taken.add(name.lower())
+        out[f] = f"{name}.png"
+    return out
 
 
 def _head_array(heads) -> np.ndarray:

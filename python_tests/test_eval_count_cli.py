@@ -16,7 +16,7 @@ from crowdkernels import cli
 from crowdkernels.data import SyntheticCrowds
 from crowdkernels.engine import train as train_mod
 from crowdkernels.engine.checkpoint import save_checkpoint
-from crowdkernels.engine.train import TrainConfig
+from crowdkernels.engine.config import TrainConfig
 from test_engine import TinyNet
 from test_viz import _documented_size
 

@@ -16,7 +16,8 @@ from PIL import Image
 import crowdkernels as ck
 from crowdkernels import cli
 from crowdkernels.engine import recipes
-from crowdkernels.engine.train import Trainer, build_config, build_run, split_off
+from crowdkernels.engine.config import build_config
+from crowdkernels.engine.train import Trainer, build_run, split_off
 from released_hmode import (LOG_PARA, LR, released_count, released_forward, released_image_tensor,
                             released_state_dict, released_train_loss)
 from test_density import matlab_recipe

@@ -3,7 +3,8 @@ value with its source.
 
 ``crowdkernels train --recipe NAME`` starts from :func:`resolve` ``(NAME, dataset)``; explicit flags override
 single values; ``--print-config`` prints the result. The README's recipe table is :func:`markdown_table`
-(a test checks that the README holds exactly that table and that ``--print-config`` agrees with it).
+(a test checks that the README holds exactly that table and that ``--print-config`` agrees with it). Without
+``--recipe``, ``--model NAME`` starts from :data:`QUICK` (ours, for quick runs; not in the table).
 
 Sources are cited as: a paper section ("HMoDE sec. IV-B2", "L2SM sec. 4.2", "CSRNet sec. 3"), a released
 file ("released train.py": github ZPDu/Redesigning-Multi-Scale-Neural-Network-for-Crowd-Counting; "CSRNet
@@ -15,7 +16,7 @@ authors' released code (HMoDE; CSRNet's for the csrnet recipe), and says so; whe
 code differ, the cell names both. Only the HMoDE authors' SHHA (ShanghaiTech A) setting was released: the
 hmode-released cells on other datasets are those SHA settings applied.
 
-Keys are :class:`crowdkernels.engine.train.TrainConfig` fields; ``target.*`` are the ground-truth settings
+Keys are :class:`crowdkernels.engine.config.TrainConfig` fields; ``target.*`` are the ground-truth settings
 (``crowdkernels.density_maps`` arguments and the map scale factor), ``model_kwargs.*`` the model's
 constructor arguments, ``criterion_kwargs.*`` its criterion's options.
 """
@@ -26,7 +27,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Choice", "RECIPES", "RECIPE_NAMES", "resolve", "sources", "markdown_table", "TABLE_DATASETS"]
+__all__ = ["Choice", "RECIPES", "RECIPE_NAMES", "QUICK", "resolve", "quick", "sources", "markdown_table", "TABLE_DATASETS"]
 
 #: The datasets whose values the README table spells out (others take the "*" value).
 TABLE_DATASETS = ("shanghaitech-a", "shanghaitech-b", "ucf-cc-50", "ucf-qnrf", "jhu", "nwpu")
@@ -296,6 +297,45 @@ SUMMARIES = {
     "l2sm-paper": "the L2SM paper's text (sec. 3, 4.2)",
     "csrnet": "the CSRNet paper's recipe (ground truth, loss, SGD and rate); --rel adds REL (HMoDE Table X)",
 }
+
+_QUICK_EPOCHS = Choice(200, "ours: as HMoDE sec. IV-B2 (200 epochs)")
+_QUICK_CONSTANT = Choice(None, "ours: a constant rate")
+_QUICK_CROPS = {
+    "crop": Choice(256, "ours: random crops of 256, as HMoDE sec. IV-B2 (128 on ShanghaiTech A: "
+                        "crowdkernels.engine.config.QUICK_DATASET_SETTINGS)"),
+    "batch_size": Choice(8, "ours: 8 crops a step"),
+}
+_QUICK_WHOLE = {
+    "crop": Choice(None, "ours: whole images, as L2SM sec. 4.2"),
+    "batch_size": Choice(1, "ours: one whole image a step (their sizes differ)"),
+}
+_QUICK_HMODE = {
+    "lr": Choice(2e-5, "ours: as HMoDE sec. IV-B2"),
+    "epochs": _QUICK_EPOCHS,
+    "lr_step": Choice(100, "ours: halved after 100 epochs, as HMoDE sec. IV-B2"),
+    **_QUICK_CROPS,
+}
+
+#: ``train --model NAME`` without ``--recipe``: our settings for quick runs, one recipe per model (not a paper's:
+#: those are :data:`RECIPES`); every other setting is the :class:`~crowdkernels.engine.config.TrainConfig`
+#: default. :func:`crowdkernels.engine.config.quick_settings` adds what the dataset changes.
+QUICK: dict[str, dict[str, Choice]] = {
+    "hmode": {"model": Choice("hmode", "--model hmode"), **_QUICK_HMODE},
+    "hmode-official": {"model": Choice("hmode-official", "--model hmode-official"), **_QUICK_HMODE},
+    "l2sm": {"model": Choice("l2sm", "--model l2sm"), "lr": Choice(1e-4, "ours: as L2SM sec. 4.2"),
+             "epochs": _QUICK_EPOCHS, "lr_step": _QUICK_CONSTANT, **_QUICK_WHOLE},
+    "spn": {"model": Choice("spn", "--model spn"), "lr": Choice(1e-4, "ours: as L2SM sec. 4.2 (SPN: L2SM sec. 3.2)"),
+            "epochs": _QUICK_EPOCHS, "lr_step": _QUICK_CONSTANT, **_QUICK_WHOLE},
+    "csrnet": {"model": Choice("csrnet", "--model csrnet"), "lr": Choice(1e-5, "ours, with Adam (CSRNet sec. 3: SGD at 1e-6)"),
+               "epochs": _QUICK_EPOCHS, "lr_step": _QUICK_CONSTANT, **_QUICK_CROPS},
+}
+
+
+def quick(model: str) -> dict[str, Any]:
+    """The flat settings of :data:`QUICK`'s recipe for ``model``."""
+    if model not in QUICK:
+        raise ValueError(f"model must be one of {sorted(QUICK)}, got {model!r}")
+    return {k: c.for_dataset(None) for k, c in QUICK[model].items()}
 
 
 def _check(name: str) -> dict[str, Choice]:
