@@ -90,8 +90,8 @@ def run_demo(out, *, num_images: int = 160, val_images: int = 40, size: int = 12
     from ..data.targets import CrowdCollate
     from ..data.transforms import IMAGENET_NORM, Compose, Normalize, RandomHorizontalFlip
     from ..inference import Counter
-    from ..viz import save_learning_curve, save_picture
     from ..models.registry import build_model
+    from ..viz import save_learning_curve, save_picture
     from .evaluate import evaluate
     from .metrics import MSE_NOTE
     from .pipeline import held_out_seed
