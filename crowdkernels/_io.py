@@ -1,15 +1,15 @@
-"""Small file helpers shared by the jobs (density job, demo, eval, count): atomic JSON/NumPy writers, the
+"""Small file helpers shared by the jobs (training, density job, demo, eval, count): atomic writes, the
 clean-up of temp files a killed run left, and the checks of output paths and devices given on the command line.
 
-Every writer goes through :func:`crowdkernels.engine.checkpoint.atomic_write` (a temp file beside the
-target, fsync, rename), so a file is either the old one or the complete new one, never half written.
+Every writer goes through :func:`atomic_write` (a temp file beside the target, fsync, rename), so a file is
+either the old one or the complete new one, never half written.
 """
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
-
-from .engine.checkpoint import atomic_write
 
 __all__ = ["OutputPathError", "atomic_write", "save_json", "save_npy", "clean_stale_temps", "output_dir", "output_file",
            "parse_device"]
@@ -17,6 +17,43 @@ __all__ = ["OutputPathError", "atomic_write", "save_json", "save_npy", "clean_st
 
 class OutputPathError(ValueError):
     """An output path that cannot be used: an existing file where a folder is needed, or the reverse."""
+
+
+def _umask() -> int:
+    """The process's file mode creation mask. Read from /proc where there is one: setting and restoring it
+    with os.umask would, for a moment, let another thread create files under mask 0."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path, write, mode: str = "wb") -> None:
+    """Writes through ``write(fileobj)`` into a temp file in the same folder, flushes it to disk, then
+    renames it over ``path``: a reader (or a rerun after a crash) sees the old file or the new one,
+    never a half-written one. The file gets the mode ``open()`` would give it (0o666 less the umask, so
+    0o644 under the usual umask 0o022), not the temp file's private 0o600."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def save_npy(path: Path, array) -> None:

@@ -16,7 +16,7 @@ counter feeds it to the model as the model's training validated it: shrunk to th
 ``max_size`` when the training had one, normalized with the checkpoint's ``input_norm``
 (:func:`crowdkernels.data.transforms.normalize_image`), padded to the model's multiple, the whole image
 run (tiled with overlap beyond the checkpoint's ``tile`` pixels, as ``crowdkernels eval`` does, so memory
-stays bounded) through :func:`crowdkernels.engine.predict_density`, and the map summed (divided by the
+stays bounded) through :func:`crowdkernels.engine.predict.predict_density`, and the map summed (divided by the
 checkpoint's density scale). :meth:`Counter.settings` says which settings were used.
 
 Units. A model of output stride s (CSRNet 8; HMoDE, SPN and L2SM 4; the released HMoDE 1) predicts a map of
@@ -39,8 +39,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Counter", "Prediction", "load", "image_paths", "as_rgb", "cell_stride", "spread_cells", "CHECKPOINT",
-           "VIDEO_EXTENSIONS", "min_tile"]
+from .engine.checkpoint import model_from_checkpoint
+from .engine.evaluate import evaluate
+from .engine.predict import cell_stride, predict_density, spread_cells
+from .models.conventions import conventions_of
+
+__all__ = ["Counter", "Prediction", "load", "image_paths", "as_rgb", "CHECKPOINT", "VIDEO_EXTENSIONS", "min_tile"]
 
 _GLOB_CHARS = set("*?[")
 
@@ -80,7 +84,7 @@ def image_paths(items) -> list:
     fails per file too, saying that URLs are not read). Video files in a folder or matched by a pattern are
     left out with a warning naming them. A folder without images or a pattern that matches nothing raises
     ValueError naming it."""
-    from .data.datasets import IMAGE_EXTENSIONS, natural_key
+    from .data.layouts import IMAGE_EXTENSIONS, natural_key
 
     if isinstance(items, (str, Path)):
         items = [items]
@@ -116,7 +120,7 @@ def image_paths(items) -> list:
 
 def _check_image_path(image) -> None:
     """ImageError naming ``image`` (as given) when it is a URL, a folder or a video: what it is, and what to do."""
-    from .data.datasets import ImageError
+    from .data.readers import ImageError
 
     if _is_url(image):
         raise ImageError(image, "a URL: crowdkernels reads local image files only; download the image first "
@@ -140,7 +144,7 @@ def as_rgb(image) -> torch.Tensor:
     ValueError/TypeError naming ``image`` and what was received; ImageError for a file that cannot be read."""
     from PIL import Image
 
-    from .data.datasets import load_image, pil_to_rgb
+    from .data.readers import load_image, pil_to_rgb
 
     if isinstance(image, (str, Path)):
         _check_image_path(image)
@@ -189,39 +193,6 @@ def _tensor_rgb(t: torch.Tensor, what: str) -> torch.Tensor:
     return t.expand(3, -1, -1).contiguous() if t.shape[0] == 1 else t.contiguous()
 
 
-def cell_stride(cells_size, input_size) -> int:
-    """The output stride s of a map of (h, w) cells over an (H', W') image: the power of two with
-    ceil(H'/s) = h and ceil(W'/s) = w (the models pool by 2; where two strides fit, h = w = 1 and they
-    split the image alike). ValueError when none fits."""
-    (h, w), (H, W) = cells_size, input_size
-    for k in range(16):
-        s = 2**k
-        if -(-H // s) == h and -(-W // s) == w:
-            return s
-    raise ValueError(f"a map of {h} x {w} cells does not tile an image of {H} x {W} pixels at a power-of-two stride")
-
-
-def spread_cells(cells: torch.Tensor, size, input_size=None) -> torch.Tensor:
-    """A map of people per cell ([h, w] over an image of ``input_size`` = (H', W') pixels, cells of s x s
-    pixels, s = :func:`cell_stride`, the last row and column cut at the border) spread evenly over the
-    pixels of an (H, W) = ``size`` image of the same scene (default: the same image). Image pixel (y, x)
-    belongs to the cell holding input pixel (floor((y + 0.5) H'/H), floor((x + 0.5) W'/W)), and each
-    cell's people are divided by the number of image pixels belonging to it. float32 [H, W], people per
-    pixel; its sum is the map's (up to float32 rounding)."""
-    H, W = (int(size[0]), int(size[1]))
-    Hs, Ws = (H, W) if input_size is None else (int(input_size[0]), int(input_size[1]))
-    h, w = cells.shape[-2:]
-    s = cell_stride((h, w), (Hs, Ws))
-    rows = torch.clamp(((torch.arange(H, dtype=torch.float64) + 0.5) * Hs / H).long(), max=Hs - 1) // s
-    cols = torch.clamp(((torch.arange(W, dtype=torch.float64) + 0.5) * Ws / W).long(), max=Ws - 1) // s
-    n_rows = torch.bincount(rows, minlength=h).to(torch.float64)
-    n_cols = torch.bincount(cols, minlength=w).to(torch.float64)
-    # a cell no image pixel falls in (only when the image is smaller than the model's input) keeps its
-    # people out of the sum; clamp avoids 0/0 for it
-    per_pixel = cells.detach().reshape(h, w).to("cpu", torch.float64) / (n_rows[:, None] * n_cols[None, :]).clamp_min(1.0)
-    return per_pixel[rows][:, cols].to(torch.float32)
-
-
 @dataclass
 class Prediction:
     """One image's result. ``cells``: float32 [h, w] people per output cell of the model (its grid at
@@ -242,8 +213,8 @@ class Prediction:
         return None if self.image is None else (int(self.image.shape[-2]), int(self.image.shape[-1]))
 
     def density(self) -> torch.Tensor:
-        """float32 [H, W] people per pixel at the image's resolution (see the module docstring); sums to
-        ``count``."""
+        """float32 [H, W] people per pixel at the image's resolution (see the module docstring,
+        :func:`crowdkernels.engine.predict.spread_cells`); sums to ``count``."""
         if self.cells is None:
             raise ValueError(f"{self.source}: no prediction ({self.error})")
         return spread_cells(self.cells, self.size, self.input_size)
@@ -284,7 +255,7 @@ class _Sources(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        from .data.datasets import ImageError
+        from .data.readers import ImageError
 
         image = self.images[i]
         try:
@@ -296,7 +267,7 @@ class _Sources(torch.utils.data.Dataset):
 
 
 def _raise(name: str, err) -> None:
-    from .data.datasets import ImageError
+    from .data.readers import ImageError
 
     kind, reason, _ = err
     if kind == "ImageError":
@@ -339,14 +310,14 @@ class Counter:
                 raise TypeError(
                     f"input_norm: {type(model).__name__} has no input_norm attribute; pass input_norm='imagenet', "
                     "None (raw RGB in [0, 1]) or {'mean': [...], 'std': [...]}, as the model was trained")
-            input_norm = model.input_norm
+            input_norm = conventions_of(model).input_norm
         self.input_norm = check_norm(input_norm)
         if amp and self.device.type != "cuda":
             warnings.warn(f"amp: autocast runs on GPUs only; on {self.device} the model runs in float32", UserWarning,
                           stacklevel=2)
             amp = False
         #: the padding multiple of the model's input (what predict_density pads to, in training's validation too)
-        self.align = int(getattr(model, "input_multiple", 16))
+        self.align = int(conventions_of(model).input_multiple)
         if tile is not None:
             if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
                 raise ValueError(f"tile must be a positive int or None, got {tile!r}")
@@ -379,7 +350,7 @@ class Counter:
             "overlap": self.overlap,
             "pad_multiple": self.align,
             "input_norm": self.input_norm,
-            "density_scale": float(getattr(self.model, "density_scale", 1.0)),
+            "density_scale": float(conventions_of(self.model).density_scale),
             "sources": sources,
         }
 
@@ -418,7 +389,6 @@ class Counter:
         """The model's map of a batch of RGB images in [0, 1] of one size ([B, 3, H, W] or [3, H, W]), as
         the model is fed them (normalized on its device): [B, 1, h, w] people per cell, on the CPU."""
         from .data.transforms import normalize_image
-        from .engine.evaluate import predict_density
 
         x = rgb.to(self.device, torch.float32)
         lo, hi = float(x.min()), float(x.max())
@@ -529,7 +499,6 @@ class Counter:
         ``on_image(name, rgb [3, H, W], cells [1, 1, h, w], points [N, 2])`` is called per image."""
         from ._progress import Progress
         from .data.targets import CrowdCollate
-        from .engine.evaluate import evaluate
 
         loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=workers, collate_fn=CrowdCollate(target=None))
         with Progress(len(dataset), "eval", bar=progress, lines=progress is not False, done_word="evaluated") as bar:
@@ -549,7 +518,7 @@ def _device(device) -> torch.device:
 def load(checkpoint, device=None, *, model: str | None = None, model_kwargs: dict | None = None,
          tile=CHECKPOINT, amp: bool = False, max_size=CHECKPOINT) -> Counter:
     """A :class:`Counter` for a checkpoint: any ``last.pt``/``best.pt`` that ``crowdkernels train`` writes
-    (and whatever else :func:`crowdkernels.engine.train.model_from_checkpoint` loads). The model is built
+    (and whatever else :func:`crowdkernels.engine.checkpoint.model_from_checkpoint` loads). The model is built
     from the checkpoint's own settings and fed as its training validated it: the checkpoint's ``max_size``
     (images shrunk as in training), ``tile``, normalization (``input_norm``) and density scale, the model's
     padding multiple. :meth:`Counter.settings` says which were used and where each came from.
@@ -566,8 +535,6 @@ def load(checkpoint, device=None, *, model: str | None = None, model_kwargs: dic
     Raises:
         CheckpointError naming the file when it is missing, unreadable, or of another model.
     """
-    from .engine.train import model_from_checkpoint
-
     dev = _device(device)
     net, ckpt = model_from_checkpoint(checkpoint, dev, model=model, model_kwargs=model_kwargs)
     cfg = ckpt.get("config") or {}

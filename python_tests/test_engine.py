@@ -62,7 +62,7 @@ def tiny_config(out, **kw) -> TrainConfig:
 
 
 def make_trainer(cfg: TrainConfig, seed: int = 0, **kw) -> Trainer:
-    from crowdkernels.engine.train import build_datasets
+    from crowdkernels.engine.pipeline import build_datasets
 
     torch.manual_seed(seed)
     model = TinyNet(**cfg.model_kwargs)
@@ -269,7 +269,7 @@ class _FailSome(torch.utils.data.Dataset):
 
 
 def _ddp_worker_broken_batch(rank: int, world: int, port: int, out: str):
-    from crowdkernels.engine.train import build_datasets
+    from crowdkernels.engine.pipeline import build_datasets
 
     distributed = _join_gloo_group(rank, world, port)
     try:

@@ -14,7 +14,7 @@ from PIL import Image
 import crowdkernels as ck
 from crowdkernels import cli
 from crowdkernels.data import SyntheticCrowds
-from crowdkernels.engine import train as train_mod
+from crowdkernels.models import registry as train_mod
 from crowdkernels.engine.checkpoint import save_checkpoint
 from crowdkernels.engine.config import TrainConfig
 from test_engine import TinyNet

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from crowdkernels import cli
-from crowdkernels.engine import train as train_mod
-from crowdkernels.engine.checkpoint import atomic_write
+from crowdkernels._io import atomic_write
+from crowdkernels.models import registry
 from test_engine import TinyNet
 
 
@@ -43,7 +43,7 @@ def test_every_file_each_command_writes_is_0644_under_umask_022(umask, monkeypat
     umask(0o022)
     out = tmp_path / "out"
     assert cli.main(["demo", "--fast", "--out", str(out / "demo")]) == 0  # its own model, not the tiny one
-    monkeypatch.setitem(train_mod.MODEL_BUILDERS, "csrnet", lambda **kw: TinyNet(8))
+    monkeypatch.setitem(registry.MODEL_BUILDERS, "csrnet", lambda **kw: TinyNet(8))
     work = tmp_path / "work"  # inputs made by the test stay outside the folders checked
     work.mkdir()
     root = work / "crowds"

@@ -20,8 +20,10 @@ from crowdkernels import cli
 from crowdkernels.data import ImageError
 from crowdkernels.engine import predict_density
 from crowdkernels.engine.checkpoint import CheckpointError, save_checkpoint
-from crowdkernels.engine.train import MODEL_NAMES, TrainConfig, build_model
-from crowdkernels.inference import as_rgb, cell_stride, image_paths, spread_cells
+from crowdkernels.engine.predict import cell_stride, spread_cells
+from crowdkernels.engine.config import TrainConfig
+from crowdkernels.inference import as_rgb, image_paths
+from crowdkernels.models import MODEL_NAMES, build_model
 from test_engine import TinyNet
 
 WIDTH = 0.125

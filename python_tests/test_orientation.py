@@ -16,9 +16,9 @@ from crowdkernels.data import (CrowdDataset, image_points, image_size, list_samp
                                pil_to_rgb)
 from crowdkernels.data.readers import count_inside, exif_orientation, oriented_size
 from crowdkernels.data.density_job import DensitySettings, run_density_job
-from crowdkernels.engine import train as train_mod
+from crowdkernels.models import registry as train_mod
 from crowdkernels.engine.checkpoint import save_checkpoint
-from crowdkernels.engine.train import TrainConfig
+from crowdkernels.engine.config import TrainConfig
 from test_engine import TinyNet
 from test_viz import _documented_size
 

@@ -20,9 +20,9 @@ from crowdkernels import cli
 from crowdkernels.data import list_samples, synthetic_dataset
 from crowdkernels.data.readers import count_inside
 from crowdkernels.data.points import density_to_points, local_sigma, match_points
-from crowdkernels.engine import train as train_mod
+from crowdkernels.models import registry as train_mod
 from crowdkernels.engine.checkpoint import save_checkpoint
-from crowdkernels.engine.train import TrainConfig
+from crowdkernels.engine.config import TrainConfig
 from crowdkernels.inference import Prediction
 from crowdkernels.viz import picture_layout, save_prediction
 from test_engine import TinyOutput

@@ -74,7 +74,7 @@ def test_example_commands_run(demo_dir, monkeypatch, capsys):
 
 def test_the_readme_names_every_format_model_and_dataset():
     from crowdkernels.data import DATASET_NAMES, FORMATS
-    from crowdkernels.engine.train import MODEL_NAMES
+    from crowdkernels.models import MODEL_NAMES
 
     for name in FORMATS:
         assert f"`{name}`" in README, f"format {name} missing from the README"

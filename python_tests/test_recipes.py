@@ -17,7 +17,8 @@ import crowdkernels as ck
 from crowdkernels import cli
 from crowdkernels.engine import recipes
 from crowdkernels.engine.config import build_config
-from crowdkernels.engine.train import Trainer, build_run, split_off
+from crowdkernels.engine.pipeline import split_off
+from crowdkernels.engine.trainer import Trainer, build_run
 from released_hmode import (LOG_PARA, LR, released_count, released_forward, released_image_tensor,
                             released_state_dict, released_train_loss)
 from test_density import matlab_recipe
@@ -161,7 +162,7 @@ def test_released_checkpoints_count_as_released_test_py(released_files, tmp_path
         counter = ck.load(path, device="cpu")
         assert counter.count(str(root / "img0.png")) == pytest.approx(want, rel=1e-5, abs=1e-6)
         assert counter.count(rgb) == pytest.approx(want, rel=1e-5, abs=1e-6)
-        net, ckpt = ck.engine.train.model_from_checkpoint(path)
+        net, ckpt = ck.engine.checkpoint.model_from_checkpoint(path)
         assert ckpt["released"] and ckpt["model_name"] == "hmode-official"
         assert net.input_multiple == 1 and net.density_scale == 100.0
 
@@ -169,13 +170,13 @@ def test_released_checkpoints_count_as_released_test_py(released_files, tmp_path
 def test_init_from_released_files_and_our_checkpoints(released_files, tmp_path):
     """--init takes both released layouts (into hmode-official and into the paper variant: same layers) and our
     own checkpoints; the weights arrive unchanged."""
-    from crowdkernels.engine.train import load_initial_weights
+    from crowdkernels.engine.checkpoint import load_initial_weights
     from crowdkernels.models import official_key_map
 
     sd = released_files["sd"]
     for name in ("hmode-official", "hmode"):
         for layout in ("plain", "training"):
-            model = ck.engine.train.build_model(name)
+            model = ck.models.build_model(name)
             assert load_initial_weights(model, released_files[layout]) == "released"
             own = model.state_dict()
             for k in ("features3.4.weight", "gating2.conv6.conv.bias", "head1.1.conv.weight", "mask.output.conv.bias"):
@@ -391,18 +392,18 @@ def test_a_crop_larger_than_the_images_is_said(tmp_path, capsys):
 def test_one_input_convention_for_training_eval_and_count(tmp_path, capsys, monkeypatch):
     """The same image reaches the model as the same tensor in training (no crop, no flip), `eval`, `count` and
     `crowdkernels.load`."""
-    from crowdkernels.engine import train as train_mod
+    from crowdkernels.models import registry
 
     root = _folder(tmp_path, n=1, size=(48, 64), heads=5)
     fed = {}
-    real_build = train_mod.build_model
+    real_build = registry.MODEL_BUILDERS["csrnet"]
 
-    def spy_build(name, **kw):
-        model = real_build(name, **kw)
+    def spy_build(**kw):
+        model = real_build(**kw)
         model.register_forward_pre_hook(lambda m, a: fed.setdefault(spy_build.where, []).append(a[0].detach().clone()))
         return model
 
-    monkeypatch.setattr(train_mod, "build_model", spy_build)
+    monkeypatch.setitem(registry.MODEL_BUILDERS, "csrnet", spy_build)
     spy_build.where = "train"
     out = tmp_path / "run"
     assert cli.main(["train", "--model", "csrnet", "--width", "0.125", "--dataset", "folder", "--root", str(root),
@@ -518,7 +519,7 @@ def test_csrnet_recipe_uses_sgd_with_momentum_and_the_paper_loss_on_the_released
     row and column (ours pads to 8, the released VGG floors) are left out."""
     cfg = build_config(recipe="csrnet", dataset="synthetic", overrides={"model_kwargs.width": 0.125})
     model, criterion, *_ = build_run(cfg)
-    opt = ck.engine.train.make_optimizer(model.parameters(), cfg)
+    opt = ck.engine.trainer.make_optimizer(model.parameters(), cfg)
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.95 and opt.defaults["lr"] == 1e-6
     assert opt.defaults["weight_decay"] == 5e-4
     assert criterion.downsample == "cubic"
@@ -544,7 +545,7 @@ def test_csrnet_recipe_uses_sgd_with_momentum_and_the_paper_loss_on_the_released
 
 
 def test_validation_schedule():
-    from crowdkernels.engine.train import validation_due
+    from crowdkernels.engine.trainer import validation_due
 
     released = build_config(recipe="hmode-released", dataset="shanghaitech-a")
     assert [e for e in range(1, 201) if validation_due(e, released)] == list(range(100, 201))  # train.py

@@ -130,8 +130,8 @@ def _resume_argv(path, tmp_path):
 
 ENTRY_POINTS = {
     "ck.load": _api(lambda p: ck.load(p, device="cpu")),
-    "model_from_checkpoint": _api(lambda p: ck.engine.train.model_from_checkpoint(p)),
-    "load_initial_weights": _api(lambda p: ck.engine.train.load_initial_weights(ck.CSRNet(width=0.125), p)),
+    "model_from_checkpoint": _api(lambda p: ck.engine.checkpoint.model_from_checkpoint(p)),
+    "load_initial_weights": _api(lambda p: ck.engine.checkpoint.load_initial_weights(ck.CSRNet(width=0.125), p)),
     "VGG16(pretrained=)": _api(lambda p: ck.VGG16(pretrained=p)),
     "HMoDE.from_official": _api(lambda p: ck.HMoDE.from_official(p)),
     "count --checkpoint": _cli(lambda p, t: ["count", _image(t), "--checkpoint", p, "--device", "cpu"]),
@@ -229,7 +229,7 @@ def test_other_payloads_are_refused_naming_what_they_hold(how, tmp_path):
 
     def load():
         with _no_warnings(), pytest.raises(CheckpointError) as err:
-            ck.engine.train.model_from_checkpoint(path)
+            ck.engine.checkpoint.model_from_checkpoint(path)
         return str(err.value)
 
     message = _marker_checked_first(marker, f"the {how} payload ran", load)
@@ -369,7 +369,7 @@ def test_an_eps_file_is_never_rendered(tmp_path, monkeypatch):
     """Pillow renders EPS (whatever the suffix) by running Ghostscript: images are read as raster data only."""
     from PIL import EpsImagePlugin
 
-    from crowdkernels.data.datasets import ImageError, image_size, load_image
+    from crowdkernels.data.readers import ImageError, image_size, load_image
 
     ran = []
     monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: ran.append(a) or (_ for _ in ()).throw(OSError("gs")))

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from crowdkernels import cli
-from crowdkernels.engine import train as train_mod
+from crowdkernels.models import registry as train_mod
 from test_engine import TinyNet
 
 SYN = ["--synthetic", "8", "3", "32"]

@@ -26,7 +26,7 @@ _TRAIN = f"""
 import os, signal, sys
 sys.path.insert(0, {str(REPO / "python_tests")!r})
 from crowdkernels import cli
-from crowdkernels.engine import train as train_mod
+from crowdkernels.models import registry
 from test_engine import TinyNet
 hook, out = os.environ.get("HOOK"), sys.argv[sys.argv.index("--out") + 1]
 if hook == "term-at-worker-start":
@@ -50,7 +50,7 @@ if hook == "raise-in-a-worker":
         return synthetic_item(self, index)
 
     datasets.SyntheticCrowds.__getitem__ = failing_item
-train_mod.MODEL_BUILDERS["csrnet"] = lambda **kw: TinyNet(8)
+registry.MODEL_BUILDERS["csrnet"] = lambda **kw: TinyNet(8)
 sys.exit(cli.main(["train", "--model", "csrnet", "--lr", "3e-3", "--batch-size", "2", "--crop", "16",
                    "--synthetic", "48", "2", "40", *sys.argv[1:]]))
 """

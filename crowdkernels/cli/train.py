@@ -14,7 +14,7 @@ from .._io import output_dir
 from ..engine import distributed
 from ..engine.config import Option, cli_options, require_root, run_config, setting_arg, start_warnings
 from ..engine.recipes import RECIPE_NAMES, SUMMARIES
-from ..engine.train import Trainer, build_run
+from ..engine.trainer import Trainer, build_run
 
 NAME = "train"
 HELP = "train a counting model (HMoDE, L2SM, SPN, CSRNet), with a paper's recipe or your settings"

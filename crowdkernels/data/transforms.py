@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from .._constants import IMAGENET_NORM  # the ImageNet mean/std the models declare
 
 __all__ = [
     "IMAGENET_NORM",
@@ -42,10 +43,6 @@ __all__ = [
 ]
 
 
-#: The input convention of every ImageNet-pretrained backbone (torchvision's VGG16 and VGG16-BN): RGB in
-#: [0, 1], minus this mean, divided by this std, per channel. The released HMoDE code feeds its model the
-#: same (``cfg_data.MEAN_STD`` in ``datasets/SHHA/setting.py``).
-IMAGENET_NORM = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
 
 def check_norm(norm, name: str = "input_norm"):

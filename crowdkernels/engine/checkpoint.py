@@ -1,4 +1,5 @@
-"""Training checkpoints: written atomically, checked against the model they are loaded into.
+"""Checkpoints: written atomically, checked against the model they are loaded into, and a model loaded from
+one (or from the authors' released HMoDE weights).
 
 A checkpoint (``torch.save`` of a dict) holds ``format``, ``model_name`` (e.g. "hmode-official"),
 ``config`` (the run's settings, the model's constructor arguments among them), ``model`` (state dict),
@@ -8,62 +9,28 @@ tensors and plain data only, so that it is read with ``torch.load(weights_only=T
 crowdkernels opens is (:mod:`crowdkernels._safe_load`).
 
 It is written to a temp file in the same folder, flushed to disk, then renamed over the old one
-(``os.replace`` is atomic on POSIX and Windows): a SIGKILL at any moment leaves the previous checkpoint
-or the new one, never a torn file.
+(:func:`crowdkernels._io.atomic_write`; ``os.replace`` is atomic on POSIX and Windows): a SIGKILL at any
+moment leaves the previous checkpoint or the new one, never a torn file.
 """
 from __future__ import annotations
 
-import os
+import copy
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .._io import atomic_write
 from .._safe_load import CheckpointError, load_torch_file
+from ..data.transforms import check_norm
+from ..models.hmode import RELEASED_CONFIG, HMoDE, released_state_dict, released_weights_for
+from ..models.registry import build_model
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "atomic_write", "save_checkpoint", "load_checkpoint", "check_model",
-           "read_weights_file", "released_state_dict", "rng_state", "set_rng_state"]
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "check_model",
+           "read_weights_file", "rng_state", "set_rng_state", "load_initial_weights", "model_from_checkpoint"]
 
 CHECKPOINT_FORMAT = "crowdkernels-checkpoint-1"
-
-
-def _umask() -> int:
-    """The process's file mode creation mask. Read from /proc where there is one: setting and restoring it
-    with os.umask would, for a moment, let another thread create files under mask 0."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path, write, mode: str = "wb") -> None:
-    """Writes through ``write(fileobj)`` into a temp file in the same folder, flushes it to disk, then
-    renames it over ``path``: a reader (or a rerun after a crash) sees the old file or the new one,
-    never a half-written one. The file gets the mode ``open()`` would give it (0o666 less the umask, so
-    0o644 under the usual umask 0o022), not the temp file's private 0o600."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def save_checkpoint(path, state: dict) -> None:
@@ -90,26 +57,6 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
         raise CheckpointError(f"{path}: not a crowdkernels training checkpoint (format {CHECKPOINT_FORMAT})")
     return ckpt
-
-
-#: the top-level modules of the authors' released HMoDE.py (their state_dict's first name components)
-_RELEASED_MODULES = {"features1", "features2", "features3", "features4", "features5", "de_pred1", "de_pred2",
-                     "de_pred3", "head1", "head2", "head3", "gating1", "gating2", "mask"}
-
-
-def released_state_dict(obj) -> dict | None:
-    """The state_dict in ``obj`` when it is one of the authors' released HMoDE files: their plain state_dict
-    (test.py loads it as is), ``{"model": state_dict}`` (their best_model.pth), or their training checkpoint
-    ``{"model": state_dict with "module." keys, "optimizer", "epoch", ...}`` (latestmodel.pth). None
-    otherwise."""
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "format" not in obj:
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) for k in obj):
-        return None
-    heads = {(k[len("module."):] if k.startswith("module.") else k).split(".")[0] for k in obj}
-    if heads <= _RELEASED_MODULES and {"features1", "gating1", "mask"} <= heads:
-        return obj
-    return None
 
 
 def read_weights_file(path) -> tuple[str, dict]:
@@ -170,3 +117,56 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_initial_weights(model, path) -> str:
+    """Loads ``path`` into ``model`` (a fresh run's starting point, nothing else of the file): a crowdkernels
+    checkpoint (its "model"), or one of the authors' released HMoDE files (a plain state_dict, or their
+    training checkpoint ``{"model": state_dict with "module." keys, ...}``), detected by their key names and
+    mapped with :func:`crowdkernels.models.hmode.official_key_map` (HMoDE models, K = 3, N = 2). Returns
+    "crowdkernels" or "released". CheckpointError naming the file when it does not fit."""
+    kind, state = read_weights_file(path)
+    if kind == "released":
+        state = released_weights_for(model, state, path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise CheckpointError(f"{path}: its weights do not fit the {type(model).__name__} model of this run "
+                              f"({first[0] if first else exc}{'; ' + first[1].strip() if len(first) > 1 else ''})") from None
+    return kind
+
+
+def model_from_checkpoint(path, device="cpu", *, model: str | None = None, model_kwargs: dict | None = None):
+    """(model in eval mode on ``device``, checkpoint dict) from a checkpoint of
+    :class:`crowdkernels.engine.trainer.Trainer`, or from one of the authors' released HMoDE files (a plain
+    state_dict, or ``{"model": ...}``; the model is then the official variant fed as the released test.py
+    feeds it: ImageNet normalization, unpadded, counts = sum / 100; the dict returned has ``"released":
+    True``). With ``model`` (and ``model_kwargs``) given, a checkpoint of another model or variant is refused
+    with an error naming both. ``model.input_norm`` and ``model.density_scale`` are the checkpoint's
+    conventions."""
+    kind, payload = read_weights_file(path)
+    if kind == "released":
+        ckpt = {"model_name": "hmode-official", "released": True, "config": copy.deepcopy(RELEASED_CONFIG)}
+        if model is not None:
+            check_model(ckpt, path, model, model_kwargs)
+        try:
+            net = HMoDE.from_official(payload)  # its declared conventions are the released test.py's
+        except (RuntimeError, KeyError) as exc:
+            raise CheckpointError(f"{path}: not a complete released HMoDE state_dict ({exc})") from None
+        return net.to(device).eval(), ckpt
+    ckpt = payload
+    if model is not None:
+        check_model(ckpt, path, model, model_kwargs)
+    cfg = ckpt.get("config") or {}
+    name = ckpt.get("model_name")
+    net = build_model(name, **(cfg.get("model_kwargs") or {}))
+    try:
+        net.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: its weights do not fit a {name!r} model ({exc})") from None
+    # fed as it was trained: checkpoints from before the convention was saved were trained on raw [0, 1]
+    net.input_norm = check_norm(cfg.get("input_norm")) if "input_norm" in cfg else None
+    if isinstance(cfg.get("target"), dict) and "scale" in cfg["target"]:
+        net.density_scale = float(cfg["target"]["scale"])
+    return net.to(device).eval(), ckpt

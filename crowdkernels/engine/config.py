@@ -22,6 +22,8 @@ import torch
 from . import recipes
 from .checkpoint import load_checkpoint
 from ..data import DATASET_NAMES
+from ..models import MODEL_NAMES
+from ..models.registry import build_model
 from ..data.transforms import IMAGENET_NORM, check_norm
 
 __all__ = [
@@ -164,8 +166,6 @@ def _synthetic_set(value: list) -> dict:
 
 
 def _model_names():
-    from .train import MODEL_NAMES  # late: train.py imports this module
-
     return MODEL_NAMES
 
 
@@ -418,8 +418,6 @@ def check_model_options(config: TrainConfig) -> None:
     (e.g. "criterion_kwargs.weights") when one is to blame."""
     import inspect
     import re
-
-    from .train import build_model  # late: train.py imports this module
 
     def unexpected(exc):
         found = re.search(r"unexpected keyword argument '(\w+)'", str(exc))

@@ -90,10 +90,13 @@ def run_demo(out, *, num_images: int = 160, val_images: int = 40, size: int = 12
     from ..data.targets import CrowdCollate
     from ..data.transforms import IMAGENET_NORM, Compose, Normalize, RandomHorizontalFlip
     from ..inference import Counter
+    from ..models.registry import build_model
     from ..viz import save_learning_curve, save_picture
     from .evaluate import evaluate
     from .metrics import MSE_NOTE
-    from .train import TrainConfig, Trainer, build_model
+    from .pipeline import held_out_seed
+    from .config import TrainConfig
+    from .trainer import Trainer
 
     stream = sys.stdout if stream is None else stream
     out = Path(out)
@@ -105,7 +108,7 @@ def run_demo(out, *, num_images: int = 160, val_images: int = 40, size: int = 12
 
     # 1-2. data and targets (the datasets cache their renderings, so training reuses these)
     train_set = SyntheticCrowds(num_images, size, seed, transform=Compose([RandomHorizontalFlip(), Normalize(IMAGENET_NORM)]))
-    val_set = SyntheticCrowds(val_images, size, seed + 1000, transform=Normalize(IMAGENET_NORM))
+    val_set = SyntheticCrowds(val_images, size, held_out_seed(seed), transform=Normalize(IMAGENET_NORM))
     train_samples = [train_set.base[i] for i in range(len(train_set))]
     val_samples = [val_set.base[i] for i in range(len(val_set))]
     samples = train_samples + val_samples

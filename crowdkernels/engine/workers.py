@@ -18,7 +18,7 @@ import torch
 
 __all__ = ["STOP_SIGNALS", "ignore_stop_signals", "StopSafeLoader"]
 
-#: the signals the trainer turns into "save and stop" (see :class:`crowdkernels.engine.train.Trainer`)
+#: the signals the trainer turns into "save and stop" (see :class:`crowdkernels.engine.trainer.Trainer`)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 _workers: weakref.WeakSet = weakref.WeakSet()

@@ -11,8 +11,9 @@ from ..losses import density_loss, relative_local_count_loss
 from ..losses.rel import check_rel_normalize, rel_normalizer
 from ._common import (DOWNSAMPLES, channels, check_images, check_targets, check_width, conv_stack, density_at,
                       density_cubic, he_init, init_normal_, out_size, pad_to_multiple)
-from ..data.transforms import IMAGENET_NORM
 from .backbones import VGG16
+from .conventions import Conventions, DensityModel
+from .registry import register_model
 
 
 @dataclass
@@ -22,7 +23,8 @@ class DensityOutput:
     final: torch.Tensor
 
 
-class CSRNet(nn.Module):
+@register_model("csrnet", rank=4)
+class CSRNet(DensityModel):
     """CSRNet: VGG16 conv1_1..conv4_3 (pools 1-3), then six 3x3 convs of dilation 2 (512, 512, 512, 256, 128,
     64, each + ReLU) and a 1x1 conv to the density.
 
@@ -39,16 +41,11 @@ class CSRNet(nn.Module):
     Parameters (width 1): 16,263,489 (CSRNet paper: 16.26M).
     """
 
-    stride = 8
+    # ImageNet mean/std (the pretrained VGG's), people per cell at stride 8
+    conventions = Conventions(stride=8, forward_multiple=8)
 
     def __init__(self, pretrained=None, *, width: float = 1.0, init: str = "auto"):
         super().__init__()
-        # the input convention (ImageNet mean/std of the pretrained VGG); saved in checkpoints, read by every
-        # path that feeds the model (crowdkernels.data.transforms.normalize_image)
-        self.input_norm = dict(IMAGENET_NORM)
-        # the output convention: predictions are people per cell times density_scale (set from the recipe's
-        # ground-truth scale factor; checkpoints keep it)
-        self.density_scale = 1.0
         width = check_width(width)
         scratch = he_init(init, pretrained)
         self.width = width
@@ -62,7 +59,7 @@ class CSRNet(nn.Module):
     def forward(self, images: torch.Tensor) -> DensityOutput:
         images = check_images(images)
         h, w = out_size(images.shape[-2:], self.stride)
-        x = self.frontend(pad_to_multiple(images, self.stride))[-1]
+        x = self.frontend(pad_to_multiple(images, self.forward_multiple))[-1]
         x = self.output_layer(self.backend(x))
         return DensityOutput(final=x[..., :h, :w])
 

@@ -41,14 +41,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._safe_load import load_torch_file
+from .._constants import IMAGENET_NORM
+from .._safe_load import CheckpointError, load_torch_file
 from ..losses import attention_loss, density_loss, expert_importance_loss, relative_local_count_loss
 from ..losses.rel import check_rel_normalize, rel_normalizer
 from ..ops.gating import hierarchical_gating
 from ._common import (channels, check_images, check_targets, check_width, conv_relu, conv_stack, density_at, he_init, init_normal_,
                       out_size, pad_to_multiple)
-from ..data.transforms import IMAGENET_NORM
 from .backbones import VGG16
+from .conventions import Conventions, DensityModel
+from .registry import register_model
 
 VARIANTS = ("paper", "official")
 FUSIONS = ("hmode", "average")
@@ -83,7 +85,9 @@ class HMoDEOutput:
         return list(self.experts) + groups + [self.final]
 
 
-class HMoDE(nn.Module):
+@register_model("hmode", rank=0, variant="paper")
+@register_model("hmode-official", rank=1, variant="official")
+class HMoDE(DensityModel):
     """The hierarchical mixture of density experts.
 
     Args:
@@ -108,9 +112,6 @@ class HMoDE(nn.Module):
     def __init__(self, experts: int = 3, group_size: int = 2, *, variant: str = "paper", fusion: str = "hmode",
                  pretrained=None, width: float = 1.0, init: str = "auto"):
         super().__init__()
-        # the input convention (ImageNet mean/std of the pretrained VGG); saved in checkpoints, read by every
-        # path that feeds the model (crowdkernels.data.transforms.normalize_image)
-        self.input_norm = dict(IMAGENET_NORM)
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if fusion not in FUSIONS:
@@ -128,13 +129,11 @@ class HMoDE(nn.Module):
         self.register_buffer("groups", torch.tensor(list(itertools.combinations(range(experts), group_size)),
                                                     dtype=torch.long), persistent=False)
         official = variant == "official"
-        # the output convention: predictions are people per cell times density_scale (the recipes set it
-        # from their ground truth's scale factor; checkpoints keep it)
-        self.density_scale = OFFICIAL_DENSITY_SCALE if official else 1.0
-        self.stride = 1 if official else (4 if experts == 3 else 2)
-        # the official variant takes any input size (VGG pools floor) and is run unpadded, as the released
-        # test.py runs it; the paper variant pads to a multiple of 16 itself
-        self.input_multiple = 1 if official else 16
+        # ImageNet mean/std (the pretrained VGG-BN's). The official variant takes any input size (VGG pools
+        # floor) and is run unpadded, as the released test.py runs it, its maps at the input size times the
+        # released LOG_PARA; the paper variant pads to a multiple of 16 (pool4's stride) itself
+        self.conventions = (Conventions(stride=1, density_scale=OFFICIAL_DENSITY_SCALE, input_multiple=1) if official else
+                            Conventions(stride=4 if experts == 3 else 2, input_multiple=16, forward_multiple=16))
 
         self.encoder = VGG16(batch_norm=True, pretrained=pretrained, width=width, pools=(1, 2, 3, 4))
         enc = self.encoder.stage_channels                       # 64, 128, 256, 512, 512
@@ -175,8 +174,7 @@ class HMoDE(nn.Module):
         images = check_images(images)
         official = self.variant == "official"
         in_size = tuple(images.shape[-2:])
-        if not official:
-            images = pad_to_multiple(images, 16)
+        images = pad_to_multiple(images, self.forward_multiple)
         feats = self.encoder(images)                            # conv1_2, conv2_2, conv3_3, conv4_3, conv5_3
         x5 = feats[4]
         K = self.num_experts
@@ -300,6 +298,41 @@ def official_key_map(key: str) -> str:
         if parts[1] in names:
             return f"{ours}.{2 * names.index(parts[1])}.{parts[3]}"
     raise KeyError(f"{key!r} is not a key of the released HMoDE model")
+
+
+#: the top-level modules of the authors' released HMoDE.py (their state_dict's first name components)
+_RELEASED_MODULES = {"features1", "features2", "features3", "features4", "features5", "de_pred1", "de_pred2",
+                     "de_pred3", "head1", "head2", "head3", "gating1", "gating2", "mask"}
+
+#: the settings the released test.py runs its model with, as a run's ``config`` (a checkpoint's): ImageNet
+#: normalization, maps in people per pixel x LOG_PARA
+RELEASED_CONFIG = {"model": "hmode-official", "model_kwargs": {}, "input_norm": IMAGENET_NORM,
+                   "target": {"scale": OFFICIAL_DENSITY_SCALE}}
+
+
+def released_state_dict(obj) -> dict | None:
+    """The state_dict in ``obj`` when it is one of the authors' released HMoDE files: their plain state_dict
+    (test.py loads it as is), ``{"model": state_dict}`` (their best_model.pth), or their training checkpoint
+    ``{"model": state_dict with "module." keys, "optimizer", "epoch", ...}`` (latestmodel.pth). None
+    otherwise."""
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "format" not in obj:
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) for k in obj):
+        return None
+    heads = {(k[len("module."):] if k.startswith("module.") else k).split(".")[0] for k in obj}
+    if heads <= _RELEASED_MODULES and {"features1", "gating1", "mask"} <= heads:
+        return obj
+    return None
+
+
+def released_weights_for(model, state: dict, path) -> dict:
+    """The authors' released ``state`` (:func:`released_state_dict`) renamed for ``model`` by
+    :func:`official_key_map`; CheckpointError naming ``path`` unless ``model`` is an HMoDE of their layout
+    (K = 3, N = 2, gated: either variant, whose layers are the same)."""
+    if not isinstance(model, HMoDE) or model.num_experts != 3 or model.group_size != 2 or model.fusion != "hmode":
+        raise CheckpointError(f"{path} holds the authors' released HMoDE weights (K = 3, N = 2): train an 'hmode' or "
+                              "'hmode-official' model from it")
+    return {official_key_map(k): v for k, v in state.items()}
 
 
 class HMoDECriterion(nn.Module):

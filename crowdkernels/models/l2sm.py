@@ -15,7 +15,8 @@ from ..ops.density import knn_sigma
 from ..ops.regions import grid_boxes, region_means, scale_regions, transform_region_targets, unscale_regions
 from ._common import (channels, check_images, check_targets, check_width, conv_stack, density_at, he_init, init_normal_,
                       out_size, pad_to_multiple)
-from ..data.transforms import IMAGENET_NORM
+from .conventions import Conventions, DensityModel
+from .registry import register_model
 from .spn import SPN
 
 
@@ -44,7 +45,8 @@ class L2SMOutput:
     repredictions: torch.Tensor
 
 
-class L2SM(nn.Module):
+@register_model("l2sm", rank=2)
+class L2SM(DensityModel):
     """SPN + the learning-to-scale module.
 
     - The padded stride-4 density grid is split into K x K regions (`grid_boxes`); D_i = `region_means`.
@@ -77,16 +79,9 @@ class L2SM(nn.Module):
             over a random one; see `init_normal_`).
     """
 
-    stride = 4
-
     def __init__(self, pretrained=None, *, width: float = 1.0, pyramid_channels: int = 64, k: int = 4,
                  num_groups: int = 5, num_centers: int = 3, max_scale: float = 2.0, init: str = "auto"):
         super().__init__()
-        # the input convention (ImageNet mean/std of the pretrained VGG); saved in checkpoints, read by every
-        # path that feeds the model (crowdkernels.data.transforms.normalize_image)
-        self.input_norm = dict(IMAGENET_NORM)
-        # the output convention: people per cell times density_scale (the recipe's ground-truth scale)
-        self.density_scale = 1.0
         width = check_width(width)
         scratch = he_init(init, pretrained)
         if not isinstance(k, int) or k < 1:
@@ -98,6 +93,8 @@ class L2SM(nn.Module):
         if not float(max_scale) > 1:
             raise ValueError(f"max_scale must be > 1, got {max_scale!r}")
         self.k, self.num_groups, self.num_centers, self.max_scale = k, num_groups, num_centers, float(max_scale)
+        # ImageNet mean/std (the pretrained VGG's), people per cell at stride 4; the input padded to 8K
+        self.conventions = Conventions(stride=4, forward_multiple=8 * k)
         self.spn = SPN(pretrained, width=width, pyramid_channels=pyramid_channels, init=init)
         p = self.spn.pyramid_channels
         self.scale_conv = nn.Conv2d(5 * p, 1, 1)
@@ -108,10 +105,6 @@ class L2SM(nn.Module):
         init_normal_(self.repredict, from_scratch=scratch)
         self.register_buffer("density_levels", torch.zeros(num_groups - 1, dtype=torch.float64))
         self.register_buffer("levels_fitted", torch.tensor(False))
-
-    @property
-    def pad_multiple(self) -> int:
-        return 8 * self.k
 
     # ----------------------------------------------------------------------------------------- levels
 
@@ -145,7 +138,8 @@ class L2SM(nn.Module):
     def ground_truth_region_means(self, density: torch.Tensor) -> torch.Tensor:
         """[B, 1, H, W] full-resolution density -> [B, K*K] region means on the model's padded stride-4 grid."""
         H, W = density.shape[-2:]
-        hp, wp = -(-H // self.pad_multiple) * self.pad_multiple, -(-W // self.pad_multiple) * self.pad_multiple
+        m = self.forward_multiple
+        hp, wp = -(-H // m) * m, -(-W // m) * m
         return region_means(density_at(density, self.stride, (hp // self.stride, wp // self.stride)), self.k)
 
     # ---------------------------------------------------------------------------------------- forward
@@ -160,7 +154,7 @@ class L2SM(nn.Module):
     def forward(self, images: torch.Tensor) -> L2SMOutput:
         images = check_images(images)
         h, w = out_size(images.shape[-2:], self.stride)
-        initial, conv5, pooled = self.spn.run(pad_to_multiple(images, self.pad_multiple))
+        initial, conv5, pooled = self.spn.run(pad_to_multiple(images, self.forward_multiple))
         B, _, H4, W4 = initial.shape
         k = self.k
         means = region_means(initial, k)                                   # [B, K*K]

@@ -11,8 +11,9 @@ from torch import nn
 from ..losses import density_loss
 from ._common import (channels, check_images, check_targets, check_width, conv_relu, conv_stack, density_at,
                       he_init, init_normal_, out_size, pad_to_multiple)
-from ..data.transforms import IMAGENET_NORM
 from .backbones import VGG16
+from .conventions import Conventions, DensityModel
+from .registry import register_model
 
 #: sec. 3.2: the features of stages 1..5 are pooled to 16^2, 8^2, 4^2, 2^2 and 1^2
 PYRAMID_SIZES: Tuple[int, ...] = (16, 8, 4, 2, 1)
@@ -28,7 +29,8 @@ class SPNOutput:
     pyramid: List[torch.Tensor]
 
 
-class SPN(nn.Module):
+@register_model("spn", rank=3)
+class SPN(DensityModel):
     """The scale preserving network: VGG16 without pool4 and pool5 (conv5_3 at stride 8); a 3x3 conv (+ ReLU,
     `pyramid_channels` outputs) on the last layer of each stage, adaptive-average-pooled to 16^2, 8^2, 4^2,
     2^2, 1^2, bilinearly upsampled to conv5's size and stacked with conv5_3; three 3x3 convs (256, 128, 64,
@@ -48,16 +50,11 @@ class SPN(nn.Module):
         init: the layers outside the encoder: "normal" (N(0, 0.01)), "he" or "auto" (see `he_init`).
     """
 
-    stride = 4
-    pad_multiple = 8
+    # ImageNet mean/std (the pretrained VGG's), people per cell at stride 4
+    conventions = Conventions(stride=4, forward_multiple=8)
 
     def __init__(self, pretrained=None, *, width: float = 1.0, pyramid_channels: int = 64, init: str = "auto"):
         super().__init__()
-        # the input convention (ImageNet mean/std of the pretrained VGG); saved in checkpoints, read by every
-        # path that feeds the model (crowdkernels.data.transforms.normalize_image)
-        self.input_norm = dict(IMAGENET_NORM)
-        # the output convention: people per cell times density_scale (the recipe's ground-truth scale)
-        self.density_scale = 1.0
         width = check_width(width)
         scratch = he_init(init, pretrained)
         self.width = width
@@ -73,7 +70,7 @@ class SPN(nn.Module):
         init_normal_(self.deconv, from_scratch=scratch)
 
     def run(self, padded: torch.Tensor):
-        """On an input already padded to `pad_multiple`: (density [B,1,H/4,W/4], conv5_3 [B,C,H/8,W/8],
+        """On an input already padded to `forward_multiple`: (density [B,1,H/4,W/4], conv5_3 [B,C,H/8,W/8],
         the five pooled pyramid features)."""
         stages = self.backbone(padded)
         conv5 = stages[-1]
@@ -86,7 +83,7 @@ class SPN(nn.Module):
     def forward(self, images: torch.Tensor) -> SPNOutput:
         images = check_images(images)
         h, w = out_size(images.shape[-2:], self.stride)
-        density, _, pooled = self.run(pad_to_multiple(images, self.pad_multiple))
+        density, _, pooled = self.run(pad_to_multiple(images, self.forward_multiple))
         return SPNOutput(final=density[..., :h, :w], pyramid=pooled)
 
     def criterion(self, *, reduction: str = "sum", density_scale=None) -> "SPNCriterion":

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from crowdkernels.engine.train import Trainer, build_config, build_run
+from crowdkernels.engine.config import build_config
+from crowdkernels.engine.trainer import Trainer, build_run
 
 OVERRIDES = {"model": "csrnet", "model_kwargs.width": 0.03125, "epochs": 2, "batch_size": 2, "crop": 32,
              "optimizer": "adam", "lr": 1e-3, "lr_step": None, "workers": 0, "quiet": True,
