@@ -34,7 +34,7 @@ def register_autograd(
             None for an input that needs no gradient (the kernel did not compute it).
         materialize_grads: False leaves the gradients of outputs that did not reach the loss None, rather
             than zero tensors, so that the backward kernel can skip them.
-        lib: the torch.library.Library to register in (tests' own namespaces); default torch's.
+        lib: the torch.library.Library that owns the registration (the tests' emulated CUDA ops pass theirs).
     """
     saved, grads_of = tuple(saved), tuple(grads_of)
 
