@@ -1,8 +1,8 @@
-"""Loads the compiled extension `crowdkernels._C` and reports which backends exist.
+"""Loads the compiled extension `crowdkernels._C` and decides which backend runs each op.
 
-The backend of every op is chosen by its tensors' device: the CUDA kernel (or Triton) on a GPU, the C++
-kernel on the CPU, and the plain-PyTorch reference only where no compiled kernel exists.
-`crowdkernels.backends()` says which of these this installation has.
+The backend of every op is chosen by its tensors' device, in one place (`backend`): the CUDA kernel (or
+Triton) on a GPU, the C++ kernel on the CPU, and the plain-PyTorch reference only where no compiled kernel
+exists. `crowdkernels.backends()` says which of these this installation has.
 """
 from __future__ import annotations
 
@@ -52,32 +52,44 @@ def triton_available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def require_compiled(op: str) -> None:
-    if _C is None:
-        raise RuntimeError(
-            f"crowdkernels.{op} needs the compiled extension crowdkernels._C, which failed to load "
-            f"({_LOAD_ERROR}); build it with `pip install --no-build-isolation .`"
-        )
-
-
 @functools.lru_cache(maxsize=None)
-def _has_kernel(op: str | None, key: str) -> bool:
-    if op is None:
-        return True
+def _has_kernel(op: str, key: str) -> bool:
+    # Cached: `_C` registers its kernels when it loads, above, and never later.
+    return _registered(op, key)
+
+
+def _registered(op: str, key: str) -> bool:
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"crowdkernels::{op}", key)
-    except RuntimeError:  # the schema is not registered at all (an older _C)
+    except RuntimeError:  # the schema is not registered at all (an older _C, or no Triton)
         return False
 
 
-def kernel_for(device: torch.device, op: str | None = None) -> str:
-    """The backend that runs an op on `device`: 'cuda', 'cpu' or 'reference'.
+# The ops whose GPU path is a Triton op, `crowdkernels::<op>_triton` (crowdkernels/ops/triton/), rather than a
+# CUDA kernel in `_C`. Their modules register the Triton op when Triton imports.
+TRITON_OPS = ("local_counts", "gating_forward")
 
-    With `op` (a schema name such as "knn_sigma"), also checks that this build of `_C` registered a
-    kernel for it, so a partial or stale build falls back to the reference instead of failing."""
-    if device.type == "cuda" and cuda_compiled() and _has_kernel(op, "CUDA"):
-        return "cuda"
-    if device.type == "cpu" and compiled() and _has_kernel(op, "CPU"):
+
+# A constant for torch.compile: the answer depends on the device's type and this installation alone, and the
+# dispatcher queries below are not traceable.
+@torch.compiler.assume_constant_result
+def backend(device: torch.device, op: str) -> str:
+    """Which implementation of the op `op` (its schema name in `_C`, e.g. "knn_sigma") runs on `device`.
+
+    'cuda': the CUDA kernel of `_C`, on a GPU, where this build compiled one for `op`;
+    'triton': the Triton op `<op>_triton`, on a GPU, for the ops in `TRITON_OPS`, where Triton runs and the
+        op registered;
+    'cpu': the C++ kernel of `_C`, on the CPU, where this build registered one for `op`;
+    'reference': the plain-PyTorch reference (crowdkernels/ops/reference.py) everywhere else, so that a
+        partial or stale build falls back to it instead of failing.
+    """
+    if device.type == "cuda":
+        if op in TRITON_OPS:
+            runs = triton_available() and _registered(f"{op}_triton", "CompositeExplicitAutograd")
+            return "triton" if runs else "reference"
+        if cuda_compiled() and _has_kernel(op, "CUDA"):
+            return "cuda"
+    elif device.type == "cpu" and compiled() and _has_kernel(op, "CPU"):
         return "cpu"
     return "reference"
 

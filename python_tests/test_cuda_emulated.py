@@ -350,21 +350,21 @@ def gpu_path(ops, monkeypatch):
     """crowdkernels.density_maps run as on a GPU: the backend choice of a CUDA build (the CUDA kernels where
     they exist, the tensor-op preparation where none does), with the emulated kernels."""
     cuda = set(cuda_op_names())
-    monkeypatch.setattr(_ext, "kernel_for", lambda device, op=None: "cuda" if op in cuda else "reference")
-    monkeypatch.setattr(D, "_knn", lambda p, o, k, b, lone: ops.knn_sigma(p, o, k, b, lone))
+    monkeypatch.setattr(_ext, "backend", lambda device, op: "cuda" if op in cuda else "reference")
+    monkeypatch.setattr(D, "_knn_sigma", lambda p, o, k, b, lone: ops.knn_sigma(p, o, k, b, lone))
     monkeypatch.setattr(
-        D, "_splat", lambda p, o, s, h, w, style, t, ks, st, det: ops.density_splat(p, o, s, h, w, D._STYLE_CODE[style], t, ks, st, det)
+        D, "_density_splat", lambda p, o, s, h, w, style, t, ks, st, det: ops.density_splat(p, o, s, h, w, D._STYLE_CODE[style], t, ks, st, det)
     )
 
 
-_REAL_KERNEL_FOR, _REAL_KNN, _REAL_SPLAT = _ext.kernel_for, D._knn, D._splat
+_REAL_BACKEND, _REAL_KNN, _REAL_SPLAT = _ext.backend, D._knn_sigma, D._density_splat
 
 
 def _cpu_density_maps(*args, **kwargs):
     with pytest.MonkeyPatch.context() as mp:  # the CPU kernels, whatever gpu_path patched
-        mp.setattr(_ext, "kernel_for", _REAL_KERNEL_FOR)
-        mp.setattr(D, "_knn", _REAL_KNN)
-        mp.setattr(D, "_splat", _REAL_SPLAT)
+        mp.setattr(_ext, "backend", _REAL_BACKEND)
+        mp.setattr(D, "_knn_sigma", _REAL_KNN)
+        mp.setattr(D, "_density_splat", _REAL_SPLAT)
         return ck.density_maps(*args, **kwargs)
 
 

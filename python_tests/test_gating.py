@@ -197,7 +197,7 @@ def test_layouts_give_the_same_bits(mode):
     grads = upstream(3, 3, 2, (23, 29), torch.float64, "cpu")
     sizes = [s for e in experts for s in e.shape[2:]]
     ops = [(torch.ops.crowdkernels.gating_forward, torch.ops.crowdkernels.gating_backward)]
-    if gating_mod._TRITON_OPS and os.environ.get("TRITON_INTERPRET") == "1":
+    if gating_mod.triton_gating is not None and os.environ.get("TRITON_INTERPRET") == "1":
         ops.append((torch.ops.crowdkernels.gating_forward_triton, torch.ops.crowdkernels.gating_backward_triton))
     for fwd, bwd in ops:
         res = {}
@@ -301,7 +301,7 @@ def test_half_precision_is_refused_on_cpu():
 # ------------------------------------------------------------------------------------- Triton kernels
 
 triton_runs = pytest.mark.skipif(
-    not (gating_mod._TRITON_OPS and os.environ.get("TRITON_INTERPRET") == "1"),
+    not (gating_mod.triton_gating is not None and os.environ.get("TRITON_INTERPRET") == "1"),
     reason="the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1 with Triton importable",
 )
 
@@ -388,7 +388,7 @@ def test_opcheck_triton(layout):
                           test_utils=utils)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or not gating_mod._TRITON_OPS, reason="needs a CUDA GPU and Triton")
+@pytest.mark.skipif(not torch.cuda.is_available() or gating_mod.triton_gating is None, reason="needs a CUDA GPU and Triton")
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mode", MODES)
 def test_opcheck_triton_cuda(mode, layout):
@@ -462,7 +462,7 @@ def test_device_guard_makes_the_tensors_device_current():
         pass
 
 
-@pytest.mark.skipif(not gating_mod._TRITON_OPS, reason="Triton is not importable")
+@pytest.mark.skipif(gating_mod.triton_gating is None, reason="Triton is not importable")
 def test_triton_grid_is_one_axis_within_cuda_limits():
     # The batch used to be grid axis 1, capped at 65,535 by CUDA: 70,000 images could not launch.
     from crowdkernels.ops.triton import _launch

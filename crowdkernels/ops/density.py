@@ -38,7 +38,7 @@ MAX_SIDE = 2**31 - 1
 _MAX_STEP = 2**62
 
 
-# ----------------------------------------------------------------------------------------- validation
+# ----------------------------------------------------------------------------------------------------- checks
 def _int_arg(name: str, value, minimum: int, maximum: int | None = None) -> int:
     # `type(...) is int` first: the ABC check costs ~0.4 us, and a density_map call makes a dozen of them
     if type(value) is not int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
@@ -139,92 +139,7 @@ def _sigma_arg(sigma, counts: list[int], device, single: bool = False) -> torch.
     return _positive_float_arg("sigma", sigma)
 
 
-# ----------------------------------------------------------------------------------------- kernels
-def _knn(points: torch.Tensor, offsets: torch.Tensor, k: int, beta: float, lone: float) -> torch.Tensor:
-    """[T, 2] points (any float dtype; the kernels compute in float64) of B images (offsets [B+1]) -> [T] float64 sigmas."""
-    if _ext.kernel_for(points.device, "knn_sigma") != "reference":
-        return torch.ops.crowdkernels.knn_sigma(points, offsets, k, beta, lone)
-    bounds = offsets.tolist()
-    parts = [
-        reference.knn_sigma_reference(points[a:b], k, beta, lone).to(points.device)
-        for a, b in zip(bounds[:-1], bounds[1:])
-    ]
-    return torch.cat(parts) if parts else points.new_zeros(0)
-
-
-def _prepare_vectorized(points, offsets, height, width, style):
-    """density_prepare with tensor ops alone (no per-image loop), for devices without a compiled kernel:
-    the same contract as the C++ op and reference.density_prepare_reference."""
-    device = points.device
-    B = offsets.shape[0] - 1
-    batch = torch.repeat_interleave(torch.arange(B, device=device), offsets.diff())
-    index = torch.arange(points.shape[0], device=device)
-    if style != "matlab":
-        keep = (points[:, 0] >= 0) & (points[:, 0] < width) & (points[:, 1] >= 0) & (points[:, 1] < height)
-        index, batch = index[keep], batch[keep]
-    if style == "csrnet" and index.shape[0]:
-        pix = torch.floor(points[index])
-        key = (batch * height + pix[:, 1].long()) * width + pix[:, 0].long()
-        uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)
-        first = torch.full((uniq.shape[0],), points.shape[0], dtype=torch.long, device=device)
-        first.scatter_reduce_(0, inverse, torch.arange(index.shape[0], device=device), reduce="amin")
-        index, batch = index[first], batch[first]
-    out = points[index]
-    if style == "csrnet":
-        out = torch.floor(out)
-    counts = torch.bincount(batch, minlength=B)
-    return out, torch.cat([offsets.new_zeros(1), torch.cumsum(counts, 0)]), index
-
-
-def _prepare(points, offsets, height, width, style):
-    """[T, 2] points of B images -> the (points, offsets, index) that `style` splats; see density_prepare
-    in csrc/crowdkernels.cpp."""
-    if _ext.kernel_for(points.device, "density_prepare") != "reference":
-        return torch.ops.crowdkernels.density_prepare(points, offsets, height, width, _STYLE_CODE[style])
-    return _prepare_vectorized(points, offsets, height, width, style)
-
-
-def _splat(points, offsets, sigma, height, width, style, truncate, kernel_size, stride, deterministic):
-    """[T, 2] points (the output dtype) of B images -> [B, ceil(H/s), ceil(W/s)]."""
-    if _ext.kernel_for(points.device, "density_splat") != "reference":
-        return torch.ops.crowdkernels.density_splat(
-            points, offsets, sigma, height, width, _STYLE_CODE[style], truncate, kernel_size, stride, deterministic
-        )
-    bounds = offsets.tolist()
-    maps = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        full = reference._splat_reference(
-            points[a:b].double().cpu().numpy(), sigma[a:b].cpu().numpy(), (height, width), style, truncate, kernel_size
-        )
-        maps.append(reference.sum_pool_reference(torch.from_numpy(full), stride))
-    hs, ws = -(-height // stride), -(-width // stride)
-    out = torch.stack(maps) if maps else torch.zeros(0, hs, ws, dtype=torch.float64)
-    return out.to(device=points.device, dtype=points.dtype)
-
-
-if _ext.compiled():
-
-    @torch.library.register_fake("crowdkernels::knn_sigma")
-    def _knn_fake(points, offsets, k, beta, lone):
-        return points.new_empty((points.shape[0],), dtype=torch.float64)
-
-    @torch.library.register_fake("crowdkernels::density_prepare")
-    def _prepare_fake(points, offsets, height, width, style):
-        n = torch.library.get_ctx().new_dynamic_size()
-        return points.new_empty((n, 2)), offsets.new_empty(offsets.shape), offsets.new_empty((n,))
-
-    if hasattr(torch.ops.crowdkernels, "density_adaptive"):
-
-        @torch.library.register_fake("crowdkernels::density_adaptive")
-        def _adaptive_fake(points, counts, height, width, style, k, beta, lone, truncate, kernel_size, stride):
-            return points.new_empty((len(counts), 1, -(-height // stride), -(-width // stride)))
-
-    @torch.library.register_fake("crowdkernels::density_splat")
-    def _splat_fake(points, offsets, sigma, height, width, style, truncate, kernel_size, stride, deterministic):
-        return points.new_empty((offsets.shape[0] - 1, -(-height // stride), -(-width // stride)))
-
-
-# ----------------------------------------------------------------------------------------- public API
+# ------------------------------------------------------------------------------------------------- public API
 def knn_sigma(points, k: int = 3, beta: float = 0.3, *, lone: float = float("nan")) -> torch.Tensor:
     """Geometry-adaptive Gaussian spread of every point (MCNN; L2SM sec. 3.2).
 
@@ -256,7 +171,7 @@ def knn_sigma(points, k: int = 3, beta: float = 0.3, *, lone: float = float("nan
     out_dtype = torch.float64 if points.dtype == torch.float64 else torch.float32
     pts = points.to(torch.float64).contiguous()
     offsets = torch.tensor([0, pts.shape[0]], dtype=torch.int64, device=pts.device)
-    out = _knn(pts, offsets, k, beta, float(lone)).to(out_dtype)
+    out = _knn_sigma(pts, offsets, k, beta, float(lone)).to(out_dtype)
     # A distance is at most 2 sqrt(2) x the largest coordinate (a float32, or an int64 < 9.3e18, for float32
     # output), so only beta > 0.35 can overflow; with two points or more, `lone` is never used.
     if beta > 0.35 and pts.shape[0] > 1 and not _all_finite(out):
@@ -399,7 +314,7 @@ def _density_maps(points_list, size, sigma, k, beta, truncate, style, kernel_siz
     counts = [p.shape[0] for p in pts_list]
     B = len(pts_list)
     sig = _sigma_arg(sigma, counts, device, single=single)
-    fused = sig is None and style != "matlab" and _ext.kernel_for(device, "density_adaptive") == "cpu"
+    fused = sig is None and style != "matlab" and _ext.backend(device, "density_adaptive") == "cpu"
     if not fused:
         for i, p in enumerate(pts_list):
             _check_finite(p, name(i))
@@ -427,7 +342,7 @@ def _density_maps(points_list, size, sigma, k, beta, truncate, style, kernel_siz
         bounds.append(bounds[-1] + n)
     offsets = torch.tensor(bounds, dtype=torch.int64, device=device)
     if style in ("exact", "csrnet") and pts.shape[0]:
-        pts, offsets, index = _prepare(pts, offsets, H, W, style)
+        pts, offsets, index = _density_prepare(pts, offsets, H, W, style)
         sig = sig[index] if isinstance(sig, torch.Tensor) else sig
     pts = pts.contiguous()
 
@@ -435,8 +350,97 @@ def _density_maps(points_list, size, sigma, k, beta, truncate, style, kernel_siz
         if style == "matlab":
             sig = torch.full((pts.shape[0],), 4.0, dtype=torch.float64, device=device)
         else:
-            sig = _knn(pts, offsets, k, beta, (H + W) / 8.0)  # the kernels read any float dtype
+            sig = _knn_sigma(pts, offsets, k, beta, (H + W) / 8.0)  # the kernels read any float dtype
     elif not isinstance(sig, torch.Tensor):
         sig = torch.full((pts.shape[0],), sig, dtype=torch.float64, device=device)
-    out = _splat(pts, offsets, sig.contiguous(), H, W, style, truncate, kernel_size, stride, deterministic)
+    out = _density_splat(pts, offsets, sig.contiguous(), H, W, style, truncate, kernel_size, stride, deterministic)
     return out.unsqueeze(1)
+
+
+# ---------------------------------------------------------------------- the ops, on the backend of the device
+def _knn_sigma(points: torch.Tensor, offsets: torch.Tensor, k: int, beta: float, lone: float) -> torch.Tensor:
+    """[T, 2] points (any float dtype; the kernels compute in float64) of B images (offsets [B+1]) -> [T] float64 sigmas."""
+    if _ext.backend(points.device, "knn_sigma") != "reference":
+        return torch.ops.crowdkernels.knn_sigma(points, offsets, k, beta, lone)
+    bounds = offsets.tolist()
+    parts = [
+        reference.knn_sigma_reference(points[a:b], k, beta, lone).to(points.device)
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(parts) if parts else points.new_zeros(0)
+
+
+def _prepare_vectorized(points, offsets, height, width, style):
+    """density_prepare with tensor ops alone (no per-image loop), for devices without a compiled kernel:
+    the same contract as the C++ op and reference.density_prepare_reference."""
+    device = points.device
+    B = offsets.shape[0] - 1
+    batch = torch.repeat_interleave(torch.arange(B, device=device), offsets.diff())
+    index = torch.arange(points.shape[0], device=device)
+    if style != "matlab":
+        keep = (points[:, 0] >= 0) & (points[:, 0] < width) & (points[:, 1] >= 0) & (points[:, 1] < height)
+        index, batch = index[keep], batch[keep]
+    if style == "csrnet" and index.shape[0]:
+        pix = torch.floor(points[index])
+        key = (batch * height + pix[:, 1].long()) * width + pix[:, 0].long()
+        uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)
+        first = torch.full((uniq.shape[0],), points.shape[0], dtype=torch.long, device=device)
+        first.scatter_reduce_(0, inverse, torch.arange(index.shape[0], device=device), reduce="amin")
+        index, batch = index[first], batch[first]
+    out = points[index]
+    if style == "csrnet":
+        out = torch.floor(out)
+    counts = torch.bincount(batch, minlength=B)
+    return out, torch.cat([offsets.new_zeros(1), torch.cumsum(counts, 0)]), index
+
+
+def _density_prepare(points, offsets, height, width, style):
+    """[T, 2] points of B images -> the (points, offsets, index) that `style` splats; see density_prepare
+    in csrc/crowdkernels.cpp."""
+    if _ext.backend(points.device, "density_prepare") != "reference":
+        return torch.ops.crowdkernels.density_prepare(points, offsets, height, width, _STYLE_CODE[style])
+    return _prepare_vectorized(points, offsets, height, width, style)
+
+
+def _density_splat(points, offsets, sigma, height, width, style, truncate, kernel_size, stride, deterministic):
+    """[T, 2] points (the output dtype) of B images -> [B, ceil(H/s), ceil(W/s)]."""
+    if _ext.backend(points.device, "density_splat") != "reference":
+        return torch.ops.crowdkernels.density_splat(
+            points, offsets, sigma, height, width, _STYLE_CODE[style], truncate, kernel_size, stride, deterministic
+        )
+    bounds = offsets.tolist()
+    maps = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        full = reference._splat_reference(
+            points[a:b].double().cpu().numpy(), sigma[a:b].cpu().numpy(), (height, width), style, truncate, kernel_size
+        )
+        maps.append(reference.sum_pool_reference(torch.from_numpy(full), stride))
+    hs, ws = -(-height // stride), -(-width // stride)
+    out = torch.stack(maps) if maps else torch.zeros(0, hs, ws, dtype=torch.float64)
+    return out.to(device=points.device, dtype=points.dtype)
+
+
+# ------------------------------------------------------------------------------------------------------- fake
+def _knn_sigma_fake(points, offsets, k, beta, lone):
+    return points.new_empty((points.shape[0],), dtype=torch.float64)
+
+
+def _density_prepare_fake(points, offsets, height, width, style):
+    n = torch.library.get_ctx().new_dynamic_size()
+    return points.new_empty((n, 2)), offsets.new_empty(offsets.shape), offsets.new_empty((n,))
+
+
+def _density_adaptive_fake(points, counts, height, width, style, k, beta, lone, truncate, kernel_size, stride):
+    return points.new_empty((len(counts), 1, -(-height // stride), -(-width // stride)))
+
+
+def _density_splat_fake(points, offsets, sigma, height, width, style, truncate, kernel_size, stride, deterministic):
+    return points.new_empty((offsets.shape[0] - 1, -(-height // stride), -(-width // stride)))
+
+
+if _ext.compiled():
+    torch.library.register_fake("crowdkernels::knn_sigma")(_knn_sigma_fake)
+    torch.library.register_fake("crowdkernels::density_prepare")(_density_prepare_fake)
+    if hasattr(torch.ops.crowdkernels, "density_adaptive"):
+        torch.library.register_fake("crowdkernels::density_adaptive")(_density_adaptive_fake)
+    torch.library.register_fake("crowdkernels::density_splat")(_density_splat_fake)

@@ -8,7 +8,6 @@ recompute the softmaxes and return gradients at the inputs' native resolutions.
 """
 from __future__ import annotations
 
-import importlib.util
 import itertools
 from typing import NamedTuple, Sequence
 
@@ -16,6 +15,12 @@ import torch
 
 from .. import _ext
 from . import reference
+from ._autograd import register_autograd
+
+try:
+    from .triton import gating as triton_gating
+except ImportError:  # no Triton (or a broken install): the C++ and reference paths still work
+    triton_gating = None
 
 __all__ = ["GatingOutput", "hierarchical_gating"]
 
@@ -24,92 +29,7 @@ _CPU_DTYPES = (torch.float32, torch.float64)
 _GPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-class GatingOutput(NamedTuple):
-    """What `hierarchical_gating` returns.
-
-    final: [B, 1, H, W], the fused density map (E_out of eq. 1; density per output pixel).
-    group_maps: [B, M, H, W], sum_j G1_ij * E_ij for each group i.
-    importance: [B, M, N], the sum over output pixels of G1_ij (the importance score of sec. III-B-2,
-        input of the expert importance loss, eq. 6); unitless, between 0 and H*W.
-    """
-
-    final: torch.Tensor
-    group_maps: torch.Tensor
-    importance: torch.Tensor
-
-
-def hierarchical_gating(
-    experts,
-    gate1_logits: torch.Tensor,
-    gate2_logits: torch.Tensor,
-    groups=None,
-    size=None,
-    upsample: str = "nearest",
-) -> GatingOutput:
-    """Fuse K density experts with HMoDE's two-level pixel-wise soft gating (eq. 1):
-
-        E_out = sum_{i<M} G2_i * sum_{j<N} G1_ij * E[groups[i, j]]
-
-    Args:
-        experts: a list of K >= 2 tensors [B, 1, h_k, w_k] (sizes may differ), or one tensor [B, K, h, w].
-        gate1_logits: [B, M*N, hg, wg]; group i owns channels i*N .. i*N+N-1, softmaxed over those N at each
-            pixel to give G1_i.
-        gate2_logits: [B, M, hg2, wg2]; softmaxed over the M channels at each pixel to give G2.
-        groups: [M, N] expert indices (LongTensor or nested sequence), 1 <= N <= K; default all
-            C(K, 2) pairs, `itertools.combinations(range(K), 2)`. Groups may overlap.
-        size: output (H, W) (an int means square); default the largest expert's (h, w).
-        upsample: "nearest" (F.interpolate's "nearest", as the released HMoDE code uses) or "bilinear"
-            (align_corners=False). Every input is sampled at the output pixels as F.interpolate would do,
-            inside the kernel. The gates are interpolated as logits, then softmaxed; for "nearest" this is
-            the same as softmax-then-upsample.
-
-    Returns:
-        GatingOutput(final [B, 1, H, W], group_maps [B, M, H, W], importance [B, M, N]) in the inputs'
-        dtype. Differentiable w.r.t. the experts and both gate logits.
-
-    dtypes: float32/float64 everywhere; float16/bfloat16 on CUDA (accumulated in float32). Backend: the
-    Triton kernels for CUDA tensors, the C++ kernels for CPU tensors, `reference.hierarchical_gating`
-    where neither is available.
-    """
-    planes, packed, sizes = _check_experts(experts)
-    B = planes[0].shape[0] if planes else packed.shape[0]
-    K = len(sizes) // 2
-    dtype, device = (planes[0] if planes else packed).dtype, (planes[0] if planes else packed).device
-    groups = _check_groups(groups, K, device)
-    M, N = groups.shape
-    _check_gate("gate1_logits", gate1_logits, B, M * N, "M*N", dtype, device)
-    _check_gate("gate2_logits", gate2_logits, B, M, "M", dtype, device)
-    H, W = _check_size(size, sizes)
-    if not isinstance(upsample, str) or upsample not in _MODES:
-        raise ValueError(f"upsample must be one of {_MODES}, got {upsample!r}")
-    backend = _backend(device)
-    allowed = _GPU_DTYPES if device.type == "cuda" else _CPU_DTYPES
-    if dtype not in allowed:
-        raise TypeError(f"experts must have a dtype in {allowed} on {device.type}, got {dtype}")
-
-    if backend == "reference":
-        if planes is None:
-            planes = [packed_e.unsqueeze(1) for packed_e in experts.unbind(1)]
-        return GatingOutput(*reference.hierarchical_gating(planes, gate1_logits, gate2_logits, groups, (H, W), upsample))
-    if packed is None:
-        # Expert-major ([B * S]: each expert's [B, h, w] block in turn): autograd hands each expert's gradient
-        # back as a contiguous slice of the op's, which the leaves then take without a copy. An image-major
-        # [B, S] packing would leave three strided slices to copy at every backward.
-        packed = torch.cat([p.reshape(-1) for p in planes])
-    op = torch.ops.crowdkernels.gating_forward_triton if backend == "triton" else torch.ops.crowdkernels.gating_forward
-    final, group_maps, importance = op(
-        packed, sizes, gate1_logits, gate2_logits, groups, H, W, upsample == "bilinear"
-    )
-    return GatingOutput(final, group_maps, importance)
-
-
-def _backend(device: torch.device) -> str:
-    # The GPU path of this op is Triton, not a CUDA kernel in _C.
-    if device.type == "cuda":
-        return "triton" if _TRITON_OPS and _ext.triton_available() else "reference"
-    return "cpu" if device.type == "cpu" and _ext.kernel_for(device) == "cpu" else "reference"
-
-
+# ----------------------------------------------------------------------------------------------------- checks
 def _check_experts(experts):
     """-> (planes or None, packed [B, S] or None, sizes [h0, w0, h1, w1, ...])."""
     if isinstance(experts, torch.Tensor):
@@ -219,10 +139,88 @@ def _check_size(size, sizes):
     return H, W
 
 
-# ------------------------------------------------------------------------ registration (fake + autograd)
+# ------------------------------------------------------------------------------------------------- public API
+class GatingOutput(NamedTuple):
+    """What `hierarchical_gating` returns.
+
+    final: [B, 1, H, W], the fused density map (E_out of eq. 1; density per output pixel).
+    group_maps: [B, M, H, W], sum_j G1_ij * E_ij for each group i.
+    importance: [B, M, N], the sum over output pixels of G1_ij (the importance score of sec. III-B-2,
+        input of the expert importance loss, eq. 6); unitless, between 0 and H*W.
+    """
+
+    final: torch.Tensor
+    group_maps: torch.Tensor
+    importance: torch.Tensor
 
 
-def _fake_forward(experts, expert_sizes, gate1, gate2, groups, height, width, bilinear):
+def hierarchical_gating(
+    experts,
+    gate1_logits: torch.Tensor,
+    gate2_logits: torch.Tensor,
+    groups=None,
+    size=None,
+    upsample: str = "nearest",
+) -> GatingOutput:
+    """Fuse K density experts with HMoDE's two-level pixel-wise soft gating (eq. 1):
+
+        E_out = sum_{i<M} G2_i * sum_{j<N} G1_ij * E[groups[i, j]]
+
+    Args:
+        experts: a list of K >= 2 tensors [B, 1, h_k, w_k] (sizes may differ), or one tensor [B, K, h, w].
+        gate1_logits: [B, M*N, hg, wg]; group i owns channels i*N .. i*N+N-1, softmaxed over those N at each
+            pixel to give G1_i.
+        gate2_logits: [B, M, hg2, wg2]; softmaxed over the M channels at each pixel to give G2.
+        groups: [M, N] expert indices (LongTensor or nested sequence), 1 <= N <= K; default all
+            C(K, 2) pairs, `itertools.combinations(range(K), 2)`. Groups may overlap.
+        size: output (H, W) (an int means square); default the largest expert's (h, w).
+        upsample: "nearest" (F.interpolate's "nearest", as the released HMoDE code uses) or "bilinear"
+            (align_corners=False). Every input is sampled at the output pixels as F.interpolate would do,
+            inside the kernel. The gates are interpolated as logits, then softmaxed; for "nearest" this is
+            the same as softmax-then-upsample.
+
+    Returns:
+        GatingOutput(final [B, 1, H, W], group_maps [B, M, H, W], importance [B, M, N]) in the inputs'
+        dtype. Differentiable w.r.t. the experts and both gate logits.
+
+    dtypes: float32/float64 everywhere; float16/bfloat16 on CUDA (accumulated in float32). Backend: the
+    Triton kernels for CUDA tensors, the C++ kernels for CPU tensors, `reference.hierarchical_gating`
+    where neither is available.
+    """
+    planes, packed, sizes = _check_experts(experts)
+    B = planes[0].shape[0] if planes else packed.shape[0]
+    K = len(sizes) // 2
+    dtype, device = (planes[0] if planes else packed).dtype, (planes[0] if planes else packed).device
+    groups = _check_groups(groups, K, device)
+    M, N = groups.shape
+    _check_gate("gate1_logits", gate1_logits, B, M * N, "M*N", dtype, device)
+    _check_gate("gate2_logits", gate2_logits, B, M, "M", dtype, device)
+    H, W = _check_size(size, sizes)
+    if not isinstance(upsample, str) or upsample not in _MODES:
+        raise ValueError(f"upsample must be one of {_MODES}, got {upsample!r}")
+    backend = _ext.backend(device, "gating_forward")
+    allowed = _GPU_DTYPES if device.type == "cuda" else _CPU_DTYPES
+    if dtype not in allowed:
+        raise TypeError(f"experts must have a dtype in {allowed} on {device.type}, got {dtype}")
+
+    if backend == "reference":
+        if planes is None:
+            planes = [packed_e.unsqueeze(1) for packed_e in experts.unbind(1)]
+        return GatingOutput(*reference.hierarchical_gating(planes, gate1_logits, gate2_logits, groups, (H, W), upsample))
+    if packed is None:
+        # Expert-major ([B * S]: each expert's [B, h, w] block in turn): autograd hands each expert's gradient
+        # back as a contiguous slice of the op's, which the leaves then take without a copy. An image-major
+        # [B, S] packing would leave three strided slices to copy at every backward.
+        packed = torch.cat([p.reshape(-1) for p in planes])
+    op = torch.ops.crowdkernels.gating_forward_triton if backend == "triton" else torch.ops.crowdkernels.gating_forward
+    final, group_maps, importance = op(
+        packed, sizes, gate1_logits, gate2_logits, groups, H, W, upsample == "bilinear"
+    )
+    return GatingOutput(final, group_maps, importance)
+
+
+# ------------------------------------------------------------------------------------------------------- fake
+def _gating_forward_fake(experts, expert_sizes, gate1, gate2, groups, height, width, bilinear):
     B = gate1.shape[0]  # experts may be [B * S] (expert-major)
     M, N = groups.shape
     return (
@@ -232,51 +230,25 @@ def _fake_forward(experts, expert_sizes, gate1, gate2, groups, height, width, bi
     )
 
 
-def _fake_backward(grad_final, grad_group_maps, grad_importance, experts, expert_sizes, gate1, gate2, groups,
-                   height, width, bilinear):
+def _gating_backward_fake(grad_final, grad_group_maps, grad_importance, experts, expert_sizes, gate1, gate2,
+                          groups, height, width, bilinear):
     return torch.empty_like(experts), torch.empty_like(gate1), torch.empty_like(gate2)
 
 
-def _setup_context(ctx, inputs, output):
-    experts, expert_sizes, gate1, gate2, groups, height, width, bilinear = inputs
-    ctx.save_for_backward(experts, gate1, gate2, groups)
-    ctx.args = (list(expert_sizes), height, width, bilinear)
-    # Gradients of unused outputs stay None: the kernels treat them as zero without a full-size zero tensor.
-    ctx.set_materialize_grads(False)
+_COMPILED = _ext.compiled() and hasattr(torch.ops.crowdkernels, "gating_forward")
+if _COMPILED:
+    torch.library.register_fake("crowdkernels::gating_forward")(_gating_forward_fake)
+    torch.library.register_fake("crowdkernels::gating_backward")(_gating_backward_fake)
 
 
-def _autograd_backward(backward_op):
-    def backward(ctx, grad_final, grad_group_maps, grad_importance):
-        experts, gate1, gate2, groups = ctx.saved_tensors
-        expert_sizes, height, width, bilinear = ctx.args
-        g_e, g_1, g_2 = backward_op(
-            grad_final, grad_group_maps, grad_importance, experts, expert_sizes, gate1, gate2, groups,
-            height, width, bilinear,
-        )
-        return g_e, None, g_1, g_2, None, None, None, None
-
-    return backward
-
-
-if _ext.compiled() and hasattr(torch.ops.crowdkernels, "gating_forward"):
-    torch.library.register_fake("crowdkernels::gating_forward")(_fake_forward)
-    torch.library.register_fake("crowdkernels::gating_backward")(_fake_backward)
-    torch.library.register_autograd(
-        "crowdkernels::gating_forward",
-        _autograd_backward(torch.ops.crowdkernels.gating_backward),
-        setup_context=_setup_context,
-    )
-
-# The Triton ops register whenever Triton imports (they run on CUDA tensors, and on CPU tensors under
-# TRITON_INTERPRET=1, which is how the tests exercise them without a GPU).
-_TRITON_OPS = False
-if importlib.util.find_spec("triton") is not None:
-    try:
-        from .triton import gating as _triton_gating
-    except ImportError:  # a broken Triton install leaves the C++ and reference paths working
-        _triton_gating = None
-    if _triton_gating is not None:
-        _triton_gating.gating_forward_triton.register_autograd(
-            _autograd_backward(torch.ops.crowdkernels.gating_backward_triton), setup_context=_setup_context
-        )
-        _TRITON_OPS = True
+# --------------------------------------------------------------------------------------------------- autograd
+# gating_backward(grad_final, grad_group_maps, grad_importance, *the forward's inputs) -> the gradients of
+# the experts, gate1 and gate2. Gradients of unused outputs stay None: the kernels treat them as zero without
+# a full-size zero tensor. The Triton ops (the GPU path; they run on CPU tensors too under TRITON_INTERPRET=1,
+# which is how the tests exercise them without a GPU) have the same formula.
+_AUTOGRAD = dict(saved=range(8), grads_of=(0, 2, 3), materialize_grads=False)
+if _COMPILED:
+    register_autograd("crowdkernels::gating_forward", torch.ops.crowdkernels.gating_backward, **_AUTOGRAD)
+if triton_gating is not None:
+    register_autograd("crowdkernels::gating_forward_triton", torch.ops.crowdkernels.gating_backward_triton,
+                      **_AUTOGRAD)

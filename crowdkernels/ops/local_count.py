@@ -14,12 +14,19 @@ import torch
 
 from .. import _ext
 from . import reference
+from ._autograd import register_autograd
+
+try:
+    from .triton import local_count as triton_local_count
+except ImportError:  # no Triton (or a broken install): the C++ and reference paths still work
+    triton_local_count = None
 
 Region = Union[float, int, Tuple[int, int]]
 
 EDGES = ("keep", "drop")
 
 
+# ----------------------------------------------------------------------------------------------------- checks
 def window_size(region: Region, height: int, width: int) -> Tuple[int, int]:
     """The window (rh, rw) in pixels that `region` means on a height x width map.
 
@@ -78,6 +85,7 @@ def _as_maps(pred: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, to
     return pred.reshape(B, H, W), target.reshape(B, H, W)
 
 
+# ------------------------------------------------------------------------------------------------- public API
 def local_counts(pred: torch.Tensor, target: torch.Tensor, region: Region = 0.125, edge: str = "keep"):
     """Per-window sums of `pred`, of `target` and of their pixel-wise squared error, in one fused pass.
 
@@ -113,59 +121,43 @@ def local_counts(pred: torch.Tensor, target: torch.Tensor, region: Region = 0.12
         raise ValueError(f"edge must be one of {EDGES}, got {edge!r}")
     rh, rw = window_size(region, p.shape[1], p.shape[2])
     keep = edge == "keep"
-    if p.device.type == "cuda" and _ext.triton_available():
-        from .triton import local_count as triton_local_count
-
-        return triton_local_count.local_counts_triton(p, t, rh, rw, keep)
-    if _ext.kernel_for(p.device) == "cpu":
+    backend = _ext.backend(p.device, "local_counts")
+    if backend == "triton":
+        return torch.ops.crowdkernels.local_counts_triton(p, t, rh, rw, keep)
+    if backend == "cpu":
         return torch.ops.crowdkernels.local_counts(p, t, rh, rw, keep)
     return reference.local_counts(p, t, rh, rw, keep)
 
 
-# ------------------------------------------------------------------ torch.library registration (C++ ops)
+# ------------------------------------------------------------------------------------------------------- fake
 def _num_windows(extent: int, window: int, keep: bool) -> int:
     return -(-extent // window) if keep else extent // window
 
 
-def _fake_local_counts(pred, target, window_h, window_w, keep_partial):
+def _local_counts_fake(pred, target, window_h, window_w, keep_partial):
     B, H, W = pred.shape
     R = _num_windows(H, window_h, keep_partial) * _num_windows(W, window_w, keep_partial)
     return tuple(pred.new_empty(B, R) for _ in range(3))
 
 
-def _fake_local_counts_backward(gpc, gtc, gse, pred, target, window_h, window_w, keep_partial, output_mask):
+def _local_counts_backward_fake(gpc, gtc, gse, pred, target, window_h, window_w, keep_partial, output_mask):
     B, H, W = pred.shape
     return pred.new_empty(B if output_mask[0] else 0, H, W), target.new_empty(B if output_mask[1] else 0, H, W)
 
 
-def _setup_context(ctx, inputs, output):
-    pred, target, window_h, window_w, keep_partial = inputs
-    ctx.save_for_backward(pred, target)
-    ctx.window = (window_h, window_w, keep_partial)
-    # Unused outputs' gradients stay None (not zero tensors) so the backward kernel can skip them.
-    ctx.set_materialize_grads(False)
-
-
-def make_backward(backward_op):
-    """Autograd formula calling `backward_op` (the C++ or the Triton backward op). Gradients of outputs
-    that did not reach the loss arrive as None and are passed on as None, so the kernel skips them (REL,
-    for one, never differentiates sq_error, so pred and target are not even read)."""
-
-    def backward(ctx, grad_pred_counts, grad_target_counts, grad_sq_error):
-        pred, target = ctx.saved_tensors
-        mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
-        grad_pred, grad_target = backward_op(grad_pred_counts, grad_target_counts, grad_sq_error, pred, target,
-                                             *ctx.window, mask)
-        return (grad_pred if mask[0] else None), (grad_target if mask[1] else None), None, None, None
-
-    return backward
-
-
 if _ext.compiled():
-    torch.library.register_fake("crowdkernels::local_counts")(_fake_local_counts)
-    torch.library.register_fake("crowdkernels::local_counts_backward")(_fake_local_counts_backward)
-    torch.library.register_autograd(
-        "crowdkernels::local_counts",
-        make_backward(torch.ops.crowdkernels.local_counts_backward),
-        setup_context=_setup_context,
-    )
+    torch.library.register_fake("crowdkernels::local_counts")(_local_counts_fake)
+    torch.library.register_fake("crowdkernels::local_counts_backward")(_local_counts_backward_fake)
+
+
+# --------------------------------------------------------------------------------------------------- autograd
+# local_counts_backward(grad_pred_counts, grad_target_counts, grad_sq_error, pred, target, window_h, window_w,
+# keep_partial, output_mask) -> (grad_pred, grad_target). Gradients of outputs that did not reach the loss
+# stay None and are passed on as None, so the kernel skips them (REL, for one, never differentiates
+# sq_error, so pred and target are not even read). The Triton op (the GPU path) has the same formula.
+_AUTOGRAD = dict(saved=range(5), grads_of=(0, 1), output_mask=True, materialize_grads=False)
+if _ext.compiled():
+    register_autograd("crowdkernels::local_counts", torch.ops.crowdkernels.local_counts_backward, **_AUTOGRAD)
+if triton_local_count is not None:
+    register_autograd("crowdkernels::local_counts_triton", torch.ops.crowdkernels.local_counts_triton_backward,
+                      **_AUTOGRAD)

@@ -29,6 +29,8 @@ import torch
 
 from .. import _ext
 from . import reference
+from ._autograd import register_autograd
+from .density import density_maps
 
 __all__ = [
     "grid_boxes",
@@ -45,9 +47,7 @@ _OVERLAP_BLOCK = 1024
 _MAX_COORD = 2**62  # grid_boxes' sides: y0 + h and x0 + w of int64 boxes then never overflow
 
 
-# ------------------------------------------------------------------------------------------- validation
-
-
+# ----------------------------------------------------------------------------------------------------- checks
 def _out_size(out_size) -> tuple[int, int]:
     if isinstance(out_size, Integral) and not isinstance(out_size, bool):
         size = (int(out_size), int(out_size))
@@ -151,67 +151,36 @@ def _check_no_overlap(boxes: torch.Tensor) -> None:
             )
 
 
-# --------------------------------------------------------------------------------- torch.library glue
+def _per_point_sigma(sigma, counts: list[int], device) -> torch.Tensor:
+    """A float (fixed), one [sum P_b] tensor, or a list of B [P_b] tensors -> [sum P_b] float64."""
+    total = sum(counts)
+    if isinstance(sigma, Real) and not isinstance(sigma, bool):
+        flat = torch.full((total,), float(sigma), dtype=torch.float64, device=device)
+    elif isinstance(sigma, torch.Tensor):
+        if sigma.dim() != 1 or sigma.shape[0] != total:
+            raise ValueError(f"sigma must have shape [{total}] (one value per head of all images), got {tuple(sigma.shape)}")
+        flat = sigma
+    elif isinstance(sigma, (list, tuple)) and all(isinstance(s, torch.Tensor) for s in sigma):
+        if len(sigma) != len(counts):
+            raise ValueError(f"sigma must be a list of {len(counts)} tensors (one per image), got {len(sigma)}")
+        for b, (s, n) in enumerate(zip(sigma, counts)):
+            if s.dim() != 1 or s.shape[0] != n:
+                raise ValueError(f"sigma[{b}] must have shape [{n}] (one value per head), got {tuple(s.shape)}")
+        flat = torch.cat([s.to(device) for s in sigma]) if sigma else torch.zeros(0, device=device)
+    else:
+        raise TypeError(
+            f"sigma must be a float, a [sum P_b] tensor or a list of B [P_b] tensors, got {type(sigma).__name__}"
+        )
+    if flat.dtype == torch.bool or flat.is_complex():
+        raise TypeError(f"sigma must be a real tensor, got {flat.dtype}")
+    flat = flat.detach().to(device=device, dtype=torch.float64)
+    if total and not bool((torch.isfinite(flat) & (flat > 0)).all()):
+        i = int((~(torch.isfinite(flat) & (flat > 0))).nonzero()[0, 0])
+        raise ValueError(f"sigma must be finite and > 0 for every head, got {float(flat[i])} at head {i}")
+    return flat
 
 
-def _compiled(device: torch.device, op: str) -> bool:
-    return _ext.kernel_for(device, op) in ("cpu", "cuda")
-
-
-def register_regions_autograd(namespace: str, ops, lib=None) -> None:
-    """The autograd formulas of ``<namespace>::scale_regions`` and ``::unscale_regions``: their backward kernels
-    (``ops.scale_regions_backward``, ``ops.unscale_regions_backward``) give the gradients of every tensor
-    input, ``scale`` included. Registered for crowdkernels' own ops below, and by the tests for the CUDA
-    kernels they run on the CPU (python_tests/cuda_emulation.py) under another namespace."""
-
-    def scale_setup(ctx, inputs, output):
-        features, boxes, scale, _, _ = inputs
-        ctx.save_for_backward(features, boxes, scale)
-
-    def scale_backward(ctx, grad):
-        features, boxes, scale = ctx.saved_tensors
-        grad_features, grad_scale = ops.scale_regions_backward(grad, features, boxes, scale)
-        return grad_features, None, grad_scale, None, None
-
-    def unscale_setup(ctx, inputs, output):
-        pred, boxes, scale, _ = inputs
-        ctx.save_for_backward(pred, boxes, scale)
-
-    def unscale_backward(ctx, grad):
-        pred, boxes, scale = ctx.saved_tensors
-        grad_pred, grad_scale, grad_base = ops.unscale_regions_backward(grad, pred, boxes, scale)
-        return grad_pred, None, grad_scale, grad_base
-
-    torch.library.register_autograd(f"{namespace}::scale_regions", scale_backward, setup_context=scale_setup, lib=lib)
-    torch.library.register_autograd(f"{namespace}::unscale_regions", unscale_backward, setup_context=unscale_setup,
-                                    lib=lib)
-
-
-if _ext.compiled():
-
-    @torch.library.register_fake("crowdkernels::scale_regions")
-    def _scale_regions_fake(features, boxes, scale, out_h, out_w):
-        return features.new_empty(boxes.shape[0], features.shape[1], out_h, out_w)
-
-    # The kernels return contiguous tensors whatever the inputs' strides: new_empty(shape), not empty_like.
-    @torch.library.register_fake("crowdkernels::scale_regions_backward")
-    def _scale_regions_backward_fake(grad, features, boxes, scale):
-        return features.new_empty(features.shape), scale.new_empty(scale.shape)
-
-    @torch.library.register_fake("crowdkernels::unscale_regions")
-    def _unscale_regions_fake(pred, boxes, scale, base):
-        return base.new_empty(base.shape)
-
-    @torch.library.register_fake("crowdkernels::unscale_regions_backward")
-    def _unscale_regions_backward_fake(grad, pred, boxes, scale):
-        return pred.new_empty(pred.shape), scale.new_empty(scale.shape), grad.new_empty(grad.shape)
-
-    register_regions_autograd("crowdkernels", torch.ops.crowdkernels)
-
-
-# ------------------------------------------------------------------------------------------ public API
-
-
+# ------------------------------------------------------------------------------------------------- public API
 def grid_boxes(height: int, width: int, k: int) -> torch.Tensor:
     """The K x K non-overlapping division of an image (L2SM sec. 3.3).
 
@@ -265,7 +234,7 @@ def scale_regions(features: torch.Tensor, boxes: torch.Tensor, scale, out_size) 
     nb, _, height, width = features.shape
     boxes = _check_boxes(boxes, (nb, height, width), features.device)
     scale = _check_scale(scale, boxes.shape[0], features.dtype, features.device)
-    if _compiled(features.device, "scale_regions"):
+    if _ext.backend(features.device, "scale_regions") != "reference":
         return torch.ops.crowdkernels.scale_regions(features, boxes, scale, sh, sw)
     return reference.scale_regions_reference(features, boxes, scale, (sh, sw))
 
@@ -319,7 +288,7 @@ def unscale_regions(pred: torch.Tensor, boxes: torch.Tensor, scale, base: torch.
                 f"(r <= {limit:.4g}); use float64"
             )
     _check_no_overlap(boxes)
-    if _compiled(pred.device, "unscale_regions"):
+    if _ext.backend(pred.device, "unscale_regions") != "reference":
         return torch.ops.crowdkernels.unscale_regions(pred, boxes, scale, base)
     return reference.unscale_regions_reference(pred, boxes, scale, base)
 
@@ -348,38 +317,6 @@ def region_means(density: torch.Tensor, k: int) -> torch.Tensor:
     sums = sums.new_zeros(d.shape[0], k, k).index_add_(2, col, sums)
     area = (boxes[:, 2] * boxes[:, 3]).to(acc)
     return (sums.reshape(d.shape[0], k * k) / area).to(density.dtype)
-
-
-# ----------------------------------------------------------------------------- ground truth (Fig. 4)
-
-
-def _per_point_sigma(sigma, counts: list[int], device) -> torch.Tensor:
-    """A float (fixed), one [sum P_b] tensor, or a list of B [P_b] tensors -> [sum P_b] float64."""
-    total = sum(counts)
-    if isinstance(sigma, Real) and not isinstance(sigma, bool):
-        flat = torch.full((total,), float(sigma), dtype=torch.float64, device=device)
-    elif isinstance(sigma, torch.Tensor):
-        if sigma.dim() != 1 or sigma.shape[0] != total:
-            raise ValueError(f"sigma must have shape [{total}] (one value per head of all images), got {tuple(sigma.shape)}")
-        flat = sigma
-    elif isinstance(sigma, (list, tuple)) and all(isinstance(s, torch.Tensor) for s in sigma):
-        if len(sigma) != len(counts):
-            raise ValueError(f"sigma must be a list of {len(counts)} tensors (one per image), got {len(sigma)}")
-        for b, (s, n) in enumerate(zip(sigma, counts)):
-            if s.dim() != 1 or s.shape[0] != n:
-                raise ValueError(f"sigma[{b}] must have shape [{n}] (one value per head), got {tuple(s.shape)}")
-        flat = torch.cat([s.to(device) for s in sigma]) if sigma else torch.zeros(0, device=device)
-    else:
-        raise TypeError(
-            f"sigma must be a float, a [sum P_b] tensor or a list of B [P_b] tensors, got {type(sigma).__name__}"
-        )
-    if flat.dtype == torch.bool or flat.is_complex():
-        raise TypeError(f"sigma must be a real tensor, got {flat.dtype}")
-    flat = flat.detach().to(device=device, dtype=torch.float64)
-    if total and not bool((torch.isfinite(flat) & (flat > 0)).all()):
-        i = int((~(torch.isfinite(flat) & (flat > 0))).nonzero()[0, 0])
-        raise ValueError(f"sigma must be finite and > 0 for every head, got {float(flat[i])} at head {i}")
-    return flat
 
 
 def region_points(points, boxes: torch.Tensor, scale, sigma):
@@ -450,8 +387,6 @@ def transform_region_targets(points, boxes: torch.Tensor, scale, sigma, out_size
         floor(r w) <= (x - x0) r < r w, lands one pixel past the valid floor(r w) x floor(r h) part of the
         zoomed features, where they are 0.
     """
-    from .density import density_maps
-
     sh, sw = _out_size(out_size)
     moved, sig = region_points(points, boxes, scale, sigma)
     if not moved:
@@ -459,3 +394,48 @@ def transform_region_targets(points, boxes: torch.Tensor, scale, sigma, out_size
         device = points[0].device if points else torch.device("cpu")
         return torch.zeros(0, 1, sh, sw, dtype=dtype, device=device)
     return density_maps(moved, (sh, sw), sigma=sig, style="exact")
+
+
+# ------------------------------------------------------------------------------------------------------- fake
+# The kernels return contiguous tensors whatever the inputs' strides: new_empty(shape), not empty_like.
+def _scale_regions_fake(features, boxes, scale, out_h, out_w):
+    return features.new_empty(boxes.shape[0], features.shape[1], out_h, out_w)
+
+
+def _scale_regions_backward_fake(grad, features, boxes, scale):
+    return features.new_empty(features.shape), scale.new_empty(scale.shape)
+
+
+def _unscale_regions_fake(pred, boxes, scale, base):
+    return base.new_empty(base.shape)
+
+
+def _unscale_regions_backward_fake(grad, pred, boxes, scale):
+    return pred.new_empty(pred.shape), scale.new_empty(scale.shape), grad.new_empty(grad.shape)
+
+
+if _ext.compiled():
+    torch.library.register_fake("crowdkernels::scale_regions")(_scale_regions_fake)
+    torch.library.register_fake("crowdkernels::scale_regions_backward")(_scale_regions_backward_fake)
+    torch.library.register_fake("crowdkernels::unscale_regions")(_unscale_regions_fake)
+    torch.library.register_fake("crowdkernels::unscale_regions_backward")(_unscale_regions_backward_fake)
+
+
+# --------------------------------------------------------------------------------------------------- autograd
+def register_regions_autograd(namespace: str, ops, lib=None) -> None:
+    """The autograd formulas of ``<namespace>::scale_regions`` and ``::unscale_regions``: their backward kernels
+    (``ops.scale_regions_backward``, ``ops.unscale_regions_backward``) give the gradients of every tensor
+    input, ``scale`` included. Registered for crowdkernels' own ops below, and by the tests for the CUDA
+    kernels they run on the CPU (python_tests/cuda_emulation.py) under another namespace.
+
+    scale_regions_backward(grad, features, boxes, scale) -> (grad_features, grad_scale);
+    unscale_regions_backward(grad, pred, boxes, scale) -> (grad_pred, grad_scale, grad_base).
+    """
+    register_autograd(f"{namespace}::scale_regions", ops.scale_regions_backward, saved=(0, 1, 2), grads_of=(0, 2),
+                      lib=lib)
+    register_autograd(f"{namespace}::unscale_regions", ops.unscale_regions_backward, saved=(0, 1, 2),
+                      grads_of=(0, 2, 3), lib=lib)
+
+
+if _ext.compiled():
+    register_regions_autograd("crowdkernels", torch.ops.crowdkernels)

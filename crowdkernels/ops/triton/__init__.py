@@ -1,2 +1,3 @@
-"""The @triton.jit kernels. Importing this package needs Triton; callers check
-`crowdkernels._ext.triton_available()` first."""
+"""The @triton.jit kernels and their Triton ops. Importing this package's modules needs Triton: the op modules
+import them under `except ImportError`, and `crowdkernels._ext.backend` sends tensors to them only where
+Triton runs."""

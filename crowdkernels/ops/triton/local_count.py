@@ -198,21 +198,3 @@ def local_counts_triton_backward(
         )
     return grad_pred, grad_target
 
-
-def _setup_context(ctx, inputs, output):
-    pred, target, window_h, window_w, keep_partial = inputs
-    ctx.save_for_backward(pred, target)
-    ctx.window = (window_h, window_w, keep_partial)
-    # Unused outputs' gradients stay None (not zero tensors) so the backward kernel can skip them.
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_pred_counts, grad_target_counts, grad_sq_error):
-    pred, target = ctx.saved_tensors
-    mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
-    grad_pred, grad_target = local_counts_triton_backward(
-        grad_pred_counts, grad_target_counts, grad_sq_error, pred, target, *ctx.window, mask)
-    return (grad_pred if mask[0] else None), (grad_target if mask[1] else None), None, None, None
-
-
-local_counts_triton.register_autograd(_backward, setup_context=_setup_context)
