@@ -10,7 +10,8 @@ from .._io import output_dir, output_file, save_json
 from ..data import DATASET_NAMES, DENSITY_LEVELS
 from ..engine import MODEL_NAMES
 from ..engine.config import evaluation_config, nonnegative_int, require_root
-from ..engine.evaluate import EvaluationWriter, evaluation_dataset
+from ..engine.evaluate import EvaluationWriter
+from ..engine.pipeline import evaluation_dataset
 from ..engine.metrics import MSE_NOTE
 
 NAME = "eval"

@@ -9,23 +9,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .config import TrainConfig, TrainError
+from .config import TrainConfig, TrainError, require_root
 
 __all__ = ["target_from_config", "build_transforms", "build_datasets", "evaluation_dataset", "split_off",
-           "held_out_seed", "require_root", "mean_count_baseline"]
+           "held_out_seed", "mean_count_baseline"]
 
 
 def held_out_seed(seed: int) -> int:
     """The seed of the synthetic held-out images of a run seeded ``seed`` (its training images use ``seed``):
     another draw of crowds, the same in training, evaluation and the demo."""
     return seed + 1000
-
-
-def require_root(dataset: str, root) -> None:
-    """TrainError when ``dataset`` is read from files (every dataset but "synthetic") and no ``root`` says
-    where they are."""
-    if dataset != "synthetic" and root is None:
-        raise TrainError(f"--root is required for --dataset {dataset}")
 
 
 def target_from_config(config: TrainConfig):
