@@ -163,7 +163,7 @@ def train(device: str, steps: int, only=None) -> list:
     import torch
 
     import crowdkernels as ck
-    from crowdkernels.engine.evaluate import autocast
+    from crowdkernels.engine.predict import autocast
 
     dev = torch.device(device)
     size, batch = (128, 2) if device == "cuda" else (64, 2)
