@@ -7,14 +7,11 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 from ._args import EXIT_OK, CliError, check_device, report_skipped, warn
 from .._io import output_dir
-from ..engine import distributed
-from ..engine.config import Option, cli_options, require_root, run_config, setting_arg, start_warnings
+from ..engine.config import Option, cli_options, require_root, run_config, setting_arg
 from ..engine.recipes import RECIPE_NAMES, SUMMARIES
-from ..engine.trainer import Trainer, build_run
+from ..engine.trainer import train
 
 NAME = "train"
 HELP = "train a counting model (HMoDE, L2SM, SPN, CSRNet), with a paper's recipe or your settings"
@@ -66,20 +63,8 @@ def run(args, overrides: dict) -> int:
         raise CliError("--out is required (the run folder)")
     require_root(config.dataset, config.root)
     check_device(config.device)
-    distributed.init_from_env(torch.device(config.device).type if config.device else None)
-    main = distributed.is_main()  # read before cleanup(): afterwards every process would say rank 0
-    say = warn if main else (lambda msg: None)
-    for msg in start_warnings(config, distributed.local_device(config.device).type):
-        say(msg)
-    try:
-        torch.manual_seed(config.seed)
-        model, criterion, train_set, val_set = build_run(config, warn=say)
-        if len(train_set) == 0:
-            raise CliError(f"no usable training images in {args.root}")
-        summary = Trainer(model, criterion, train_set, val_set, config).run()
-    finally:  # a bad file under --strict goes on to main, which reports it
-        distributed.cleanup()
-    if main:
+    summary = train(config, warn=warn)
+    if summary["main"]:
         best = summary["best"]
         where = (f"best val MAE {best['mae']:.3f} at epoch {best['epoch']} ({args.out / 'best.pt'})"
                  if best.get("mae") is not None else "no validation yet")

@@ -47,7 +47,7 @@ from .pipeline import build_datasets, mean_count_baseline, target_from_config
 from .predict import autocast
 from .config import TrainConfig, TrainError, check_model_options
 
-__all__ = ["Trainer", "RunState", "build_run", "make_optimizer", "validation_due"]
+__all__ = ["Trainer", "RunState", "build_run", "make_optimizer", "train", "validation_due"]
 
 
 class _StopRequest:
@@ -576,3 +576,27 @@ def build_run(config: TrainConfig, *, warn=None):
     criterion = model.criterion(**config.criterion_kwargs)
     train_set, val_set = build_datasets(config, warn=warn)
     return model, criterion, train_set, val_set
+
+
+def train(config: TrainConfig, *, warn=None) -> dict:
+    """The whole run of ``config``, as ``crowdkernels train`` does it: joins torchrun's process group when
+    launched by torchrun, warns (on the main process) what :func:`crowdkernels.engine.config.start_warnings`
+    names, seeds torch with ``config.seed``, builds the run (:func:`build_run`) and trains it
+    (:meth:`Trainer.run`). Returns the run's summary with ``"main"``: whether this process is rank 0 (the one
+    that writes and reports)."""
+    from .config import start_warnings
+
+    dist_utils.init_from_env(torch.device(config.device).type if config.device else None)
+    main = dist_utils.is_main()  # read before cleanup(): afterwards every process would say rank 0
+    say = (warn or (lambda msg: None)) if main else (lambda msg: None)
+    for msg in start_warnings(config, dist_utils.local_device(config.device).type):
+        say(msg)
+    try:
+        torch.manual_seed(config.seed)
+        model, criterion, train_set, val_set = build_run(config, warn=say)
+        if len(train_set) == 0:
+            raise TrainError(f"no usable training images in {config.root}")
+        summary = Trainer(model, criterion, train_set, val_set, config).run()
+    finally:  # a bad file under --strict goes on to the caller, which reports it
+        dist_utils.cleanup()
+    return {**summary, "main": main}
