@@ -14,7 +14,8 @@ Sweeps: `--benchmark-disable` (check mode, as CI runs it) takes each op's "check
 once, checks included; otherwise `--bench-sweep small|full` (default full; "full" holds the issues' shapes).
 
 Time: rounds enough to fill `--benchmark-max-time` x `Op.time_scale` seconds (at least 3, or 1 when a call
-takes longer than that), after one warm-up call that also measures the call. This VM has slow spells of
+takes longer than that), after one warm-up call that also measures the call; or the op's fixed count for a
+provider (`Op.rounds`), after one warm-up round when it is more than 1. This VM has slow spells of
 seconds in which a vCPU runs 1.5-2x slower whatever the code; ops whose targets are judged here take a
 time_scale that spans several seconds, and a `paired` ratio (see `paired_ratio`) beside the medians.
 
@@ -204,12 +205,13 @@ def run_case(benchmark, case: Case) -> None:
         out = benchmark(runner.run)
     else:
         rounds = op.rounds.get(case.provider)
+        warmup = int(rounds is not None and rounds > 1)
         if rounds is None:
             t0 = time.perf_counter()
             runner.run()  # warm-up, and the length of a call
             once = time.perf_counter() - t0
             rounds = 1 if once >= case.seconds else min(MAX_ROUNDS, max(3, round(case.seconds / once)))
-        out = benchmark.pedantic(runner.run, rounds=rounds, iterations=1)
+        out = benchmark.pedantic(runner.run, rounds=rounds, iterations=1, warmup_rounds=warmup)
         benchmark.extra_info["rounds"] = rounds
         benchmark.extra_info["peak_MiB"] = round(peak_memory(case, runner) / 2**20, 1)
         pairing = op.paired(case.x, case.mode, case.device) if op.paired else None
