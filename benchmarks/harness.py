@@ -13,11 +13,11 @@ output (so every provider of a case gets the same ones), and 1 for a scalar outp
 Sweeps: `--benchmark-disable` (check mode, as CI runs it) takes each op's "check" sizes and runs every case
 once, checks included; otherwise `--bench-sweep small|full` (default full; "full" holds the issues' shapes).
 
-Time: rounds enough to fill `--benchmark-max-time` x `Op.time_scale` seconds (at least 3, or 1 when a call
-takes longer than that), after one warm-up call that also measures the call; or the op's fixed count for a
-provider (`Op.rounds`), after one warm-up round when it is more than 1. This VM has slow spells of
-seconds in which a vCPU runs 1.5-2x slower whatever the code; ops whose targets are judged here take a
-time_scale that spans several seconds, and a `paired` ratio (see `paired_ratio`) beside the medians.
+Time: rounds enough to fill `--benchmark-max-time` seconds (at least 3, or 1 when a call takes longer than
+that), after one warm-up call that also measures the call; or the op's fixed count for a provider
+(`Op.rounds`), after one warm-up round when it is more than 1. This VM has slow spells of seconds in which
+a vCPU runs 1.5-2x slower whatever the code: on the CPU, ops whose targets are judged here take rounds
+spanning several seconds (`Op.time_scale` x the max time), and a `paired` ratio (see `paired_ratio`).
 
 Peak memory (extra_info["peak_MiB"], the growth over the memory in use before the measured call):
 - CUDA: torch.cuda.max_memory_allocated over one call, minus the memory allocated before it.
@@ -74,7 +74,7 @@ class Op:
     available: Callable[[str, Any, str], bool] = lambda provider, x, device: True
     devices: Tuple[str, ...] = (DEVICE,)
     dtypes: Dict[str, Tuple[torch.dtype, ...]] = dataclasses.field(default_factory=dict)  # default float32
-    time_scale: float = 1.0
+    time_scale: float = 1.0                     # on the CPU, each case is timed for this x the max time
     rounds: Dict[str, int] = dataclasses.field(default_factory=dict)  # fixed round counts per provider
     paired: Optional[Callable[[Any, str, str], Optional[Tuple[int, int]]]] = None  # (x, mode, device) -> (pairs, reps)
     extra_info: Optional[Callable[..., dict]] = None  # (x, mode, args, out, seconds) -> more extra_info
@@ -98,7 +98,7 @@ class Op:
         return [(m, p) for m in self.modes for p in self.providers if self.available(p, x, device)]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Case:
     op: Op
     device: str
@@ -130,16 +130,19 @@ def bench(op: Op):
 
 
 def cases(op: Op, sweep: str, seconds: float):
-    return [Case(op, device, dtype, x, mode, provider, seconds * op.time_scale)
+    return [Case(op, device, dtype, x, mode, provider, seconds * (op.time_scale if device == "cpu" else 1.0))
             for device in op.devices for dtype in op.dtypes_on(device) for x in op.sweep[sweep]
             for mode, provider in op.pairs_at(x, device)]
 
 
 # ------------------------------------------------------------------------------------------- running a case
 def _tensors(obj):
-    """The tensors in a provider's output or arguments, in order (tuples, lists, dicts, modules' parameters)."""
+    """The tensors in a provider's output or arguments, in order (tuples, lists, dicts, modules' parameters,
+    NumPy arrays as tensors)."""
     if isinstance(obj, torch.Tensor):
         return [obj]
+    if isinstance(obj, np.ndarray):
+        return [torch.from_numpy(obj)]
     if isinstance(obj, torch.nn.Module):
         return list(obj.parameters())
     if isinstance(obj, dict):
@@ -228,18 +231,6 @@ def run_case(benchmark, case: Case) -> None:
 _ORACLE_CACHE: Dict[tuple, tuple] = {}
 
 
-def _as_tensors(obj):
-    if isinstance(obj, np.ndarray):
-        return [torch.from_numpy(obj)]
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    if isinstance(obj, (list, tuple)):
-        return [t for o in obj for t in _as_tensors(o)]
-    return []
-
-
 def _grads(runner):
     return [None if t.grad is None else t.grad.detach().clone() for t in runner.leaves]
 
@@ -257,9 +248,9 @@ def check(case: Case, out, runner: Runner) -> None:
         ref = Runner(op.providers[oracle], op.build(case.x, case.device, case.dtype), case.mode, case.device)
         ref_out = ref.run()
         _ORACLE_CACHE.clear()  # one oracle at a time: they can be large
-        _ORACLE_CACHE[key] = ([t.detach() for t in _as_tensors(ref_out)], _grads(ref))
+        _ORACLE_CACHE[key] = ([t.detach() for t in _tensors(ref_out)], _grads(ref))
     want, want_grads = _ORACLE_CACHE[key]
-    got = [t.detach() for t in _as_tensors(out)]
+    got = [t.detach() for t in _tensors(out)]
     assert len(got) == len(want), f"{case.provider} gives {len(got)} outputs, {oracle} {len(want)}"
     pairs = list(zip(got, want))
     if case.mode == "full":
