@@ -77,7 +77,7 @@ def gating_op(name, out):
         sweep={"check": [64], "small": [128, 256], "full": [256, 512]},
         providers={"eager": on(eager), "crowdkernels": on(ck.hierarchical_gating), "reference": on(reference_gating)},
         describe=lambda x: f"B={B} {x}x{x} image, out {out(x)}x{out(x)}", baseline="eager",
-        dtypes={"cuda": (torch.float32, torch.bfloat16)}, atol=1e-5,
+        dtypes={"cuda": (torch.float32, torch.bfloat16)},
         # This VM's slow spells last seconds: each side spans about 3 s, and the kernel's step is also timed
         # side by side with eager's (one eager step bracketed by 5 kernel steps, per pair).
         time_scale=3.0, paired=lambda x, mode, device: (200 if out(x) <= 128 else 20, 5)
