@@ -27,8 +27,9 @@ Peak memory (extra_info["peak_MiB"], the growth over the memory in use before th
   fresh subprocess per (op, device, dtype, size), after a warm-up at the op's check size (libraries loaded,
   lazy state built, no big page touched), with MALLOC_MMAP_THRESHOLD_=65536 so that every allocation over
   64 KiB is its own mapping, returned to the system when freed: the resident set then follows the live
-  tensors instead of a heap that keeps freed pages. (Not in the timing process: the threshold would change
-  what the timed calls cost.) RSS counts every page written, the C++ kernels' scratch included.
+  tensors instead of a heap that keeps freed pages, and crowdkernels' pool of CPU output buffers is emptied
+  before each measurement. (Not in the timing process: the threshold would change what the timed calls
+  cost.) RSS counts every page written, the C++ kernels' scratch included.
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+
+import crowdkernels
 
 MODES = ("forward", "backward", "full")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -365,6 +368,7 @@ def _peak_main(module_path, op_name, device, dtype_name, x_json, pairs_json) -> 
             Runner(op.providers[provider], op.build(small, device, dtype), mode, device).run()
         runner = Runner(op.providers[provider], op.build(x, device, dtype), mode, device)
         gc.collect()
+        crowdkernels.empty_cache()  # the pool of CPU output buffers would lend the last case's pages to this one
         before = _reset_peak_rss()
         runner.run()
         out[f"{mode}/{provider}"] = max(_status_kib("VmHWM") - before, 0) * 1024
