@@ -1,16 +1,18 @@
-"""Density maps: the kernel against (a) the classic CSRNet recipe (KD-tree + one full-image
-scipy gaussian_filter per head) and (b) a windowed NumPy version of the same maths (cKDTree + one
-truncated outer product per head), on the real ShanghaiTech-A samples.
+"""Density maps (issue 2): the kernel against (a) the classic CSRNet recipe (KD-tree + one full-image scipy
+gaussian_filter per head), (b) a windowed NumPy version of the same maths (cKDTree + one truncated outer
+product per head) and (c) the plain reference (ops/reference.py, style="csrnet"), on the real ShanghaiTech-A
+samples: x = 1 image (IMG_275), the 3 images of the classic recipe's comparison, or all 24.
 
 Targets (issue 2): >= 20x the windowed NumPy version on this CPU (>= 22,000x the classic recipe); on a GPU,
 182 ShanghaiTech-A-sized images in under 0.2 s, kNN included. The targets are judged on the side-by-side
-ratios (extra_info["paired_ratio"], see conftest.paired_ratio): the medians of two benchmarks are taken
+ratios (extra_info["paired_ratio"], see harness.paired_ratio): the medians of two benchmarks are taken
 seconds or minutes apart, and this VM's slow spells alone can move their ratio by 1.5-2x either way.
 
     pytest benchmarks/bench_density.py --benchmark-json=/tmp/d.json && python benchmarks/ratios.py /tmp/d.json
 """
 from __future__ import annotations
 
+import functools
 import glob
 import math
 import os
@@ -24,9 +26,12 @@ import torch
 from PIL import Image
 
 import crowdkernels as ck
-from conftest import paired_ratio, require_data, timed_pair
+import harness
+from conftest import require_data
+from crowdkernels.ops import reference
 
 
+@functools.lru_cache(maxsize=None)
 def _sha_samples():
     root = require_data("ShanghaiTech", "part_A", "train_data")
     out = []
@@ -72,74 +77,49 @@ def windowed_numpy(points, shape, truncate=4.0):
     return out
 
 
-# three images from the spread of the set (by head count x pixels), for the slow classic recipe
-CLASSIC_IMAGES = ("IMG_36", "IMG_64", "IMG_124")
-
-# This VM has slow spells lasting several seconds in which everything runs 1.5-2x slower. A baseline that
-# runs for seconds (the classic recipe: one 30 s round; NumPy: 10 rounds, 3-5 s) averages over them; a
-# kernel timed in pytest-benchmark's default one-second window can fall wholly inside one and halve its
-# ratio. So the kernels take enough rounds to span several seconds too (rounds, not a longer max_time:
-# a fixed count is the same work in every run). Check mode runs everything once.
-KERNEL_ROUNDS_CLASSIC = 5000  # ~1 ms each
-KERNEL_ROUNDS_ALL_SHA = 400   # ~12 ms each
-NUMPY_ROUNDS = 10             # ~0.3-0.45 s each
+# three images from the spread of the set (by head count x pixels), for the slow classic recipe; one image,
+# the cheapest, for check mode
+IMAGES = {1: ("IMG_275",), 3: ("IMG_36", "IMG_64", "IMG_124")}
 
 
-def _timed(benchmark, fn, rounds):
-    """Times fn over `rounds` rounds (one in check mode) and returns its last result."""
-    if benchmark.disabled:
-        return benchmark(fn)
-    return benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=min(20, rounds))
+def build(x, device, dtype):
+    """(samples for the NumPy providers, points for the torch ones): the same coordinates, rounded to `dtype`
+    for all (float32 moves a few heads of IMG_47 across a pixel edge, which the csrnet maths rasterizes)."""
+    samples = [s for s in _sha_samples() if x not in IMAGES or s[0] in IMAGES[x]]
+    pts = [torch.from_numpy(p).to(device, dtype) for _, p, _ in samples]
+    return [(n, t.cpu().double().numpy(), s) for (n, _, s), t in zip(samples, pts)], pts
 
 
-@pytest.mark.benchmark(group="density: classic recipe, 3 SHA-A images")
-def test_classic_recipe(benchmark):
-    samples = {n: (p, s) for n, p, s in _sha_samples()}
-    names = ("IMG_275",) if benchmark.disabled else CLASSIC_IMAGES  # check mode: the cheapest image only
-    benchmark.extra_info.update(baseline=True, images=len(names))
-    benchmark.pedantic(lambda: [classic_recipe(*samples[n]) for n in names], rounds=1, iterations=1)
+def maps(fn):
+    return lambda samples, pts: [fn(p, shape) for p, (_, _, shape) in zip(pts, samples)]
 
 
-@pytest.mark.benchmark(group="density: classic recipe, 3 SHA-A images")
-def test_kernel_same_images_as_classic(benchmark):
-    samples = {n: (p, s) for n, p, s in _sha_samples()}
-    names = ("IMG_275",) if benchmark.disabled else CLASSIC_IMAGES
-    pts = {n: torch.from_numpy(samples[n][0]).float() for n in names}
-    out = _timed(benchmark, lambda: [ck.density_map(pts[n], samples[n][1], style="csrnet") for n in names],
-                 KERNEL_ROUNDS_CLASSIC)
-    if not benchmark.disabled:
-        # Side by side, image by image: the recipe once, bracketed by 2000 kernel calls on the same image
-        # (half before, half after; see conftest.timed_pair); the ratio of the sums over the 3 images.
-        pairs = [timed_pair(lambda n=n: classic_recipe(*samples[n]),
-                            lambda n=n: ck.density_map(pts[n], samples[n][1], style="csrnet"), kernel_reps=2000)
-                 for n in names]
-        benchmark.extra_info["paired_ratio"] = round(sum(tc for tc, _ in pairs) / sum(tk for _, tk in pairs), 1)
-    want = classic_recipe(*samples[names[0]])
-    assert np.abs(out[0].numpy() - want).max() <= 1e-6
+def kernel(style):
+    return maps(lambda p, shape: ck.density_map(p, shape, style=style))
 
 
-@pytest.mark.benchmark(group="density: 24 SHA-A images, windowed NumPy")
-def test_windowed_numpy_all_sha(benchmark):
-    samples = _sha_samples()
-    benchmark.extra_info.update(baseline=True, images=len(samples), heads=int(sum(len(p) for _, p, _ in samples)))
-    benchmark.pedantic(lambda: [windowed_numpy(p, s) for _, p, s in samples],
-                       rounds=1 if benchmark.disabled else NUMPY_ROUNDS, iterations=1)
-
-
-@pytest.mark.parametrize("style", ["csrnet", "exact", "matlab"])
-@pytest.mark.benchmark(group="density: 24 SHA-A images, windowed NumPy")
-def test_kernel_all_sha(benchmark, style):
-    samples = _sha_samples()
-    pts = [torch.from_numpy(p).float() for _, p, _ in samples]
-    benchmark.extra_info.update(threads=torch.get_num_threads())
-    kernel = lambda: [ck.density_map(t, s, style=style) for t, (_, _, s) in zip(pts, samples)]  # noqa: E731
-    out = _timed(benchmark, kernel, KERNEL_ROUNDS_ALL_SHA)
-    if style == "csrnet" and not benchmark.disabled:  # the target's pair: the same maths as windowed_numpy
-        benchmark.extra_info["paired_ratio"] = round(
-            paired_ratio(lambda: [windowed_numpy(p, s) for _, p, s in samples], kernel, pairs=10, kernel_reps=15), 1)
-    if style == "csrnet":
-        name, p, s = samples[0]
-        assert np.abs(out[0].numpy() - windowed_numpy(p, s)).max() <= 1e-6
+test_density_map = harness.bench(harness.Op(
+    name="density_map", x_name="images", build=build, modes=("forward",), devices=("cpu",),
+    sweep={"check": [1], "small": [1, 24], "full": [3, 24]},
+    providers={
+        "classic_recipe": lambda samples, pts: [classic_recipe(p, s) for _, p, s in samples],
+        "windowed_numpy": lambda samples, pts: [windowed_numpy(p, s) for _, p, s in samples],
+        "crowdkernels": kernel("csrnet"),
+        "crowdkernels_exact": kernel("exact"),
+        "crowdkernels_matlab": kernel("matlab"),
+        "reference": maps(lambda p, shape: reference.density_map_reference(p, shape, style="csrnet")),
+    },
+    describe=lambda x: "IMG_275" if x == 1 else f"{x} SHA-A images",
+    available=lambda provider, x, device: provider != "classic_recipe" or x in IMAGES,  # 10 s an image
+    baseline=lambda x: "classic_recipe" if x in IMAGES else "windowed_numpy",
+    # every provider of the csrnet maths against the reference, pixel for pixel
+    checks={p: "reference" for p in ("classic_recipe", "windowed_numpy", "crowdkernels")}, rtol=0, atol=1e-6,
+    # This VM's slow spells last seconds: rounds spanning about 5 s (the classic recipe: one round, 30 s for
+    # 3 images), and the kernel timed side by side with the baseline: 2000 kernel calls around one recipe
+    # call (half before, half after; harness.timed_pair), or 10 pairs of one NumPy call and 15 kernel calls.
+    time_scale=5.0, rounds={"classic_recipe": 1},
+    paired=lambda x, mode, device: {1: (3, 200), 3: (1, 2000)}.get(x, (10, 15)),
+))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,55 +1,43 @@
-"""crowdkernels.local_counts forward + backward against its plain-PyTorch reference (ops/reference.py)
-and against the usual AvgPool2d formulation (three pools), at batch 8, 512x512, 1/8 windows.
+"""crowdkernels.local_counts (HMoDE sec. III-C: per-window sums of pred, target and their squared error)
+against its plain-PyTorch reference (ops/reference.py) and the usual AvgPool2d formulation (three pools):
+batch 8 of H x H maps, 1/8 windows (64 x 64 at 512 x 512), float32.
 
-    PYTHONPATH=. python -m pytest benchmarks/bench_local_count.py --benchmark-group-by=group
+    PYTHONPATH=. python -m pytest benchmarks/bench_local_count.py --benchmark-json=/tmp/l.json
+    python benchmarks/ratios.py /tmp/l.json
 """
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 
+import harness
 from crowdkernels import local_counts
 from crowdkernels.ops import reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-B, H, W = 8, 512, 512
-WIN = 64
+B = 8
 
 
-def avgpool_counts(pred, target):
-    pool = lambda x: F.avg_pool2d(x, WIN, WIN, ceil_mode=True, divisor_override=1).flatten(1)  # noqa: E731
+def build(x, device, dtype):
+    g = torch.Generator().manual_seed(0)
+    pred = torch.rand(B, 1, x, x, generator=g).to(device, dtype).requires_grad_()
+    target = torch.rand(B, 1, x, x, generator=g).to(device, dtype)
+    return pred, target
+
+
+def avgpool_x3(pred, target):
+    win = pred.shape[-1] // 8
+    pool = lambda t: F.avg_pool2d(t, win, win, ceil_mode=True, divisor_override=1).flatten(1)  # noqa: E731
     return pool(pred), pool(target), pool((pred - target) ** 2)
 
 
-def reference_counts(pred, target):
-    return reference.local_counts(pred[:, 0], target[:, 0], WIN, WIN, True)
-
-
-def kernel_counts(pred, target):
-    return local_counts(pred, target, (WIN, WIN))
-
-
-IMPLS = {"crowdkernels": kernel_counts, "avgpool x3": avgpool_counts, "reference": reference_counts}
-
-
-@pytest.mark.benchmark(group="local_counts fwd+bwd, B=8, 512x512, 64x64 windows, float32")
-@pytest.mark.parametrize("impl", list(IMPLS))
-def test_local_counts(benchmark, impl):
-    g = torch.Generator().manual_seed(0)
-    pred = torch.rand(B, 1, H, W, generator=g).to(DEVICE).requires_grad_()
-    target = torch.rand(B, 1, H, W, generator=g).to(DEVICE)
-    weights = [torch.randn(B, (H // WIN) ** 2, generator=g).to(DEVICE) for _ in range(3)]
-
-    def run():
-        pred.grad = None
-        out = IMPLS[impl](pred, target)
-        sum((o * w).sum() for o, w in zip(out, weights)).backward()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    out = benchmark(run)
-    want = avgpool_counts(pred.detach().double(), target.double())
-    for o, w in zip(out, want):
-        torch.testing.assert_close(o.double(), w, rtol=1e-4, atol=1e-2)
+OP = harness.Op(
+    name="local_counts", x_name="H=W", build=build,
+    sweep={"check": [64], "small": [128, 256], "full": [256, 512]},
+    providers={
+        "crowdkernels": lambda p, t: local_counts(p, t, (p.shape[-1] // 8,) * 2),
+        "avgpool_x3": avgpool_x3,
+        "reference": lambda p, t: reference.local_counts(p[:, 0], t[:, 0], p.shape[-1] // 8, p.shape[-1] // 8, True),
+    },
+    describe=lambda x: f"B={B} {x}x{x}, {x // 8}x{x // 8} windows", atol=1e-2,
+)
+test_local_counts = harness.bench(OP)

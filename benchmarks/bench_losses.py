@@ -1,19 +1,24 @@
-"""REL forward + backward (HMoDE eq. 2) at batch 8, 512x512: crowdkernels vs the authors' released
+"""REL forward + backward (HMoDE eq. 2), batch 8 of H x H maps: crowdkernels against the authors' released
 structure (func.py: three AvgPool2d passes, topk, a Python loop over the batch for gather and sort, the
-hinge over the sub-lists; rewritten here from its description, device-agnostic).
+hinge over the sub-lists; rewritten here from its description, device-agnostic) and against the plain
+reference (ops/reference.py: its local counts, then eq. 2 image by image).
 
-    PYTHONPATH=. python -m pytest benchmarks/bench_losses.py --benchmark-group-by=group
+    PYTHONPATH=. python -m pytest benchmarks/bench_losses.py --benchmark-json=/tmp/r.json
+    python benchmarks/ratios.py /tmp/r.json
 """
 from __future__ import annotations
 
-import pytest
+import math
+
 import torch
 import torch.nn.functional as F
 
+import harness
 from crowdkernels import losses
+from crowdkernels.ops import reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-B, H, W = 8, 512, 512
+B = 8
+SWEEP = {"check": [64], "small": [128, 256], "full": [256, 512]}
 
 
 def released_structure(pred, gt, patch=16, k=9):
@@ -34,50 +39,35 @@ def released_structure(pred, gt, patch=16, k=9):
     return loss.sum()
 
 
-def crowdkernels_released_settings(pred, gt):
-    return losses.relative_local_count_loss(pred, gt, region=16, pairs="all", edge="drop", reduction="sum")
+def reference_rel(pred, target, region=0.125, num_hard=9, num_sublists=3, pairs="adjacent", edge="keep",
+                  reduction="mean"):
+    """losses.relative_local_count_loss's signature, composed from the references."""
+    H, W = pred.shape[-2:]
+    rh, rw = (region, region) if isinstance(region, int) else (math.ceil(H * region), math.ceil(W * region))
+    counts = reference.local_counts(pred[:, 0], target[:, 0], rh, rw, edge == "keep")
+    per_image = reference.relative_local_count_loss(*counts, num_hard, num_sublists, pairs)
+    return per_image.mean() if reduction == "mean" else per_image.sum()
 
 
-def crowdkernels_paper_settings(pred, gt):
-    return losses.relative_local_count_loss(pred, gt)  # 1/8 windows, eq. 2's adjacent pairs
-
-
-def _inputs(dtype=torch.float32):
+def build(x, device, dtype):
     g = torch.Generator().manual_seed(0)
-    pred = torch.rand(B, 1, H, W, generator=g, dtype=dtype).to(DEVICE).requires_grad_()
-    gt = torch.rand(B, 1, H, W, generator=g, dtype=dtype).to(DEVICE)
+    pred = torch.rand(B, 1, x, x, generator=g).to(device, dtype).requires_grad_()
+    gt = torch.rand(B, 1, x, x, generator=g).to(device, dtype)
     return pred, gt
 
 
-def _step(fn, pred, gt):
-    def run():
-        pred.grad = None
-        loss = fn(pred, gt)
-        loss.backward()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        return loss
-
-    return run
-
-
-@pytest.mark.benchmark(group="rel fwd+bwd, B=8, 512x512, region=16, pairs=all, edge=drop")
-@pytest.mark.parametrize("impl", ["released_structure", "crowdkernels"])
-def test_rel_released_settings(benchmark, impl):
-    pred, gt = _inputs()
-    fn = released_structure if impl == "released_structure" else crowdkernels_released_settings
-    loss = benchmark(_step(fn, pred, gt))
-    # Same loss and gradient as the other implementation (float32, random data: no ties).
-    ref_pred = pred.detach().double().requires_grad_()
-    other = crowdkernels_released_settings if impl == "released_structure" else released_structure
-    ref = other(ref_pred, gt.double())
-    ref.backward()
-    torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(pred.grad.double(), ref_pred.grad, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.benchmark(group="rel fwd+bwd, B=8, 512x512, paper settings (1/8, adjacent, keep)")
-def test_rel_paper_settings(benchmark):
-    pred, gt = _inputs()
-    loss = benchmark(_step(crowdkernels_paper_settings, pred, gt))
-    assert torch.isfinite(loss)
+RELEASED = dict(region=16, pairs="all", edge="drop", reduction="sum")
+test_rel_released_settings = harness.bench(harness.Op(
+    name="rel_released_settings", x_name="H=W", build=build, sweep=SWEEP,
+    providers={
+        "released_structure": released_structure,
+        "crowdkernels": lambda p, t: losses.relative_local_count_loss(p, t, **RELEASED),
+        "reference": lambda p, t: reference_rel(p, t, **RELEASED),
+    },
+    describe=lambda x: f"B={B} {x}x{x}, 16x16 windows, all pairs, drop", baseline="released_structure",
+))
+test_rel_paper_settings = harness.bench(harness.Op(
+    name="rel_paper_settings", x_name="H=W", build=build, sweep=SWEEP,
+    providers={"crowdkernels": losses.relative_local_count_loss, "reference": reference_rel},
+    describe=lambda x: f"B={B} {x}x{x}, 1/8 windows, adjacent pairs, keep",
+))

@@ -1,49 +1,50 @@
-"""L2SM region zoom, forward + backward, at L2SM shapes: 4 x 512 x 64 x 64 features, 24 regions of 16 x 16
-(6 per image, on the 4 x 4 grid), r uniform in [1, 2.5], a 40 x 40 canvas, float32.
+"""L2SM region zoom, at L2SM shapes: B x C x 64 x 64 features (4 x 512 at the paper's), 6 regions of 16 x 16
+per image on the 4 x 4 grid, r uniform in [1, 2.5], a 40 x 40 canvas, float32.
 
+`scale_regions`, over C:
 - crowdkernels: `scale_regions` (gradients to features and to r);
 - loop: the naive per-region F.interpolate(scale_factor=r) + F.pad, stacked (gradient to features only:
-  F.interpolate's scale_factor is a Python float, so r gets none);
+  F.interpolate's scale_factor is a Python float, so r gets none); the issue's baseline. It is timed, not
+  checked: where r < 17/16, F.interpolate returns the 16 x 16 crop unscaled (its output size equals its
+  input's), so on such draws it differs from the others;
 - grid_sample: one batched F.grid_sample over the gathered 16 x 16 crops, with the same sampling grid
-  (border padding for the clamp, a mask for the valid part; gradients to features and to r).
+  (border padding for the clamp, a mask for the valid part; gradients to features and to r);
+- reference: ops/reference.py, region by region.
 
-And `unscale_regions` (24 one-channel 40 x 40 re-predictions put back into 4 x 1 x 64 x 64) against its
-per-region loop.
+`unscale_regions` (the one-channel 40 x 40 re-predictions put back into B x 1 x 64 x 64), over B, against
+its per-region loop and the reference.
 
-    PYTHONPATH=. python -m pytest benchmarks/bench_regions.py --benchmark-group-by=group \
-        --benchmark-columns=median,iqr,rounds
+    PYTHONPATH=. python -m pytest benchmarks/bench_regions.py --benchmark-json=/tmp/z.json
+    python benchmarks/ratios.py /tmp/z.json
 """
 from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 import crowdkernels as ck
+import harness
+from crowdkernels.ops import reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-B, C, H, W = 4, 512, 64, 64
+H, W = 64, 64
 K, PER_IMAGE, CANVAS = 4, 6, 40
 
 
-def _inputs(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    features = torch.randn(B, C, H, W, generator=g).to(DEVICE)
+def _boxes(b, g, device):
     grid = ck.grid_boxes(H, W, K)
-    rows = []
-    for b in range(B):
-        chosen = torch.randperm(K * K, generator=g)[:PER_IMAGE]
-        rows.append(torch.cat([torch.full((PER_IMAGE, 1), b), grid[chosen]], 1))
-    boxes = torch.cat(rows).to(DEVICE)
-    scale = (1.0 + 1.5 * torch.rand(boxes.shape[0], generator=g)).to(DEVICE)
-    grad = torch.randn(boxes.shape[0], C, CANVAS, CANVAS, generator=g).to(DEVICE)
-    return features, boxes, scale, grad
+    rows = [torch.cat([torch.full((PER_IMAGE, 1), i), grid[torch.randperm(K * K, generator=g)[:PER_IMAGE]]], 1)
+            for i in range(b)]
+    boxes = torch.cat(rows)
+    return boxes.to(device), (1.0 + 1.5 * torch.rand(boxes.shape[0], generator=g))
 
 
-def crowdkernels_zoom(features, boxes, scale):
-    return ck.scale_regions(features, boxes, scale, CANVAS)
+def build_zoom(c, device, dtype):
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(4, c, H, W, generator=g).to(device, dtype).requires_grad_()
+    boxes, scale = _boxes(4, g, device)
+    return features, boxes, scale.to(device, dtype).requires_grad_()
 
 
 def loop_zoom(features, boxes, scale):
@@ -80,35 +81,15 @@ def grid_sample_zoom(features, boxes, scale):
     return out * mask[:, None].to(out.dtype)
 
 
-ZOOMS = {"crowdkernels": crowdkernels_zoom, "loop": loop_zoom, "grid_sample": grid_sample_zoom}
+def build_unzoom(b, device, dtype):
+    g = torch.Generator().manual_seed(0)
+    boxes, scale = _boxes(b, g, device)
+    pred = torch.rand(boxes.shape[0], 1, CANVAS, CANVAS, generator=g).to(device, dtype).requires_grad_()
+    base = torch.rand(b, 1, H, W, generator=g).to(device, dtype).requires_grad_()
+    return pred, boxes, scale.to(device, dtype), base
 
 
-def _fwd_bwd(fn, features, boxes, scale, grad):
-    def run():
-        features.grad = None
-        scale.grad = None
-        out = fn(features, boxes, scale)
-        out.backward(grad)
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    return run
-
-
-@pytest.mark.parametrize("impl", list(ZOOMS))
-def test_scale_regions_fwd_bwd(benchmark, impl):
-    benchmark.group = "scale_regions fwd+bwd 4x512x64x64, 24 boxes 16x16, r in [1, 2.5], canvas 40"
-    features, boxes, scale, grad = _inputs()
-    features.requires_grad_()
-    scale.requires_grad_(impl != "loop")
-    out = benchmark.pedantic(_fwd_bwd(ZOOMS[impl], features, boxes, scale, grad), rounds=1 if benchmark.disabled else 7, warmup_rounds=0 if benchmark.disabled else 1)
-    # Every implementation computes the same thing.
-    reference = crowdkernels_zoom(features.detach(), boxes, scale.detach())
-    torch.testing.assert_close(out.detach(), reference, rtol=1e-4, atol=1e-4)
-
-
-def _unscale_loop(pred, boxes, scale, base):
+def loop_unzoom(pred, boxes, scale, base):
     out = base.clone()
     for n, ((b, y0, x0, h, w), r) in enumerate(zip(boxes.tolist(), scale.tolist())):
         vh, vw = min(math.floor(r * h), CANVAS), min(math.floor(r * w), CANVAS)
@@ -122,23 +103,22 @@ def _unscale_loop(pred, boxes, scale, base):
     return out
 
 
-@pytest.mark.parametrize("impl", ["crowdkernels", "loop"])
-def test_unscale_regions_fwd_bwd(benchmark, impl):
-    benchmark.group = "unscale_regions fwd+bwd 24 x 1 x 40x40 into 4x1x64x64"
-    features, boxes, scale, _ = _inputs()
-    g = torch.Generator().manual_seed(1)
-    pred = torch.rand(boxes.shape[0], 1, CANVAS, CANVAS, generator=g).to(DEVICE).requires_grad_()
-    base = torch.rand(B, 1, H, W, generator=g).to(DEVICE).requires_grad_()
-    grad = torch.randn(B, 1, H, W, generator=g).to(DEVICE)
-    fn = ck.unscale_regions if impl == "crowdkernels" else _unscale_loop
-
-    def run():
-        pred.grad = base.grad = None
-        out = fn(pred, boxes, scale, base)
-        out.backward(grad)
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    out = benchmark.pedantic(run, rounds=1 if benchmark.disabled else 20, warmup_rounds=0 if benchmark.disabled else 2)
-    torch.testing.assert_close(out.detach(), ck.unscale_regions(pred.detach(), boxes, scale, base.detach()), rtol=1e-4, atol=1e-5)
+test_scale_regions = harness.bench(harness.Op(
+    name="scale_regions", x_name="C", build=build_zoom,
+    sweep={"check": [8], "small": [64, 128], "full": [128, 512]},
+    providers={
+        "crowdkernels": lambda f, b, s: ck.scale_regions(f, b, s, CANVAS),
+        "loop": loop_zoom,
+        "grid_sample": grid_sample_zoom,
+        "reference": lambda f, b, s: reference.scale_regions_reference(f, b, s, (CANVAS, CANVAS)),
+    },
+    describe=lambda c: f"4x{c}x64x64, 24 boxes 16x16, canvas 40", baseline="loop",
+    checks={"crowdkernels": "reference", "grid_sample": "reference"},
+))
+test_unscale_regions = harness.bench(harness.Op(
+    name="unscale_regions", x_name="B", build=build_unzoom,
+    sweep={"check": [2], "small": [4, 16], "full": [4, 32]},
+    providers={"crowdkernels": ck.unscale_regions, "loop": loop_unzoom,
+               "reference": reference.unscale_regions_reference},
+    describe=lambda b: f"{PER_IMAGE * b} x 1 x 40x40 into {b}x1x64x64", baseline="loop", atol=1e-5,
+))

@@ -1,16 +1,33 @@
-"""Shared helpers for the benchmarks: real samples from ../shared/data (skipped when absent)."""
+"""The benchmarks' pytest wiring: the harness's sweeps as parametrized cases, and the real samples from
+../shared/data (skipped when absent)."""
 from __future__ import annotations
 
 import os
 import pathlib
-import statistics
-import time
 
 import pytest
+
+import harness
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("CROWDKERNELS_SHARED", REPO.parent / "shared"))
 DATA = SHARED / "data"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-sweep", choices=("small", "full"), default="full",
+                     help="the sizes each benchmarks/bench_*.py op runs at: small, or full (default; the issues' "
+                          "shapes); --benchmark-disable runs the check sizes once")
+
+
+def pytest_generate_tests(metafunc):
+    op = getattr(metafunc.function, "bench_op", None)
+    if op is None:
+        return
+    config = metafunc.config
+    sweep = "check" if config.getoption("benchmark_disable") else config.getoption("bench_sweep")
+    found = harness.cases(op, sweep, float(config.getoption("benchmark_max_time")))
+    metafunc.parametrize("case", found, ids=[c.id for c in found])
 
 
 def require_data(*parts: str) -> pathlib.Path:
@@ -18,34 +35,3 @@ def require_data(*parts: str) -> pathlib.Path:
     if not path.exists():
         pytest.skip(f"real benchmark samples not found at {path} (../shared/data beside the checkout; set CROWDKERNELS_SHARED)")
     return path
-
-
-def timed_pair(baseline, kernel, kernel_reps: int) -> tuple[float, float]:
-    """(seconds of one baseline call, mean seconds of a kernel call), timed side by side: `kernel_reps`
-    kernel calls, half of them right before the baseline call and half right after it, so that the kernel
-    samples the machine on both sides of the baseline. Means on both sides: a baseline call is one sample
-    of its own mean, and a median of the kernel calls would drop the hiccups that the baseline keeps."""
-    def kernel_block(reps: int) -> float:
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            kernel()
-        return time.perf_counter() - t0
-
-    before = kernel_block(kernel_reps // 2)
-    t0 = time.perf_counter()
-    baseline()
-    tb = time.perf_counter() - t0
-    after = kernel_block(kernel_reps - kernel_reps // 2)
-    return tb, (before + after) / kernel_reps
-
-
-def paired_ratio(baseline, kernel, pairs: int, kernel_reps: int) -> float:
-    """The speed-up of `kernel` over `baseline`, timed side by side: the median over `pairs` pairs of
-    (one baseline call) / (the mean kernel call around it, see timed_pair).
-
-    This VM has slow spells lasting seconds in which each of its two vCPUs runs 1.5-2x slower, whatever the
-    code (pure Python and L1-resident loops alike). Two benchmarks timed one after the other can fall on
-    either side of a spell; a pair is timed within a second or so, so both halves see the same machine.
-    Reported as extra_info["paired_ratio"] beside the usual medians.
-    """
-    return statistics.median(tb / tk for tb, tk in (timed_pair(baseline, kernel, kernel_reps) for _ in range(pairs)))
