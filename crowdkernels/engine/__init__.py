@@ -1,4 +1,4 @@
-"""Training and evaluation: a run's settings (`train`), the papers' training recipes (`recipes`), its data
+"""Training and evaluation: a run's settings (`config`), the papers' training recipes (`recipes`), its data
 (`pipeline`), the loop (`trainer`), whole-image prediction (`predict`), evaluation and metrics (`evaluate`,
 `metrics`), atomic checkpoints and models loaded from them (`checkpoint`), torchrun/DDP helpers
 (`distributed`) and the demo (`demo`)."""

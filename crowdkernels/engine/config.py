@@ -21,7 +21,7 @@ import torch
 
 from . import recipes
 from .checkpoint import load_checkpoint
-from ..data import DATASET_NAMES
+from ..data import DATASET_NAMES, DATASETS
 from ..models import MODEL_NAMES
 from ..models.registry import build_model
 from ..data.transforms import IMAGENET_NORM, check_norm
@@ -29,7 +29,7 @@ from ..data.transforms import IMAGENET_NORM, check_norm
 __all__ = [
     "DEFAULT_TARGET",
     "MODEL_DEFAULTS",
-    "QUICK_DATASET_SETTINGS",
+    "QUICK_SMALL_CROP",
     "Option",
     "RESUME_MAY_CHANGE",
     "TrainConfig",
@@ -50,13 +50,10 @@ __all__ = [
 DEFAULT_TARGET = {"style": "exact", "sigma": "adaptive", "k": 3, "beta": 0.3, "truncate": 4.0, "kernel_size": 15,
                   "scale": 1.0}
 
-#: What the quick defaults (:data:`crowdkernels.engine.recipes.QUICK`, ``train --model NAME`` without a recipe)
-#: take from the dataset: ShanghaiTech A's images are small (crops of 128, for the models that crop), UCF-QNRF's
-#: are large (capped at 1920 x 1080, as L2SM sec. 4.2).
-QUICK_DATASET_SETTINGS = {
-    "shanghaitech-a": {"crop": 128},
-    "ucf-qnrf": {"max_size": [1920, 1080]},
-}
+#: The crop of the quick defaults (:data:`crowdkernels.engine.recipes.QUICK`, ``train --model NAME`` without a
+#: recipe) on a dataset of small images (its :class:`~crowdkernels.data.specs.DatasetSpec` says ``small_crop``:
+#: ShanghaiTech A), for the models that crop.
+QUICK_SMALL_CROP = 128
 
 
 class TrainError(ValueError):
@@ -350,12 +347,13 @@ def _set_dotted(d: dict, key: str, value) -> None:
 
 def quick_settings(model: str, dataset: str | None = None) -> dict:
     """The flat settings of ``train --model MODEL`` without a recipe on ``dataset``: the model's quick defaults
-    (:data:`crowdkernels.engine.recipes.QUICK`) with the dataset's :data:`QUICK_DATASET_SETTINGS`."""
+    (:data:`crowdkernels.engine.recipes.QUICK`) with what the dataset's spec says: a smaller crop on small
+    images (:data:`QUICK_SMALL_CROP`), a cap on large ones (``DatasetSpec.max_size``)."""
     flat = recipes.quick(model)
-    facts = QUICK_DATASET_SETTINGS.get(dataset, {})
-    if flat["crop"] is not None and "crop" in facts:
-        flat["crop"] = facts["crop"]
-    flat["max_size"] = facts.get("max_size")
+    spec = DATASETS.get(dataset)
+    if flat["crop"] is not None and spec is not None and spec.small_crop:
+        flat["crop"] = QUICK_SMALL_CROP
+    flat["max_size"] = list(spec.max_size) if spec is not None and spec.max_size else None
     return flat
 
 

@@ -304,8 +304,8 @@ SUMMARIES = {
 _QUICK_EPOCHS = Choice(200, "ours: as HMoDE sec. IV-B2 (200 epochs)")
 _QUICK_CONSTANT = Choice(None, "ours: a constant rate")
 _QUICK_CROPS = {
-    "crop": Choice(256, "ours: random crops of 256, as HMoDE sec. IV-B2 (128 on ShanghaiTech A: "
-                        "crowdkernels.engine.config.QUICK_DATASET_SETTINGS)"),
+    "crop": Choice(256, "ours: random crops of 256, as HMoDE sec. IV-B2 (128 on ShanghaiTech A, whose "
+                        "spec says small_crop: crowdkernels.engine.config.QUICK_SMALL_CROP)"),
     "batch_size": Choice(8, "ours: 8 crops a step"),
 }
 _QUICK_WHOLE = {
