@@ -323,6 +323,24 @@ def test_eval_reproduces_the_log_on_real_images_held_out_by_val_from_train(tiny,
     assert "--val-from-train" in capsys.readouterr().err
 
 
+def test_eval_knows_the_training_data_given_by_another_path(tiny, tmp_path, monkeypatch, capsys):
+    """A run started with a relative --root, evaluated from another folder with the absolute path: the same
+    dataset, so the images --val-from-train held out (not every 10th image, most of them trained on)."""
+    from conftest import require_data
+
+    root = require_data("ShanghaiTech")
+    monkeypatch.chdir(root.parent)
+    run = tmp_path / "run"
+    assert _train_tiny(run, "--dataset", "shanghaitech-b", "--root", root.name, "--max-size", "96",
+                       "--val-from-train", "0.25", "--seed", "3") == 0
+    monkeypatch.chdir(tmp_path)
+    report = tmp_path / "eval.json"
+    assert _eval(run / "best.pt", "--dataset", "shanghaitech-b", "--root", str(root.resolve()), "--out", str(report)) == 0
+    got = json.loads(report.read_text())
+    assert got["images"] == 6 and got["mae"] == pytest.approx(_log_val_mae(run), rel=1e-5, abs=1e-6)
+    assert "--val-from-train" in capsys.readouterr().err
+
+
 def test_an_explicit_split_the_dataset_does_not_have_is_an_error(ckpt, tmp_path, capsys):
     """Item 2: `eval --split test` on a dataset without a test split evaluated training images and exited 0."""
     from conftest import require_data

@@ -529,7 +529,9 @@ def run_config(*, recipe: str | None = None, dataset: str = "synthetic", root=No
     except ValueError as exc:  # an unknown or malformed setting, no run to resume, or a resume that would change it
         flag = {o.key: o.flag for o in cli_options() if o.override}.get(getattr(exc, "setting", None))
         raise TrainError(f"{flag} ({exc.setting}): {exc}" if flag else str(exc)) from None
-    config.root = None if root is None else str(root)
+    # the absolute folder: `eval` recognises the training's own data (and its held-out images) from any
+    # working directory
+    config.root = None if root is None else str(Path(root).expanduser().resolve())
     config.out = config.out if out is None else str(out)
     config.resume = False  # a new run, whatever --set says
     return config
