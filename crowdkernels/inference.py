@@ -43,6 +43,13 @@ from .engine.checkpoint import model_from_checkpoint
 from .engine.evaluate import evaluate
 from .engine.predict import cell_stride, predict_density, spread_cells
 from .models.conventions import conventions_of
+from .data.layouts import IMAGE_EXTENSIONS, natural_key
+from .data.readers import ImageError, load_image, pil_to_rgb
+from .data.points import density_to_points
+from .data.transforms import IMAGENET_NORM, check_norm, normalize_image, resize_sample, resized_shape
+from ._progress import Progress
+from .data.targets import CrowdCollate
+from ._io import parse_device
 
 __all__ = ["Counter", "Prediction", "load", "image_paths", "as_rgb", "CHECKPOINT", "VIDEO_EXTENSIONS", "min_tile"]
 
@@ -84,8 +91,6 @@ def image_paths(items) -> list:
     fails per file too, saying that URLs are not read). Video files in a folder or matched by a pattern are
     left out with a warning naming them. A folder without images or a pattern that matches nothing raises
     ValueError naming it."""
-    from .data.layouts import IMAGE_EXTENSIONS, natural_key
-
     if isinstance(items, (str, Path)):
         items = [items]
     out: list = []
@@ -120,8 +125,6 @@ def image_paths(items) -> list:
 
 def _check_image_path(image) -> None:
     """ImageError naming ``image`` (as given) when it is a URL, a folder or a video: what it is, and what to do."""
-    from .data.readers import ImageError
-
     if _is_url(image):
         raise ImageError(image, "a URL: crowdkernels reads local image files only; download the image first "
                                 "(e.g. curl -O URL) and pass the file")
@@ -144,7 +147,6 @@ def as_rgb(image) -> torch.Tensor:
     ValueError/TypeError naming ``image`` and what was received; ImageError for a file that cannot be read."""
     from PIL import Image
 
-    from .data.readers import load_image, pil_to_rgb
 
     if isinstance(image, (str, Path)):
         _check_image_path(image)
@@ -225,8 +227,6 @@ class Prediction:
         (:func:`crowdkernels.data.points.density_to_points`: local maxima, non-maximum suppression at each
         peak's local sigma, count-preserving), then placed in the image; score: the people of the map within
         the point's radius. ``radius``: a fixed suppression radius in image pixels instead."""
-        from .data.points import density_to_points
-
         if self.cells is None:
             raise ValueError(f"{self.source}: no prediction ({self.error})")
         (H, W), (Hs, Ws) = self.size, self.input_size
@@ -255,8 +255,6 @@ class _Sources(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        from .data.readers import ImageError
-
         image = self.images[i]
         try:
             return i, _source_name(image), as_rgb(image), None
@@ -267,7 +265,6 @@ class _Sources(torch.utils.data.Dataset):
 
 
 def _raise(name: str, err) -> None:
-    from .data.readers import ImageError
 
     kind, reason, _ = err
     if kind == "ImageError":
@@ -302,8 +299,6 @@ class Counter:
 
     def __init__(self, model, device=None, *, input_norm="model", tile: int | None = 2048, overlap: int = 64,
                  amp: bool = False, max_size=None, info: dict | None = None):
-        from .data.transforms import check_norm
-
         self.device = _device(device)
         if input_norm == "model":
             if not hasattr(model, "input_norm"):
@@ -356,8 +351,6 @@ class Counter:
 
     def describe_settings(self) -> str:
         """:meth:`settings` in one line, e.g. "max size 384 (checkpoint), tiles beyond 2048 px (checkpoint), ..."."""
-        from .data.transforms import IMAGENET_NORM, check_norm
-
         s, src = self.settings(), self.settings()["sources"]
         box = s["max_size"]
         size = "none" if box is None else (f"{box[0]}x{box[1]}" if isinstance(box, list) else str(box))
@@ -378,7 +371,6 @@ class Counter:
         """The RGB image as the model sees it: shrunk to ``max_size`` if set (antialiased bilinear)."""
         if self.max_size is None:
             return rgb
-        from .data.transforms import resize_sample, resized_shape
 
         box = tuple(self.max_size) if isinstance(self.max_size, (list, tuple)) else self.max_size
         size = resized_shape(*rgb.shape[-2:], max_size=box)
@@ -388,8 +380,6 @@ class Counter:
     def predict_cells(self, rgb: torch.Tensor) -> torch.Tensor:
         """The model's map of a batch of RGB images in [0, 1] of one size ([B, 3, H, W] or [3, H, W]), as
         the model is fed them (normalized on its device): [B, 1, h, w] people per cell, on the CPU."""
-        from .data.transforms import normalize_image
-
         x = rgb.to(self.device, torch.float32)
         lo, hi = float(x.min()), float(x.max())
         if not (lo >= -1e-6 and hi <= 1.0 + 1e-6):  # NaN fails too
@@ -439,8 +429,6 @@ class Counter:
         return self._predictions(list(images), batch_size, workers, errors, progress)
 
     def _predictions(self, images, batch_size, workers, errors, progress):
-        from ._progress import Progress
-
         loader = torch.utils.data.DataLoader(_Sources(images), batch_size=batch_size, num_workers=workers,
                                              collate_fn=_as_list)
         with Progress(len(images), "count", bar=progress, lines=progress is not False, done_word="counted") as bar:
@@ -497,9 +485,6 @@ class Counter:
         applied here: :func:`crowdkernels.engine.evaluation_dataset` with ``config.max_size = counter.max_size``
         gives the images as ``crowdkernels eval`` feeds them.
         ``on_image(name, rgb [3, H, W], cells [1, 1, h, w], points [N, 2])`` is called per image."""
-        from ._progress import Progress
-        from .data.targets import CrowdCollate
-
         loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=workers, collate_fn=CrowdCollate(target=None))
         with Progress(len(dataset), "eval", bar=progress, lines=progress is not False, done_word="evaluated") as bar:
             return evaluate(self.model, loader, self.device, levels=levels, game_levels=game_levels, strict=strict,
@@ -508,7 +493,6 @@ class Counter:
 
 
 def _device(device) -> torch.device:
-    from ._io import parse_device
 
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

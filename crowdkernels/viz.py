@@ -25,6 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from .data.transforms import denormalize_image
+from .ops.density import density_map
+from .data import AnnotationError, image_points, point_file_beside, read_point_file
+from ._io import atomic_write
 
 __all__ = ["CMAP", "PANEL_MAX", "PANEL_MIN", "PictureLayout", "picture_layout", "panel_size", "picture_title",
            "save_picture", "save_prediction", "save_count_picture", "picture_names", "save_scatter",
@@ -93,8 +97,6 @@ def _rgb_array(image, norm=None) -> np.ndarray:
     import torch
 
     if isinstance(image, torch.Tensor):
-        from .data.transforms import denormalize_image
-
         t = denormalize_image(image.detach().float().cpu(), norm) if norm is not None else image.detach().float().cpu()
         if t.dim() != 3 or t.shape[0] != 3:
             raise ValueError(f"image must be [3, H, W], got {tuple(image.shape)}")
@@ -194,7 +196,6 @@ def save_prediction(path, prediction, *, points=None, name: str | None = None, h
     ``prediction.points()``), the located heads marked on the image."""
     import torch
 
-    from .ops.density import density_map
 
     truth = None
     if points is not None:
@@ -209,8 +210,6 @@ def save_count_picture(path, prediction, *, heads=None, warn=None) -> None:
     """:func:`save_prediction` of a counted image, with its true map when a point file (``<image stem>.txt``,
     ``.csv`` or ``.json``) lies beside the image; a point file that cannot be read is told to ``warn`` (one
     line) and the picture is drawn without it."""
-    from .data import AnnotationError, image_points, point_file_beside, read_point_file
-
     points, ann = None, point_file_beside(prediction.source)
     if ann is not None:
         try:
@@ -268,7 +267,6 @@ def _head_array(heads) -> np.ndarray:
 
 
 def _save(fig, path) -> None:
-    from ._io import atomic_write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

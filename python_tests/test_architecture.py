@@ -69,6 +69,13 @@ def import_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
                     t = t.rpartition(".")[0]
                 if t and t != module:
                     graph[module].add(t)
+                    # importing a.b.c runs a/b/__init__.py first: an edge to every package on the way that
+                    # is not one of this module's own (the root's __init__ is the public facade, run first)
+                    parts = t.split(".")
+                    for i in range(2, len(parts)):
+                        package = ".".join(parts[:i])
+                        if package in files and not module.startswith(package + ".") and package != module:
+                            graph[module].add(package)
     return graph
 
 
@@ -110,6 +117,12 @@ def test_the_cycle_finder_finds_a_cycle(tmp_path):
                                              "crowdkernels.inference", "crowdkernels.engine.a"]
     (pkg / "inference.py").write_text("import torch\n")
     assert find_cycle(import_graph(pkg)) is None
+    # a cycle through a package's __init__: importing engine.a runs engine/__init__.py, which imports b
+    (pkg / "engine" / "__init__.py").write_text("from . import b\n")
+    (pkg / "engine" / "a.py").write_text("import torch\n")
+    (pkg / "inference.py").write_text("from .engine.a import f\n")
+    assert find_cycle(import_graph(pkg)) == ["crowdkernels.engine", "crowdkernels.engine.b",
+                                             "crowdkernels.inference", "crowdkernels.engine"]
 
 
 def test_no_import_cycle_in_the_package():
@@ -202,3 +215,45 @@ def test_the_map_names_every_module():
     files = {p.relative_to(PACKAGE.parent).as_posix() for p in PACKAGE.rglob("*.py")}
     assert sorted(files - named) == [], "modules missing from docs/ARCHITECTURE.md"
     assert sorted(named - files) == [], "docs/ARCHITECTURE.md names modules that do not exist"
+
+
+def late_imports(root: Path = PACKAGE) -> list[str]:
+    """The package's own modules imported inside functions or classes, except what needs an optional
+    third-party package (the Triton kernels, `crowdkernels.ops.triton`) or the compiled extension (`_C`)."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        module = _module_name(path, root)
+        tree = ast.parse(path.read_text(), str(path))
+        top = {id(n) for stmt in tree.body for n in ast.walk(stmt)
+               if not isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+        for node in ast.walk(tree):
+            if id(node) in top or not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            if isinstance(node, ast.ImportFrom):
+                target = _resolve(module, path.name == "__init__.py", node) if node.level else node.module or ""
+                names = [f"{target}.{a.name}" for a in node.names]
+            else:
+                target, names = "", [a.name for a in node.names]
+            for name in names if not target else [target] + names:
+                if name == root.name or name.startswith(root.name + "."):
+                    if not (name.startswith(f"{root.name}.ops.triton") or name.endswith("._C")):
+                        found.append(f"{path.relative_to(root.parent)}:{node.lineno} {name}")
+                    break
+    return found
+
+
+def test_the_late_import_check_finds_one(tmp_path):
+    pkg = tmp_path / "crowdkernels"
+    (pkg / "ops" / "triton").mkdir(parents=True)
+    for init in (pkg, pkg / "ops", pkg / "ops" / "triton"):
+        (init / "__init__.py").write_text("")
+    (pkg / "ops" / "gating.py").write_text("try:\n    from .triton import gating\nexcept ImportError:\n    gating = None\n"
+                                           "def f():\n    from .triton import gating\n")
+    (pkg / "viz.py").write_text("import torch\n\ndef draw():\n    import matplotlib\n")
+    assert late_imports(pkg) == []
+    (pkg / "viz.py").write_text("def draw():\n    from .ops import gating\n")
+    assert late_imports(pkg) == ["crowdkernels/viz.py:2 crowdkernels.ops"]
+
+
+def test_late_imports_only_for_optional_packages():
+    assert late_imports() == []

@@ -5,6 +5,7 @@ import argparse
 import json
 
 from ._args import EXIT_OK
+import crowdkernels
 
 NAME = "info"
 HELP = "what this installation can run: compiled backends, CUDA archs, Triton, threads"
@@ -20,7 +21,6 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def run(args) -> int:
-    import crowdkernels
 
     info = {"crowdkernels": crowdkernels.__version__, **crowdkernels.backends()}
     if args.json:

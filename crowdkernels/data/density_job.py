@@ -31,8 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._io import clean_stale_temps, save_json, save_npy
+from .._io import clean_stale_temps, parse_device, save_json, save_npy
 from .readers import AnnotationError, count_inside
+from ..ops.density import density_map, knn_sigma
+from .._progress import Progress
+from .layouts import list_samples
 
 __all__ = ["SIGMA_RULE", "DensitySettings", "DensityJobError", "effective_sigmas", "file_sha256", "run_density_job"]
 
@@ -78,8 +81,6 @@ class DensitySettings:
 
 def effective_sigmas(points, size, settings: DensitySettings) -> np.ndarray:
     """The sigmas density_map gives the points it keeps (see :data:`SIGMA_RULE`), float64 NumPy [M]."""
-    from ..ops.density import knn_sigma
-
     h, w = size
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     if settings.style in ("exact", "csrnet"):
@@ -220,11 +221,6 @@ def run_density_job(root, format: str, out, settings: DensitySettings = DensityS
         LayoutError (ROOT has not the format's layout), DensityJobError (bad settings or device, or OUT
         holds maps of other settings without ``overwrite``).
     """
-    from .._io import parse_device
-    from .._progress import Progress
-    from ..ops.density import density_map
-    from .layouts import list_samples
-
     settings.check()
     try:
         dev = parse_device(device, "--device")

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ..ops.density import density_maps
+from .transforms import crop_sample
 
 __all__ = ["DensityTarget", "DensityCache", "CrowdCollate"]
 
@@ -35,8 +37,6 @@ class DensityTarget:
     kernel_size: int = 15
 
     def __call__(self, points_list, size) -> torch.Tensor:
-        from ..ops.density import density_maps
-
         return density_maps([p.float() for p in points_list], size, **asdict(self))
 
 
@@ -96,8 +96,6 @@ class CrowdCollate:
         self.tiles = tiles
 
     def _cut(self, item: dict) -> list[dict]:
-        from .transforms import crop_sample
-
         t = self.tiles
         H, W = item["image"].shape[-2:]
         h, w = -(-H // t), -(-W // t)

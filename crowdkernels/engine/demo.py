@@ -34,6 +34,17 @@ import numpy as np
 import torch
 
 from .._io import atomic_write, save_json, save_npy
+from ..data.targets import CrowdCollate, DensityTarget
+from ..data.datasets import SyntheticCrowds
+from ..data.transforms import Compose, IMAGENET_NORM, Normalize, RandomHorizontalFlip
+from ..inference import Counter
+from ..models.registry import build_model
+from ..viz import save_learning_curve, save_picture
+from .evaluate import evaluate
+from .metrics import MSE_NOTE
+from .pipeline import held_out_seed
+from .config import TrainConfig
+from .trainer import Trainer
 
 __all__ = ["DEMO", "FAST", "run_demo"]
 
@@ -46,8 +57,6 @@ FAST = {"train": 8, "val": 4, "size": 64, "epochs": 1, "lr": 3e-3, "batch_size":
 
 def _demo_targets(samples):
     """[B, 1, H, W] float32 maps of the samples in one batched call (adaptive sigma, style exact)."""
-    from ..data.targets import DensityTarget
-
     return DensityTarget()([s.points_tensor() for s in samples], samples[0].size)
 
 
@@ -86,18 +95,6 @@ def run_demo(out, *, num_images: int = 160, val_images: int = 40, size: int = 12
     Messages go to ``stream`` (default: stdout). Returns the summary also written to OUT/summary.json
     (``metrics`` holds metrics.json).
     """
-    from ..data.datasets import SyntheticCrowds
-    from ..data.targets import CrowdCollate
-    from ..data.transforms import IMAGENET_NORM, Compose, Normalize, RandomHorizontalFlip
-    from ..inference import Counter
-    from ..models.registry import build_model
-    from ..viz import save_learning_curve, save_picture
-    from .evaluate import evaluate
-    from .metrics import MSE_NOTE
-    from .pipeline import held_out_seed
-    from .config import TrainConfig
-    from .trainer import Trainer
-
     stream = sys.stdout if stream is None else stream
     out = Path(out)
     for sub in ("density", "pictures"):

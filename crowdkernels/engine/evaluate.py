@@ -7,6 +7,10 @@ import torch
 
 from .metrics import CountMetrics, game
 from .predict import predict_density, spread_cells
+from ..data.readers import ImageError
+from ..ops.density import density_map
+from ..viz import save_picture, save_scatter
+from .._io import atomic_write, save_json
 
 __all__ = ["evaluate", "EvaluationWriter"]
 
@@ -55,8 +59,6 @@ def evaluate(
         for batch in loader:
             for name, reason in batch["skipped"]:
                 if strict:
-                    from ..data.readers import ImageError
-
                     path, sep, why = reason.partition(": ")
                     raise ImageError(path, why) if sep else ImageError(name, reason)
                 skipped.append(name)
@@ -113,9 +115,6 @@ class EvaluationWriter:
         (self.save_dir / "pictures").mkdir(parents=True, exist_ok=True)
 
     def __call__(self, name, image, cells, points) -> None:
-        from ..ops.density import density_map
-        from ..viz import save_picture
-
         count = float(cells.sum(dtype=torch.float64))
         true = float(points.shape[0])
         self.rows.append({"image": self.paths.get(name, name), "true_count": true, "predicted_count": count,
@@ -133,8 +132,6 @@ class EvaluationWriter:
         (``result``, default ``metrics``)."""
         import csv
 
-        from .._io import atomic_write, save_json
-        from ..viz import save_scatter
 
         def rows(f):
             writer = csv.DictWriter(f, fieldnames=["image", "true_count", "predicted_count", "error"])

@@ -10,6 +10,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .config import TrainConfig, TrainError, require_root
+from ..data.targets import DensityTarget
+from ..data.transforms import Compose, Normalize, RandomCrop, RandomHorizontalFlip, Resize
+from ..data.layouts import natural_key
+from ..data.datasets import CrowdDataset, SyntheticCrowds
+from ..data.specs import dataset_samples
+from ..data.patches import NinePatches, Repeated
 
 __all__ = ["target_from_config", "build_transforms", "build_datasets", "evaluation_dataset", "split_off",
            "held_out_seed", "mean_count_baseline"]
@@ -23,8 +29,6 @@ def held_out_seed(seed: int) -> int:
 
 def target_from_config(config: TrainConfig):
     """The run's :class:`crowdkernels.data.DensityTarget` (``config.target`` without its scale)."""
-    from ..data.targets import DensityTarget
-
     t = {k: v for k, v in (config.target or {}).items() if k != "scale"}
     return DensityTarget(**t)
 
@@ -32,8 +36,6 @@ def target_from_config(config: TrainConfig):
 def build_transforms(config: TrainConfig, train: bool, sha: bool = False):
     """The sample pipeline of a run: resizing, cropping and flipping (training) on RGB in [0, 1], then the
     model's input normalization (``config.input_norm``), always last."""
-    from ..data.transforms import Compose, Normalize, RandomCrop, RandomHorizontalFlip, Resize
-
     steps = []
     max_size = _max_size(config)
     if train:
@@ -55,7 +57,6 @@ def split_off(samples: list, fraction: float, seed: int) -> tuple[list, list]:
     from the samples in natural name order, so the split does not depend on the file system's order."""
     import numpy as np
 
-    from ..data.layouts import natural_key
 
     if not (isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction < 1):
         raise ValueError(f"--val-from-train must be a fraction in (0, 1), got {fraction!r}")
@@ -93,9 +94,6 @@ def build_datasets(config: TrainConfig, *, split: str = "train", warn=None, leve
     (:class:`crowdkernels.data.patches.NinePatches`). ``config.repeat`` > 1 reads each training sample that
     many times an epoch (a new random crop and flip each time). The training set's ``unaugmented()`` gives its
     images once each, without the random transforms."""
-    from ..data.datasets import CrowdDataset, SyntheticCrowds
-    from ..data.specs import dataset_samples
-
     if config.dataset == "synthetic":
         syn = config.synthetic
         val = SyntheticCrowds(int(syn["val"]), int(syn["size"]), held_out_seed(config.seed),
@@ -126,9 +124,6 @@ def build_datasets(config: TrainConfig, *, split: str = "train", warn=None, leve
         _warn_upsampling_crop(train_samples, config.crop, warn)
     plain = build_transforms(config, False)
     if config.patches is not None:
-        from ..data.patches import NinePatches
-        from ..data.transforms import Normalize, Resize
-
         if config.patches != "csrnet9":
             raise ValueError(f"patches must be None or 'csrnet9', got {config.patches!r}")
         # the patches are cut from the (resized) RGB image, then normalized
@@ -143,8 +138,6 @@ def build_datasets(config: TrainConfig, *, split: str = "train", warn=None, leve
 
 def _repeated(train, config: TrainConfig):
     """The training set with each of its samples ``config.repeat`` times an epoch (:class:`Repeated`)."""
-    from ..data.patches import Repeated
-
     times = config.repeat
     return train if type(times) is int and times == 1 else Repeated(train, times)
 
@@ -170,9 +163,6 @@ def evaluation_dataset(config, split: str | None = "val", *, warn=None, must_exi
 
     Returns ``(dataset, note)``, the note saying which images were used. ``warn`` reports left-out files.
     """
-    from ..data.datasets import CrowdDataset, SyntheticCrowds
-    from ..data.specs import dataset_samples
-
     if split not in (None, "train", "val", "test"):
         raise ValueError(f"split must be None, 'train', 'val' or 'test', got {split!r}")
     transform = build_transforms(replace(config, input_norm=None), False)

@@ -45,7 +45,10 @@ from .checkpoint import (CheckpointError, check_model, load_checkpoint, load_ini
 from .evaluate import evaluate
 from .pipeline import build_datasets, mean_count_baseline, target_from_config
 from .predict import autocast
-from .config import TrainConfig, TrainError, check_model_options
+from .config import TrainConfig, TrainError, check_model_options, start_warnings
+from ..data.targets import CrowdCollate
+from .workers import StopSafeLoader
+from ..data.transforms import check_norm
 
 __all__ = ["Trainer", "RunState", "build_run", "make_optimizer", "train", "validation_due"]
 
@@ -184,8 +187,6 @@ class Trainer:
     use it to stop a run). ``log`` prints messages (rank 0 only)."""
 
     def __init__(self, model, criterion, train_set, val_set, config: TrainConfig, *, collate=None, on_step=None, log=None):
-        from ..data.targets import CrowdCollate
-
         self.config = config
         self.model = model
         self.criterion = criterion
@@ -475,8 +476,6 @@ class Trainer:
     def _loaders(self):
         from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler, Subset
 
-        from ..data.targets import CrowdCollate
-        from .workers import StopSafeLoader
 
         cfg = self.config
         if dist_utils.is_distributed():
@@ -507,7 +506,6 @@ class Trainer:
         images, the run's target settings, on the canvas the model pads them to), before the first step."""
         from torch.utils.data import DataLoader
 
-        from ..data.targets import CrowdCollate
 
         base = getattr(self.train_set, "unaugmented", lambda: self.train_set)()
         collate = CrowdCollate(target_from_config(self.config), multiple=conventions_of(model).forward_multiple)
@@ -555,8 +553,6 @@ def build_run(config: TrainConfig, *, warn=None):
     (``config.pretrained``) or initial weights (``config.init``), its input and output conventions
     (``input_norm``, ``density_scale`` = the target's scale), its criterion with ``config.criterion_kwargs``,
     and the datasets (:func:`crowdkernels.engine.pipeline.build_datasets`)."""
-    from ..data.transforms import check_norm
-
     kwargs = dict(config.model_kwargs)
     if config.pretrained is not None:
         kwargs["pretrained"] = config.pretrained
@@ -584,8 +580,6 @@ def train(config: TrainConfig, *, warn=None) -> dict:
     names, seeds torch with ``config.seed``, builds the run (:func:`build_run`) and trains it
     (:meth:`Trainer.run`). Returns the run's summary with ``"main"``: whether this process is rank 0 (the one
     that writes and reports)."""
-    from .config import start_warnings
-
     dist_utils.init_from_env(torch.device(config.device).type if config.device else None)
     main = dist_utils.is_main()  # read before cleanup(): afterwards every process would say rank 0
     say = (warn or (lambda msg: None)) if main else (lambda msg: None)
