@@ -265,7 +265,6 @@ class _Sources(torch.utils.data.Dataset):
 
 
 def _raise(name: str, err) -> None:
-
     kind, reason, _ = err
     if kind == "ImageError":
         raise ImageError(name, reason)
@@ -493,7 +492,6 @@ class Counter:
 
 
 def _device(device) -> torch.device:
-
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return parse_device(device, "device")

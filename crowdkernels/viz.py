@@ -267,7 +267,6 @@ def _head_array(heads) -> np.ndarray:
 
 
 def _save(fig, path) -> None:
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=_DPI, pil_kwargs={"compress_level": 1}))

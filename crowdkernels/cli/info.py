@@ -21,7 +21,6 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def run(args) -> int:
-
     info = {"crowdkernels": crowdkernels.__version__, **crowdkernels.backends()}
     if args.json:
         print(json.dumps(info, indent=1))
