@@ -326,11 +326,14 @@ def peak_rss_subprocess(op: Op, device: str, dtype, x, pairs) -> Dict[str, int]:
     """{"mode/provider": bytes} for each (mode, provider) of `pairs`, measured in one fresh subprocess."""
     here = os.path.dirname(os.path.abspath(__file__))
     module = sys.modules[op.build.__module__].__file__
+    # the crowdkernels this process runs (installed, or a source tree with its built _C), never a checkout's
+    # unbuilt tree found through the working directory, where every op would run its reference
+    package = os.path.dirname(os.path.dirname(os.path.abspath(crowdkernels.__file__)))
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([package, here, os.environ.get("PYTHONPATH", "")]))
     code = "import sys, harness; harness._peak_main(*sys.argv[1:])"
     res = subprocess.run([sys.executable, "-c", code, module, op.name, device, _dtype_name(dtype),
-                          json.dumps(x), json.dumps(pairs)], capture_output=True, text=True, env=env)
+                          json.dumps(x), json.dumps(pairs)], capture_output=True, text=True, env=env, cwd=here)
     if res.returncode != 0:
         raise RuntimeError(f"the peak-memory subprocess of {op.name} at {x} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
