@@ -5,6 +5,7 @@ resolution; the file passes onnx.checker and carries its metadata; the CLI expor
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -117,11 +118,18 @@ def test_l2sm_says_it_does_not_export(tmp_path):
         export(ckpt, tmp_path / "model.onnx")
 
 
-def test_without_onnxruntime_loading_says_what_to_install(exported, monkeypatch):
-    _, path = exported("csrnet")
-    monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)
-    with pytest.raises(ImportError, match=r"crowdkernels\[deploy\]"):
+def test_without_the_deploy_extra_export_and_load_say_what_to_install(exported, monkeypatch, tmp_path, capsys):
+    ckpt, path = exported("csrnet")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ImportError, match=r"^onnxruntime not installed: pip install 'crowdkernels\[deploy\]'"):
         ck.load(path)
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(ImportError, match=r"^onnx not installed: pip install 'crowdkernels\[deploy\]'"):
+        export(ckpt, tmp_path / "model.onnx")
+    assert cli.main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "crowdkernels export: error: onnx not installed: pip install 'crowdkernels[deploy]' "
+        "(or: pip install onnx onnxscript onnxruntime)"]
 
 
 def test_cli_exports_and_counts_with_the_file(exported, tmp_path, capsys):
