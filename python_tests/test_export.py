@@ -142,3 +142,13 @@ def test_cli_exports_and_counts_with_the_file(exported, tmp_path, capsys):
     (row,) = json.loads(capsys.readouterr().out)
     assert row["count"] == pytest.approx(ck.load(ckpt, "cpu").count(image), rel=COUNT_RTOL)
     assert cli.main(["count", "--checkpoint", str(out), "--tile", "512", str(image)]) == 2
+
+
+def test_onnx_counter_evaluates_a_dataset_as_pytorch(exported):
+    from crowdkernels.data import SyntheticCrowds
+
+    ckpt, path = exported("hmode")
+    ours, _ = ck.load(path).evaluate(SyntheticCrowds(3, 72, 0), progress=False)
+    theirs, _ = ck.load(ckpt, "cpu").evaluate(SyntheticCrowds(3, 72, 0), progress=False)
+    assert ours["images"] == theirs["images"] == 3
+    assert ours["mae"] == pytest.approx(theirs["mae"], rel=COUNT_RTOL, abs=1e-5)
