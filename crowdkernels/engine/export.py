@@ -25,6 +25,7 @@ from torch import nn
 
 from .._constants import VERSION
 from ..models.conventions import Conventions, conventions_of
+from ..data.transforms import normalize_image
 from ..models.l2sm import L2SM
 from .checkpoint import model_from_checkpoint
 from .predict import final_of
@@ -54,18 +55,14 @@ class _Deployed(nn.Module):
         super().__init__()
         conv = conventions_of(model)
         self.model = model
-        norm = conv.input_norm
-        self.normalize = norm is not None
-        mean, std = (norm["mean"], norm["std"]) if norm is not None else ((0.0,) * 3, (1.0,) * 3)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.norm = conv.input_norm
         self.multiple = int(conv.input_multiple)
         self.scale = float(conv.density_scale)
         self.stride = conv.stride
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         H, W = images.shape[-2:]
-        x = (images - self.mean) / self.std if self.normalize else images
+        x = normalize_image(images, self.norm)
         m = self.multiple
         x = F.pad(x, (0, (m - W % m) % m, 0, (m - H % m) % m))
         out = final_of(self.model(x)) / self.scale
