@@ -45,7 +45,7 @@ from .inference import Counter, Prediction, load
 from .data.points import density_to_points, match_points
 
 
-__version__ = "0.1.0"
+from ._constants import VERSION as __version__
 
 __all__ = [
     "CSRNet", "Counter", "GatingOutput", "HMoDE", "L2SM", "Prediction", "SPN", "VGG16", "__version__",

@@ -81,8 +81,13 @@ def backend(device: torch.device, op: str) -> str:
         op registered;
     'cpu': the C++ kernel of `_C`, on the CPU, where this build registered one for `op`;
     'reference': the plain-PyTorch reference (crowdkernels/ops/reference.py) everywhere else, so that a
-        partial or stale build falls back to it instead of failing.
+        partial or stale build falls back to it instead of failing; and while `torch.export` traces a model
+        (`crowdkernels.engine.export`), so that the exported graph holds the reference maths in standard
+        operators: an ONNX runtime has no kernel of ours, and the compiled ops' plain-int arguments (sizes)
+        would fix the traced image size in the graph.
     """
+    if torch.compiler.is_exporting():
+        return "reference"
     if device.type == "cuda":
         if op in TRITON_OPS:
             runs = triton_available() and _registered(f"{op}_triton", "CompositeExplicitAutograd")

@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .engine.checkpoint import model_from_checkpoint
+from .engine.checkpoint import CheckpointError, model_from_checkpoint
+from .engine.export import OnnxModel
 from .engine.evaluate import evaluate
 from .engine.predict import cell_stride, predict_density, spread_cells
 from .models.conventions import conventions_of
@@ -514,9 +515,17 @@ def load(checkpoint, device=None, *, model: str | None = None, model_kwargs: dic
             files without them, such as the released HMoDE weights); or a value that overrides it (None: never
             tile / never shrink). See :class:`Counter`.
         amp: see :class:`Counter`.
+    An ONNX file that :func:`crowdkernels.engine.export.export` wrote (``*.onnx``) gives the same Counter, run by
+    ONNX Runtime's CPU provider (``device`` must then be None or "cpu"): its graph normalizes, pads and scales
+    itself, and it runs whole images (``tile`` must be :data:`CHECKPOINT` or None: tiles cut outside the graph
+    would be padded before its normalization, not after); ``max_size`` defaults to the one in its metadata.
+
     Raises:
-        CheckpointError naming the file when it is missing, unreadable, or of another model.
+        CheckpointError naming the file when it is missing, unreadable, or of another model; ImportError in
+        one line when an ONNX file is given without onnx and onnxruntime installed.
     """
+    if str(checkpoint).lower().endswith(".onnx"):
+        return _load_onnx(checkpoint, device, model, tile, max_size)
     dev = _device(device)
     net, ckpt = model_from_checkpoint(checkpoint, dev, model=model, model_kwargs=model_kwargs)
     cfg = ckpt.get("config") or {}
@@ -533,3 +542,26 @@ def load(checkpoint, device=None, *, model: str | None = None, model_kwargs: dic
             settings[name], sources[name] = value, "override"
     info = {"path": str(checkpoint), "model": ckpt.get("model_name"), "config": cfg, "sources": sources}
     return Counter(net, dev, tile=settings["tile"], amp=amp, max_size=settings["max_size"], info=info)
+
+
+def _load_onnx(path, device, model, tile, max_size) -> Counter:
+    """:func:`load` of an exported ONNX file (see there)."""
+    if device is not None and parse_device(device, "device").type != "cpu":
+        raise ValueError(f"device={device!r}: an ONNX counter runs on the CPU (ONNX Runtime's CPU provider)")
+    if not isinstance(tile, str) and tile is not None:
+        raise ValueError(f"tile={tile!r}: an ONNX counter runs whole images (its graph pads after normalizing, "
+                         "tiles cut outside it would not be); leave tile at its default or None")
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: no such file")
+    net = OnnxModel(path)
+    meta = net.metadata
+    name = meta.get("model")
+    if model is not None and name != model:
+        raise CheckpointError(f"{path}: an exported {name!r} model, not {model!r}")
+    sources = {"input_norm": "onnx graph", "density_scale": "onnx graph", "tile": "onnx: whole images"}
+    if isinstance(max_size, str) and max_size == CHECKPOINT:
+        max_size, sources["max_size"] = meta.get("max_size"), "onnx metadata"
+    else:
+        sources["max_size"] = "override"
+    info = {"path": str(path), "model": name, "config": {}, "sources": sources}
+    return Counter(net, "cpu", tile=None, max_size=max_size, info=info)

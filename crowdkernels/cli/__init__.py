@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from . import count, demo, density, eval as eval_, info, train
+from . import count, demo, density, eval as eval_, export, info, train
 from ._args import EXIT_BROKEN_PIPE, EXIT_FAILED, EXIT_USAGE, CliError
 from .. import __version__
 from .._io import OutputPathError
@@ -28,7 +28,7 @@ from ..engine.config import TrainError
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: the commands, in --help order
-COMMANDS = (info, density, train, eval_, count, demo)
+COMMANDS = (info, density, train, eval_, count, export, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

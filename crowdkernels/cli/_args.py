@@ -85,5 +85,7 @@ def load_counter(args) -> inference.Counter:
                               max_size=setting(args.max_size))
     except CheckpointError:  # reported by main
         raise
+    except ImportError as exc:  # an ONNX file without onnxruntime: what to install
+        raise CliError(str(exc)) from None
     except ValueError as exc:  # e.g. a tile too small for the model
         raise CliError(str(exc)) from None

@@ -62,7 +62,7 @@ def _check_experts(experts):
             raise ValueError(f"{name} must be on {experts[0].device} (that of experts[0]), got {e.device}")
         if e.shape[2] < 1 or e.shape[3] < 1:
             raise ValueError(f"{name} must be non-empty, got shape {tuple(e.shape)}")
-        sizes += [int(e.shape[2]), int(e.shape[3])]
+        sizes += [e.shape[2], e.shape[3]]  # ints, or symbolic sizes while a model is exported
     return list(experts), None, sizes
 
 
@@ -99,9 +99,10 @@ def _check_groups(groups, K, device):
     N = groups.shape[1]
     if not 1 <= N <= K:
         raise ValueError(f"groups must have 1 <= N <= K = {K} columns, got N = {N}")
-    lo, hi = int(groups.min()), int(groups.max())
-    if lo < 0 or hi >= K:
-        raise ValueError(f"groups must index experts 0..{K - 1}, got values in [{lo}, {hi}]")
+    if not torch.compiler.is_exporting():  # an exported model's groups are traced: they hold no values to check
+        lo, hi = int(groups.min()), int(groups.max())
+        if lo < 0 or hi >= K:
+            raise ValueError(f"groups must index experts 0..{K - 1}, got values in [{lo}, {hi}]")
     return groups.to(device=device, dtype=torch.long).contiguous()
 
 
@@ -128,6 +129,8 @@ def _check_size(size, sizes):
         return max(hw, key=lambda s: s[0] * s[1])
     if isinstance(size, int) and not isinstance(size, bool):
         size = (size, size)
+    if isinstance(size, tuple) and len(size) == 2 and any(isinstance(s, torch.SymInt) for s in size):
+        return size  # the experts' own symbolic sizes, while a model is exported: int() would fix them
     try:
         H, W = (int(s) for s in size)
         if (H, W) != tuple(size):

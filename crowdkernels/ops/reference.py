@@ -347,7 +347,8 @@ def hierarchical_gating(experts, gate1_logits, gate2_logits, groups, size, upsam
     # G1: softmax over the N maps of each group; G2: softmax over the M groups (pixel-wise, sec. III-B-1).
     G1 = torch.softmax(up(gate1_logits).reshape(B, M, N, H, W), dim=2)
     G2 = torch.softmax(up(gate2_logits), dim=1)
-    E_ij = torch.stack([torch.cat([E[int(k)] for k in row], dim=1) for row in groups], dim=1)  # [B, M, N, H, W]
+    # gathered by tensor indexing, not by reading the indices in Python, so that the export can trace it
+    E_ij = torch.cat(E, dim=1)[:, groups.reshape(-1)].reshape(B, M, N, H, W)  # [B, M, N, H, W]
     group_maps = (G1 * E_ij).sum(dim=2)  # eq. 1, inner sum over j
     final = (G2 * group_maps).sum(dim=1, keepdim=True)  # eq. 1, outer sum over i
     importance = G1.sum(dim=(-2, -1))

@@ -1,0 +1,154 @@
+"""Export to ONNX (and .pt2) and counting with ONNX Runtime: for every model that exports and for the authors'
+released HMoDE files, the ONNX counter's counts equal the PyTorch Counter's to 1e-4 relative and its maps to
+1e-5 of their maximum, at sizes that are and are not multiples of the stride and on a real image at full
+resolution; the file passes onnx.checker and carries its metadata; the CLI exports and counts with it."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+onnx = pytest.importorskip("onnx", reason="onnx is not installed: pip install 'crowdkernels[deploy]'")
+pytest.importorskip("onnxscript", reason="onnxscript is not installed: pip install 'crowdkernels[deploy]'")
+pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: pip install 'crowdkernels[deploy]'")
+
+import crowdkernels as ck  # noqa: E402
+from crowdkernels import cli  # noqa: E402
+from crowdkernels.engine.export import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, export  # noqa: E402
+from crowdkernels.models import HMoDE  # noqa: E402
+from conftest import require_data  # noqa: E402
+from released_hmode import released_state_dict  # noqa: E402
+from test_inference import WIDTH, _checkpoint, _crowd_png  # noqa: E402
+
+COUNT_RTOL = 1e-4
+MAP_TOL = 1e-5  # of the map's largest absolute value
+#: one size a multiple of every stride and of the padding multiple, one that is not
+SIZES = [(64, 96), (61, 77)]
+EXPORTED = ["csrnet", "spn", "hmode", "hmode-official", "released"]
+
+
+def _released_file(path):
+    """An HMoDE file in the authors' released format (their names, a plain state_dict; full width, as released),
+    of random weights."""
+    torch.manual_seed(0)
+    torch.save(released_state_dict(HMoDE(variant="official")), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """model -> (its checkpoint, its ONNX file), each exported once for the module."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            root = tmp_path_factory.mktemp(name)
+            ckpt = _released_file(root / "released.pth") if name == "released" else _checkpoint(root / "best.pt", name)
+            cache[name] = (ckpt, export(ckpt, root / "model.onnx"))
+        return cache[name]
+
+    return get
+
+
+def _real_image():
+    folder = require_data("ShanghaiTech", "part_B", "train_data", "images")
+    images = sorted(folder.glob("*.jpg"))
+    if not images:
+        pytest.skip(f"no ShanghaiTech B image in {folder}")
+    return images[0]
+
+
+def _assert_same(torch_counter, onnx_counter, image):
+    a, b = torch_counter.predict(image), onnx_counter.predict(image)
+    assert b.cells.shape == a.cells.shape
+    assert b.count == pytest.approx(a.count, rel=COUNT_RTOL, abs=1e-6)
+    da, db = a.density(), b.density()
+    assert float((da - db).abs().max()) <= MAP_TOL * float(da.abs().max())
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+def test_onnx_counts_equal_pytorch(name, exported, tmp_path):
+    ckpt, path = exported(name)
+    torch_counter, onnx_counter = ck.load(ckpt, "cpu"), ck.load(path)
+    for k, (h, w) in enumerate(SIZES):
+        _assert_same(torch_counter, onnx_counter, _crowd_png(tmp_path / f"{k}.png", h, w, seed=k))
+    images = [_crowd_png(tmp_path / f"b{k}.png", 61, 77, seed=k) for k in range(2)]
+    assert onnx_counter.count_many(images, batch_size=2) == pytest.approx(torch_counter.count_many(images),
+                                                                          rel=COUNT_RTOL)
+
+
+# the released files are full width: on a small image above; the graph is hmode-official's
+@pytest.mark.parametrize("name", [n for n in EXPORTED if n != "released"])
+def test_onnx_counts_a_real_image_at_full_resolution(name, exported):
+    image = _real_image()
+    ckpt, path = exported(name)
+    _assert_same(ck.load(ckpt, "cpu"), ck.load(path), image)
+
+
+def test_the_file_passes_the_checker_and_says_what_it_is(exported):
+    ckpt, path = exported("hmode")
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert [i.name for i in model.graph.input] == [INPUT_NAME]
+    assert [o.name for o in model.graph.output] == [OUTPUT_NAME]
+    assert any(o.domain in ("", "ai.onnx") and o.version == ONNX_OPSET for o in model.opset_import)
+    assert not any(n.domain.startswith("crowdkernels") for n in model.graph.node)
+    meta = {p.key: json.loads(p.value) for p in model.metadata_props}
+    assert meta["model"] == "hmode" and meta["stride"] == 4 and meta["input_multiple"] == 16
+    assert meta["crowdkernels_version"] == ck.__version__
+    assert {"max_size", "tile"} <= set(meta)
+
+
+def test_pt2_runs_the_same_graph(exported, tmp_path):
+    ckpt, _ = exported("csrnet")
+    path = export(ckpt, tmp_path / "model.pt2", format="pt2")
+    program = torch.export.load(str(path))
+    rgb = torch.rand(1, 3, 61, 77)
+    expected = ck.load(ckpt, "cpu").predict_cells(rgb)
+    torch.testing.assert_close(program.module()(rgb), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_l2sm_says_it_does_not_export(tmp_path):
+    ckpt = _checkpoint(tmp_path / "best.pt", "l2sm")
+    with pytest.raises(NotImplementedError, match="L2SM"):
+        export(ckpt, tmp_path / "model.onnx")
+
+
+def test_without_the_deploy_extra_export_and_load_say_what_to_install(exported, monkeypatch, tmp_path, capsys):
+    ckpt, path = exported("csrnet")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ImportError, match=r"^onnxruntime not installed: pip install 'crowdkernels\[deploy\]'"):
+        ck.load(path)
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(ImportError, match=r"^onnx not installed: pip install 'crowdkernels\[deploy\]'"):
+        export(ckpt, tmp_path / "model.onnx")
+    assert cli.main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "crowdkernels export: error: onnx not installed: pip install 'crowdkernels[deploy]' "
+        "(or: pip install onnx onnxscript onnxruntime)"]
+
+
+def test_cli_exports_and_counts_with_the_file(exported, tmp_path, capsys):
+    ckpt, _ = exported("csrnet")
+    out = tmp_path / "cli.onnx"
+    assert cli.main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    image = _crowd_png(tmp_path / "a.png", 61, 77)
+    capsys.readouterr()
+    assert cli.main(["count", "--checkpoint", str(out), "--json", str(image)]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["count"] == pytest.approx(ck.load(ckpt, "cpu").count(image), rel=COUNT_RTOL)
+    assert cli.main(["count", "--checkpoint", str(out), "--tile", "512", str(image)]) == 2
+
+
+def test_onnx_counter_evaluates_a_dataset_as_pytorch(exported):
+    from crowdkernels.data import SyntheticCrowds
+
+    ckpt, path = exported("hmode")
+    ours, _ = ck.load(path).evaluate(SyntheticCrowds(3, 72, 0), progress=False)
+    theirs, _ = ck.load(ckpt, "cpu").evaluate(SyntheticCrowds(3, 72, 0), progress=False)
+    assert ours["images"] == theirs["images"] == 3
+    assert ours["mae"] == pytest.approx(theirs["mae"], rel=COUNT_RTOL, abs=1e-5)
