@@ -11,7 +11,9 @@ import pytest
 
 import crowdkernels
 
-PACKAGE = Path(crowdkernels.__file__).parent
+# the sources of this checkout (what is committed), else the installed package
+_SOURCES = Path(__file__).resolve().parents[1] / "crowdkernels"
+PACKAGE = _SOURCES if (_SOURCES / "__init__.py").exists() else Path(crowdkernels.__file__).parent
 RELEASE = Path(__file__).parent / "data" / "release_0.1.0_interface.json"
 
 
