@@ -29,6 +29,7 @@ original pixels the same way.
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import math
 import re
@@ -51,8 +52,11 @@ from .data.transforms import IMAGENET_NORM, check_norm, normalize_image, resize_
 from ._progress import Progress
 from .data.targets import CrowdCollate
 from ._io import parse_device
+from ._options import Option, int_at_least, max_size_arg, positive_int
+from .models import MODEL_NAMES
 
-__all__ = ["Counter", "Prediction", "load", "image_paths", "as_rgb", "CHECKPOINT", "VIDEO_EXTENSIONS", "min_tile"]
+__all__ = ["Counter", "Prediction", "load", "image_paths", "as_rgb", "CHECKPOINT", "VIDEO_EXTENSIONS", "min_tile",
+           "NONE", "COUNTER_OPTIONS", "COUNT_OPTIONS", "max_size_or_none", "tile_arg"]
 
 _GLOB_CHARS = set("*?[")
 
@@ -565,3 +569,63 @@ def _load_onnx(path, device, model, tile, max_size) -> Counter:
         sources["max_size"] = "override"
     info = {"path": str(path), "model": name, "config": {}, "sources": sources}
     return Counter(net, "cpu", tile=None, max_size=max_size, info=info)
+
+
+# ----------------------------------------------------------------------------------------- command-line options
+#: what ``--max-size none`` and ``--tile none`` give: no cap, no tiles (overriding the checkpoint's own setting)
+NONE = "none"
+
+
+def max_size_or_none(text: str):
+    """eval/count --max-size: a side, a box, or 'none' (no cap, whatever the checkpoint's training used)."""
+    if text.strip().lower() == NONE:
+        return NONE
+    try:
+        return max_size_arg(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a side in pixels (2048), a box (1920x1080) or 'none', got {text!r}") from None
+
+
+def tile_arg(text: str):
+    """eval/count --tile: a side of at least min_tile() pixels, or 'none' (never tile)."""
+    if text.strip().lower() == NONE:
+        return NONE
+    return int_at_least(min_tile(), f"a tile side of at least {min_tile()} pixels (2 x the 64-pixel overlap + 16) or "
+                                    "'none'")(text)
+
+
+def _checkpoint_default(text: str) -> str:
+    return f"{text}; default: the checkpoint's own (its training's setting), 'none' turns it off"
+
+
+#: the options of the Counter that ``crowdkernels eval`` and ``count`` load (:func:`load`'s arguments; --max-size
+#: and --tile: the checkpoint's own when not given, ``NONE``: off), placed among each command's by their order
+COUNTER_OPTIONS = (
+    Option("--checkpoint", 10, required=True, type=Path, help="a .pt from crowdkernels train"),
+    Option("--model", 60, choices=MODEL_NAMES, help="refuse a checkpoint of another model"),
+    Option("--max-size", 70, type=max_size_or_none, metavar="SIZE",
+           help=_checkpoint_default("shrink larger images first: a side (2048) or a box (1920x1080)")),
+    Option("--tile", 71, type=tile_arg, metavar="PIXELS",
+           help=_checkpoint_default(f"run images beyond this side in overlapping tiles (at least {min_tile()}: 2 x "
+                                    "the 64-pixel overlap + 16)")),
+    Option("--device", 80, help="default: cuda when visible, else cpu"),
+    Option("--amp", 90, action="store_true", help="autocast on a GPU (no effect on the CPU: a warning says so)"),
+)
+
+#: ``crowdkernels count``'s own options (:func:`image_paths`, :meth:`Counter.predictions`, pictures, points)
+COUNT_OPTIONS = (
+    Option("images", 0, nargs="+", metavar="IMAGE", help="image files, folders or glob patterns"),
+    Option("--json", 20, action="store_true", help="print one JSON list on stdout (progress and logs on stderr)"),
+    Option("--save-dir", 30, type=Path,
+           help="write DIR/<image stem>.png: the image beside its density map, the count in the title (and the true "
+                "count and map when a point file <image stem>.txt/.csv/.json lies beside it). Images that share a "
+                "stem (a/crowd.jpg, b/crowd.jpg) are named after their paths below the folder they have in common, "
+                "'/' written '__' (a__crowd.png, b__crowd.png; crowd.jpg.png and crowd.png.png for two files of one "
+                "folder), so that no picture overwrites another"),
+    Option("--points", 65, action="store_true",
+           help="locate the heads (as many as the rounded count; see Counter.points): stdout becomes a CSV "
+                "'image,x,y,score' (pixels; score: people near the point), with --json each image gets "
+                "\"points\": [[x, y, score], ...]; --save-dir pictures mark them"),
+    Option("--batch-size", 75, type=positive_int, default=1, help="images of one size run together; default: 1"),
+    Option("--strict", 110, action="store_true", help="stop at the first bad image"),
+)

@@ -162,6 +162,7 @@ def test_help_text_is_the_previous_releases(command, monkeypatch):
 # The layers of docs/ARCHITECTURE.md, lowest first; a module takes the layer of its longest matching prefix.
 LAYERS = {
     "crowdkernels._ext": 0, "crowdkernels._constants": 0, "crowdkernels._io": 0, "crowdkernels._safe_load": 0, "crowdkernels._progress": 0,
+    "crowdkernels._options": 0,
     "crowdkernels.ops": 1,
     "crowdkernels.losses": 2,
     "crowdkernels.models": 3, "crowdkernels.data": 3, "crowdkernels.viz": 3,

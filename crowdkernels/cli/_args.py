@@ -1,5 +1,5 @@
-"""What the commands share: exit codes, the one-line error, messages on stderr, the argument types of eval and
-count (the settings' own types are :mod:`crowdkernels.engine.config`'s), and the checkpoint they load."""
+"""What the commands share: exit codes, the one-line error, messages on stderr, the arguments generated from the
+library's option declarations (:class:`crowdkernels._options.Option`), and the checkpoint eval and count load."""
 from __future__ import annotations
 
 import argparse
@@ -8,13 +8,9 @@ import sys
 from .. import inference
 from .._io import parse_device
 from ..engine.checkpoint import CheckpointError
-from ..engine.config import int_at_least, max_size_arg
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command whose reader went away
-
-#: what `--max-size none` and `--tile none` give: no cap, no tiles (overriding the checkpoint's own setting)
-NONE = "none"
 
 
 class CliError(Exception):
@@ -25,42 +21,23 @@ def warn(msg: str) -> None:
     print(f"crowdkernels: {msg}", file=sys.stderr)
 
 
+def add_options(p: argparse.ArgumentParser, options) -> dict:
+    """Adds the declared options to a command's parser in ``--help`` order; returns argparse dest -> option for
+    those that override a setting (train's)."""
+    overrides = {}
+    for option in sorted(options, key=lambda o: o.order):
+        action = p.add_argument(option.flag, **option.argparse_kwargs())
+        if option.override:
+            overrides[action.dest] = option
+    return overrides
+
+
 def report_skipped(skipped: dict) -> None:
     """Names every skipped file once: the readers' reasons already start with the file's path."""
     if skipped:
         print(f"{len(skipped)} file(s) skipped:", file=sys.stderr)
         for name, reason in skipped.items():
             print(f"  {reason}" if str(name) in str(reason) else f"  {name}: {reason}", file=sys.stderr)
-
-
-def max_size_or_none(text: str):
-    """eval/count --max-size: a side, a box, or 'none' (no cap, whatever the checkpoint's training used)."""
-    if text.strip().lower() == NONE:
-        return NONE
-    try:
-        return max_size_arg(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected a side in pixels (2048), a box (1920x1080) or 'none', got {text!r}") from None
-
-
-def tile_arg(text: str):
-    """eval/count --tile: a side of at least min_tile() pixels, or 'none' (never tile)."""
-    if text.strip().lower() == NONE:
-        return NONE
-    return int_at_least(inference.min_tile(), f"a tile side of at least {inference.min_tile()} pixels (2 x the 64-pixel "
-                                              "overlap + 16) or 'none'")(text)
-
-
-def add_input_settings(p: argparse.ArgumentParser) -> None:
-    """eval's and count's --max-size and --tile: the checkpoint's own by default."""
-    def what(text):
-        return f"{text}; default: the checkpoint's own (its training's setting), 'none' turns it off"
-
-    p.add_argument("--max-size", type=max_size_or_none, metavar="SIZE",
-                   help=what("shrink larger images first: a side (2048) or a box (1920x1080)"))
-    p.add_argument("--tile", type=tile_arg, metavar="PIXELS",
-                   help=what(f"run images beyond this side in overlapping tiles (at least {inference.min_tile()}: 2 x "
-                             "the 64-pixel overlap + 16)"))
 
 
 def check_device(device) -> None:
@@ -78,7 +55,7 @@ def load_counter(args) -> inference.Counter:
     check_device(args.device)
 
     def setting(value):
-        return inference.CHECKPOINT if value is None else (None if value == NONE else value)
+        return inference.CHECKPOINT if value is None else (None if value == inference.NONE else value)
 
     try:
         return inference.load(args.checkpoint, args.device, model=args.model, tile=setting(args.tile), amp=args.amp,

@@ -6,14 +6,11 @@ import argparse
 import csv
 import json
 import sys
-from pathlib import Path
 
-from ._args import EXIT_FAILED, EXIT_OK, CliError, add_input_settings, load_counter, report_skipped, warn
+from ._args import EXIT_FAILED, EXIT_OK, CliError, add_options, load_counter, report_skipped, warn
 from .._io import output_dir
 from ..data import ImageError
-from ..engine import MODEL_NAMES
-from ..engine.config import positive_int
-from ..inference import image_paths
+from ..inference import COUNT_OPTIONS, COUNTER_OPTIONS, image_paths
 from ..viz import picture_names, save_count_picture
 
 NAME = "count"
@@ -29,25 +26,7 @@ def add_arguments(p: argparse.ArgumentParser):
         "normalization, density scale; --max-size and --tile override); the settings used are printed on stderr. "
         "Images that fail are named on stderr and left out; the exit code is then 1."
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
-    p.add_argument("--checkpoint", required=True, type=Path, help="a .pt from crowdkernels train")
-    p.add_argument("--json", action="store_true", help="print one JSON list on stdout (progress and logs on stderr)")
-    p.add_argument("--save-dir", type=Path,
-                   help="write DIR/<image stem>.png: the image beside its density map, the count in the title (and "
-                        "the true count and map when a point file <image stem>.txt/.csv/.json lies beside it). Images "
-                        "that share a stem (a/crowd.jpg, b/crowd.jpg) are named after their paths below the folder they "
-                        "have in common, '/' written '__' (a__crowd.png, b__crowd.png; crowd.jpg.png and crowd.png.png "
-                        "for two files of one folder), so that no picture overwrites another")
-    p.add_argument("--model", choices=MODEL_NAMES, help="refuse a checkpoint of another model")
-    p.add_argument("--points", action="store_true",
-                   help="locate the heads (as many as the rounded count; see Counter.points): stdout becomes a CSV "
-                        "'image,x,y,score' (pixels; score: people near the point), with --json each image gets "
-                        "\"points\": [[x, y, score], ...]; --save-dir pictures mark them")
-    add_input_settings(p)
-    p.add_argument("--batch-size", type=positive_int, default=1, help="images of one size run together; default: 1")
-    p.add_argument("--device", help="default: cuda when visible, else cpu")
-    p.add_argument("--amp", action="store_true", help="autocast on a GPU (no effect on the CPU: a warning says so)")
-    p.add_argument("--strict", action="store_true", help="stop at the first bad image")
+    add_options(p, COUNTER_OPTIONS + COUNT_OPTIONS)
     return run
 
 

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from ._args import EXIT_FAILED, EXIT_OK, CliError
+from ._args import EXIT_FAILED, EXIT_OK, CliError, add_options
 from .._io import output_dir
-from ..engine import MODEL_NAMES
-from ..engine.config import positive_float, positive_int
-from ..engine.demo import DEMO, FAST, run_demo
+from ..engine.demo import DEMO, DEMO_OPTIONS, FAST, run_demo
 
 NAME = "demo"
 HELP = "train a small model on synthetic crowds, evaluate it against the mean-count baseline, draw it"
@@ -23,17 +20,7 @@ def add_arguments(p: argparse.ArgumentParser):
         "(image | predicted | true density), OUT/density/*.npy, OUT/data/{train,val}/ (the images and their "
         "points, a 'folder' dataset), OUT/summary.json and the run in OUT/run/ (last.pt, best.pt)."
     )
-    p.add_argument("--out", type=Path, default=Path("crowdkernels-demo"), help="default: ./crowdkernels-demo")
-    p.add_argument("--num-images", type=positive_int, help=f"training images; default: {DEMO['train']}")
-    p.add_argument("--val-images", type=positive_int, help=f"held-out images; default: {DEMO['val']}")
-    p.add_argument("--size", type=positive_int, help=f"image side in pixels (>= 16); default: {DEMO['size']}")
-    p.add_argument("--epochs", type=positive_int, help=f"default: {DEMO['epochs']}")
-    p.add_argument("--minutes", type=positive_float, default=DEMO["minutes"],
-                   help=f"training time budget (stops after the epoch that passes it); default: {DEMO['minutes']}")
-    p.add_argument("--model", choices=MODEL_NAMES, default=DEMO["model"], help=f"default: {DEMO['model']}")
-    p.add_argument("--width", type=positive_float, default=DEMO["width"], help=f"model width multiplier; default: {DEMO['width']}")
-    p.add_argument("--seed", type=int, default=0, help="default: 0")
-    p.add_argument("--fast", action="store_true", help="a seconds-long smoke run (few small images, one epoch)")
+    add_options(p, DEMO_OPTIONS)
     return run
 
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from ._args import EXIT_OK, CliError, warn
-from ..engine.export import FORMATS, ONNX_OPSET, export
+from ._args import EXIT_OK, CliError, add_options, warn
+from ..engine.export import EXPORT_OPTIONS, export
 
 NAME = "export"
 HELP = "export a trained checkpoint to ONNX (or a torch.export .pt2) that counts RGB images in [0, 1]"
@@ -21,11 +20,7 @@ def add_arguments(p: argparse.ArgumentParser):
         "'crowdkernels count --checkpoint OUT' count with it (ONNX Runtime, CPU). Needs the 'deploy' extra "
         "(pip install 'crowdkernels[deploy]')."
     )
-    p.add_argument("--checkpoint", required=True, type=Path,
-                   help="a .pt from crowdkernels train, or the authors' released HMoDE weights")
-    p.add_argument("--out", required=True, type=Path, help="the file to write (e.g. model.onnx)")
-    p.add_argument("--format", choices=FORMATS, default="onnx", help="onnx (default) or pt2 (torch.export.load reads it)")
-    p.add_argument("--opset", type=int, default=ONNX_OPSET, help=f"the ONNX opset; default: {ONNX_OPSET}")
+    add_options(p, EXPORT_OPTIONS)
     return run
 
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._args import EXIT_OK, CliError, check_device, report_skipped, warn
+from ._args import EXIT_OK, CliError, add_options, check_device, report_skipped, warn
 from .._io import output_dir
-from ..engine.config import Option, cli_options, require_root, run_config, setting_arg
+from .._options import Option
+from ..engine.config import cli_options, require_root, run_config, setting_arg
 from ..engine.recipes import RECIPE_NAMES, SUMMARIES
 from ..engine.trainer import train
 
@@ -18,9 +19,8 @@ HELP = "train a counting model (HMoDE, L2SM, SPN, CSRNet), with a paper's recipe
 
 #: the options that set no setting, placed among the settings' options by their order
 _OWN = (
-    Option("--print-config", 20, action="store_true", override=False,
-           help="print the resolved configuration as JSON and exit"),
-    Option("--set", 250, action="append", metavar="KEY=JSON", override=False,
+    Option("--print-config", 20, action="store_true", help="print the resolved configuration as JSON and exit"),
+    Option("--set", 250, action="append", metavar="KEY=JSON",
            help="override any setting, e.g. --set criterion_kwargs.reduction='\"sum\"' (repeatable)"),
 )
 
@@ -35,11 +35,7 @@ def add_arguments(p: argparse.ArgumentParser):
         "--max-steps stop a run within one step, saved and validated. Runs under "
         "torchrun for DDP (--batch-size per process)."
     )
-    overrides = {}  # argparse dest -> the option, for each option that overrides a setting
-    for option in sorted(cli_options() + list(_OWN), key=lambda o: o.order):
-        action = p.add_argument(option.flag, **option.argparse_kwargs())
-        if option.override:
-            overrides[action.dest] = option
+    overrides = add_options(p, cli_options() + list(_OWN))
     return lambda args: run(args, overrides)
 
 

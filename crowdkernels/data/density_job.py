@@ -25,7 +25,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +35,11 @@ from .._io import clean_stale_temps, parse_device, save_json, save_npy
 from .readers import AnnotationError, count_inside
 from ..ops.density import density_map, knn_sigma
 from .._progress import Progress
-from .layouts import list_samples
+from .layouts import FORMATS, list_samples
+from .._options import Option, positive_float, positive_int, sigma_arg
 
-__all__ = ["SIGMA_RULE", "DensitySettings", "DensityJobError", "effective_sigmas", "file_sha256", "run_density_job"]
+__all__ = ["SIGMA_RULE", "DENSITY_OPTIONS", "DensitySettings", "DensityJobError", "effective_sigmas", "file_sha256",
+           "run_density_job", "summary_line"]
 
 SIGMA_RULE = (
     "sigma min/median/max over the points the map was built from, by the same rule as the density API: "
@@ -54,18 +56,31 @@ class DensityJobError(ValueError):
     """The job cannot start: settings that contradict the maps already in OUT, a bad setting, a bad device."""
 
 
+def _option(flag: str, order: int, **kw) -> dict:
+    """A setting's metadata: the ``crowdkernels density`` option that sets it."""
+    return {"option": Option(flag, order, **kw)}
+
+
 @dataclass(frozen=True)
 class DensitySettings:
     """The density_map arguments of a run; recorded in the manifest so a rerun only reuses maps made
     with the same settings."""
 
-    style: str = "exact"
-    sigma: object = "adaptive"  # "adaptive" or a float
-    k: int = 3
-    beta: float = 0.3
-    truncate: float = 4.0
-    kernel_size: int = 15
-    stride: int = 1
+    style: str = field(default="exact", metadata=_option(
+        "--style", 40, default="exact", choices=("exact", "csrnet", "matlab"), help="default: exact"))
+    sigma: object = field(default="adaptive", metadata=_option(  # "adaptive" or a float
+        "--sigma", 50, default="adaptive", type=sigma_arg,
+        help="'adaptive' (kNN geometry-adaptive; matlab: 4.0) or a fixed sigma in pixels; default: adaptive"))
+    k: int = field(default=3, metadata=_option(
+        "--k", 70, default=3, type=positive_int, help="neighbours of the adaptive sigma; default: 3"))
+    beta: float = field(default=0.3, metadata=_option(
+        "--beta", 80, default=0.3, type=positive_float, help="adaptive sigma = beta x mean kNN distance; default: 0.3"))
+    truncate: float = field(default=4.0, metadata=_option(
+        "--truncate", 90, default=4.0, type=positive_float, help="Gaussian radius in sigmas; default: 4.0"))
+    kernel_size: int = field(default=15, metadata=_option(
+        "--kernel-size", 100, default=15, type=positive_int, help="window of style matlab (odd); default: 15"))
+    stride: int = field(default=1, metadata=_option(
+        "--stride", 60, default=1, type=positive_int, help="maps at 1/stride resolution, count kept; default: 1"))
 
     def api_kwargs(self) -> dict:
         return asdict(self)
@@ -77,6 +92,18 @@ class DensitySettings:
             raise DensityJobError(f"--kernel-size must be odd for style matlab, got {self.kernel_size}")
         if self.sigma != "adaptive" and not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma > 0):
             raise DensityJobError(f"sigma must be 'adaptive' or a positive number, got {self.sigma!r}")
+
+
+#: ``crowdkernels density``'s options, in ``--help`` order: the job's arguments and the settings' fields
+DENSITY_OPTIONS = tuple(sorted((
+    Option("root", 10, type=Path, help="the split folder (e.g. ShanghaiTech/part_A/train_data)"),
+    Option("--format", 20, required=True, choices=lambda: sorted(FORMATS), help="the dataset's layout"),
+    Option("--out", 30, required=True, type=Path, help="output folder (created if needed)"),
+    *(f.metadata["option"] for f in fields(DensitySettings)),
+    Option("--device", 110, default="cpu", help="torch device for the kernels, e.g. cuda; default: cpu"),
+    Option("--overwrite", 120, action="store_true", help="recompute every map, even finished ones"),
+    Option("--strict", 130, action="store_true", help="stop at the first bad file instead of skipping it"),
+), key=lambda o: o.order))
 
 
 def effective_sigmas(points, size, settings: DensitySettings) -> np.ndarray:
@@ -299,3 +326,14 @@ def run_density_job(root, format: str, out, settings: DensitySettings = DensityS
             }
             save_json(manifest_path, manifest)
     return manifest
+
+
+def summary_line(manifest: dict, out) -> str:
+    """One line on a finished job: its images (written, reused), heads, map sum, points outside, failures."""
+    s, style = manifest["summary"], manifest["settings"]["style"]
+    outside = ""
+    if s["points_outside"]:
+        what = "clipped to the border (style matlab)" if style == "matlab" else "dropped"
+        outside = f"; {s['points_outside']} point(s) outside their images {what}"
+    return (f"density: {s['done']}/{s['images']} images in {out} ({s['written']} written, {s['reused']} reused), "
+            f"{s['heads']} heads, map sum {s['map_sum']:.2f}{outside}; {len(manifest['failures'])} failed")

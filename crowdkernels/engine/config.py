@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from . import recipes
+from .._options import (Option, duration, float_list, fraction, max_size_arg, nonnegative_float, nonnegative_int,
+                        positive_float, positive_int, sigma_arg)
 from .checkpoint import load_checkpoint
 from ..data import DATASET_NAMES, DATASETS
 from ..models import MODEL_NAMES
@@ -28,6 +29,7 @@ from ..data.transforms import IMAGENET_NORM, check_norm
 
 __all__ = [
     "DEFAULT_TARGET",
+    "EVAL_OPTIONS",
     "MODEL_DEFAULTS",
     "QUICK_SMALL_CROP",
     "Option",
@@ -60,96 +62,6 @@ class TrainError(ValueError):
     """A run that cannot start or go on (an existing run in --out without --resume, a NaN loss, ...)."""
 
 
-# ----------------------------------------------------------------------------------------- argument types
-def int_at_least(minimum: int, what: str):
-    """An argparse type: an integer >= `minimum`, with an error that says so (`what`)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-
-    return parse
-
-
-def float_where(ok, what: str):
-    """An argparse type: a finite float for which ``ok(value)`` holds, with an error that says so (`what`)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not math.isfinite(value) or not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-
-    return parse
-
-
-positive_int = int_at_least(1, "a positive integer")
-nonnegative_int = int_at_least(0, "an integer >= 0")
-positive_float = float_where(lambda v: v > 0, "a positive number")
-nonnegative_float = float_where(lambda v: v >= 0, "a number >= 0")
-fraction = float_where(lambda v: 0 < v < 1, "a fraction in (0, 1)")
-
-
-def sigma_arg(text: str):
-    """'adaptive' or a positive sigma in pixels."""
-    if text == "adaptive":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'adaptive' or a positive number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected 'adaptive' or a positive number, got {text!r}")
-    return value
-
-
-def max_size_arg(text: str):
-    """'1920x1080' -> [1920, 1080]; '2048' -> 2048."""
-    try:
-        if "x" in text.lower():
-            a, b = (int(t) for t in text.lower().split("x"))
-            if a > 0 and b > 0:
-                return [a, b]
-        elif int(text) > 0:
-            return int(text)
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"expected a side in pixels (2048) or a box (1920x1080), got {text!r}")
-
-
-def float_list(text: str) -> list:
-    """'1,1,2' -> [1.0, 1.0, 2.0]."""
-    try:
-        values = [float(t) for t in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or not all(math.isfinite(v) for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, got {text!r}")
-    return values
-
-
-def duration(text: str) -> float:
-    """Seconds from "900", "90s", "15m" or "1.5h"."""
-    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
-    t = text.strip().lower()
-    scale = units.get(t[-1:], None)
-    try:
-        value = float(t[:-1] if scale else t) * (scale or 1.0)
-    except ValueError:
-        value = float("nan")
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive duration such as 900, 90s, 15m or 1.5h, got {text!r}")
-    return value
-
-
 def _zero_is_none(value: int):
     return None if value == 0 else value  # --crop 0: whole images; --lr-step 0: never
 
@@ -166,45 +78,9 @@ def _model_names():
     return MODEL_NAMES
 
 
-# ----------------------------------------------------------------------------------------- options
-@dataclass(frozen=True)
-class Option:
-    """How ``crowdkernels train`` sets a setting. ``flag``, ``help``, ``type``, ``choices`` (or a function giving
-    them), ``metavar``, ``action``, ``nargs``: its argparse arguments; ``order``: its place in ``--help``; ``key``:
-    the dotted setting it sets (default: its field; "target.sigma" sets a key of the group ``target``);
-    ``convert``: the parsed value -> the setting's. An ``override`` option enters the settings only when it is
-    given (its argparse default is SUPPRESS), on top of the recipe or of the resumed run; the others
-    (``override=False``: --recipe, --dataset, --root, --out, --resume) choose the run and are read by the command,
-    ``default`` when not given."""
-
-    flag: str
-    order: int
-    help: str | None = None
-    type: Callable | None = None
-    choices: Any = None
-    metavar: Any = None
-    action: Any = None
-    nargs: int | None = None
-    key: str | None = None
-    convert: Callable | None = None
-    override: bool = True
-    default: Any = None
-
-    def argparse_kwargs(self) -> dict:
-        """The keyword arguments of ``parser.add_argument(self.flag, ...)``."""
-        kw = {"type": self.type, "choices": self.choices() if callable(self.choices) else self.choices,
-              "metavar": self.metavar, "action": self.action, "nargs": self.nargs, "help": self.help}
-        kw = {k: v for k, v in kw.items() if v is not None}
-        if self.override:
-            kw["default"] = argparse.SUPPRESS  # only the options given become overrides
-        elif self.default is not None:
-            kw["default"] = self.default
-        return kw
-
-
-def cli(*opts: Option) -> dict:
-    """A field's metadata: the options that set it."""
-    return {"options": opts}
+def cli(*opts: Option, override: bool = True) -> dict:
+    """A field's metadata: the options that set it, overrides of the recipe's setting unless ``override=False``."""
+    return {"options": tuple(replace(o, override=override) for o in opts)}
 
 
 def cli_options() -> list[Option]:
@@ -219,11 +95,11 @@ class TrainConfig:
     """Settings of a run (all JSON-serializable; saved in every checkpoint). See :func:`build_config`."""
 
     out: str = field(default="runs/train", metadata=cli(
-        Option("--out", 60, type=Path, override=False,
-               help="run folder (checkpoints, log); required unless --print-config")))
+        Option("--out", 60, type=Path,
+               help="run folder (checkpoints, log); required unless --print-config"), override=False))
     recipe: str | None = field(default=None, metadata=cli(  # the recipe the settings came from
-        Option("--recipe", 10, choices=recipes.RECIPE_NAMES, override=False,
-               help="a named training configuration (see the README's table)")))
+        Option("--recipe", 10, choices=recipes.RECIPE_NAMES,
+               help="a named training configuration (see the README's table)"), override=False))
     model: str = field(default="hmode", metadata=cli(
         Option("--model", 30, choices=_model_names, help="default: the recipe's, else hmode")))
     model_kwargs: dict = field(default_factory=dict, metadata=cli(
@@ -245,11 +121,11 @@ class TrainConfig:
     # a --pretrained encoder, He over a random one (the models' `init` argument)
     weight_init: str = "auto"
     dataset: str = field(default="synthetic", metadata=cli(
-        Option("--dataset", 40, choices=DATASET_NAMES, override=False, default="synthetic",
-               help="default: synthetic")))
+        Option("--dataset", 40, choices=DATASET_NAMES, default="synthetic",
+               help="default: synthetic"), override=False))
     root: str | None = field(default=None, metadata=cli(
-        Option("--root", 50, type=Path, override=False,
-               help="the dataset folder (e.g. ShanghaiTech/ holding part_A/train_data)")))
+        Option("--root", 50, type=Path,
+               help="the dataset folder (e.g. ShanghaiTech/ holding part_A/train_data)"), override=False))
     fold: int | None = field(default=None, metadata=cli(
         Option("--fold", 260, type=int, choices=range(1, 6), metavar="K", help="UCF_CC_50 fold 1-5; default: 1")))
     epochs: int = field(default=200, metadata=cli(Option("--epochs", 90, type=positive_int)))
@@ -307,8 +183,8 @@ class TrainConfig:
     strict: bool = field(default=False, metadata=cli(
         Option("--strict", 380, action="store_true", help="fail on the first bad file instead of skipping it")))
     resume: bool = field(default=False, metadata=cli(
-        Option("--resume", 370, action="store_true", override=False, help="continue the run in --out with its own "
-               "settings (an error when --out holds no run: no last.pt)")))
+        Option("--resume", 370, action="store_true", help="continue the run in --out with its own "
+               "settings (an error when --out holds no run: no last.pt)"), override=False))
     tile: int | None = 2048  # validation: tile images larger than this (pixels)
     # budgets, checked after every step: this process's wall-clock seconds (--time-limit) and the run's
     # optimizer steps in all (--max-steps, the same work on any machine). A run that reaches one saves a
@@ -553,6 +429,28 @@ def start_warnings(config: TrainConfig, device_type: str) -> list[str]:
         said.append(f"warning: the {config.recipe} recipe starts from ImageNet {config.encoder} weights, but no "
                     f"--pretrained file was given: the encoder starts random, and the paper's numbers are out of reach")
     return said
+
+
+#: ``crowdkernels eval``'s options of the evaluation data (:func:`evaluation_config`, ``Counter.evaluate``);
+#: with those of the Counter (:data:`crowdkernels.inference.COUNTER_OPTIONS`), in ``--help`` order
+EVAL_OPTIONS = (
+    Option("--dataset", 20, required=True, choices=DATASET_NAMES),
+    Option("--root", 30, type=Path, help="the dataset folder"),
+    Option("--split", 40, choices=("val", "test", "train"),
+           help="default: the images the checkpoint's training validated on (on its own dataset: those "
+                "--val-from-train held out; else the val split, the test split where there is no val, every "
+                "10th training image where there is neither). A val or test split the dataset does not have "
+                "is an error naming the folders found"),
+    Option("--fold", 50, type=int, choices=range(1, 6), metavar="K", help="UCF_CC_50 fold 1-5; default: the training's"),
+    Option("--workers", 100, type=nonnegative_int, default=2, help="default: 2"),
+    Option("--strict", 110, action="store_true", help="fail on the first bad file"),
+    Option("--out", 120, type=Path, help="write the metrics, the input settings used and the per-image counts as JSON "
+                                         "here"),
+    Option("--save-dir", 130, type=Path,
+           help="write DIR/predictions.csv (image, true count, predicted count, error), DIR/metrics.json, "
+                "DIR/scatter.png (predicted against true counts) and DIR/pictures/<image>.png"),
+    Option("--pictures", 140, type=nonnegative_int, help="with --save-dir: draw at most this many pictures; default: all"),
+)
 
 
 def evaluation_config(trained: dict, dataset: str, root=None, *, split: str | None = None, fold: int | None = None,

@@ -34,10 +34,12 @@ import numpy as np
 import torch
 
 from .._io import atomic_write, save_json, save_npy
+from .._options import Option, positive_float, positive_int
 from ..data.targets import CrowdCollate, DensityTarget
 from ..data.datasets import SyntheticCrowds
 from ..data.transforms import Compose, IMAGENET_NORM, Normalize, RandomHorizontalFlip
 from ..inference import Counter
+from ..models import MODEL_NAMES
 from ..models.registry import build_model
 from ..viz import save_learning_curve, save_picture
 from .evaluate import evaluate
@@ -46,13 +48,29 @@ from .pipeline import held_out_seed
 from .config import TrainConfig
 from .trainer import Trainer
 
-__all__ = ["DEMO", "FAST", "run_demo"]
+__all__ = ["DEMO", "DEMO_OPTIONS", "FAST", "run_demo"]
 
 #: The demo's settings: a width-reduced model from scratch on the CPU; its held-out MAE must reach half
 #: the mean-count baseline's within the time budget.
 DEMO = {"train": 160, "val": 40, "size": 96, "epochs": 30, "minutes": 7.0, "model": "csrnet", "width": 0.125, "lr": 1e-3,
         "batch_size": 8}
 FAST = {"train": 8, "val": 4, "size": 64, "epochs": 1, "lr": 3e-3, "batch_size": 4}
+
+#: ``crowdkernels demo``'s options (:func:`run_demo`'s arguments; those without a default take :data:`DEMO`'s, or
+#: with ``--fast`` :data:`FAST`'s)
+DEMO_OPTIONS = (
+    Option("--out", default=Path("crowdkernels-demo"), type=Path, help="default: ./crowdkernels-demo"),
+    Option("--num-images", type=positive_int, help=f"training images; default: {DEMO['train']}"),
+    Option("--val-images", type=positive_int, help=f"held-out images; default: {DEMO['val']}"),
+    Option("--size", type=positive_int, help=f"image side in pixels (>= 16); default: {DEMO['size']}"),
+    Option("--epochs", type=positive_int, help=f"default: {DEMO['epochs']}"),
+    Option("--minutes", type=positive_float, default=DEMO["minutes"],
+           help=f"training time budget (stops after the epoch that passes it); default: {DEMO['minutes']}"),
+    Option("--model", choices=MODEL_NAMES, default=DEMO["model"], help=f"default: {DEMO['model']}"),
+    Option("--width", type=positive_float, default=DEMO["width"], help=f"model width multiplier; default: {DEMO['width']}"),
+    Option("--seed", type=int, default=0, help="default: 0"),
+    Option("--fast", action="store_true", help="a seconds-long smoke run (few small images, one epoch)"),
+)
 
 
 def _demo_targets(samples):

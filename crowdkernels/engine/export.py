@@ -24,18 +24,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._constants import VERSION
+from .._options import Option
 from ..models.conventions import Conventions, conventions_of
 from ..data.transforms import normalize_image
 from ..models.l2sm import L2SM
 from .checkpoint import model_from_checkpoint
 from .predict import final_of
 
-__all__ = ["export", "OnnxModel", "ONNX_OPSET", "INPUT_NAME", "OUTPUT_NAME", "DEPLOY_HINT", "FORMATS"]
+__all__ = ["export", "OnnxModel", "ONNX_OPSET", "INPUT_NAME", "OUTPUT_NAME", "DEPLOY_HINT", "EXPORT_OPTIONS",
+           "FORMATS"]
 
 #: The ONNX opset :func:`export` writes by default (ONNX Runtime 1.16 and later run it).
 ONNX_OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "images", "cells"
 FORMATS = ("onnx", "pt2")
+
+#: ``crowdkernels export``'s options (:func:`export`'s arguments)
+EXPORT_OPTIONS = (
+    Option("--checkpoint", required=True, type=Path,
+           help="a .pt from crowdkernels train, or the authors' released HMoDE weights"),
+    Option("--out", required=True, type=Path, help="the file to write (e.g. model.onnx)"),
+    Option("--format", choices=FORMATS, default="onnx", help="onnx (default) or pt2 (torch.export.load reads it)"),
+    Option("--opset", type=int, default=ONNX_OPSET, help=f"the ONNX opset; default: {ONNX_OPSET}"),
+)
+
 DEPLOY_HINT = "pip install 'crowdkernels[deploy]' (or: pip install onnx onnxscript onnxruntime)"
 
 

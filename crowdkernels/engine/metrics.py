@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["grid_counts", "grid_counts_from_points", "game", "CountMetrics", "MSE_NOTE"]
+__all__ = ["grid_counts", "grid_counts_from_points", "game", "CountMetrics", "MSE_NOTE", "metrics_text"]
 
 MSE_NOTE = (
     "'mse' is the root of the mean squared count error (RMSE), named MSE as in the crowd-counting "
@@ -173,3 +173,15 @@ class CountMetrics:
         if self.levels:
             out["levels"] = {name: self._row_metrics(self.sums[g], self.game_levels) for g, name in enumerate(self.levels, 1)}
         return out
+
+
+def metrics_text(metrics: dict, title: str) -> str:
+    """The metrics of :meth:`crowdkernels.Counter.evaluate` as text: ``title``, the images and every metric on
+    one line, then one line a density level that has images, then the note on 'MSE' and the files skipped."""
+    lines = [f"{title}: {metrics['images']} images  MAE {metrics['mae']:.3f}  MSE {metrics['mse']:.3f}  "
+             f"NAE {metrics['nae'] if metrics['nae'] is None else round(metrics['nae'], 4)}  "
+             + "  ".join(f"GAME{lv} {metrics[f'game{lv}']:.3f}" for lv in range(4))]
+    lines += [f"  {name:<6} {m['images']:5d} images  MAE {m['mae']:.3f}  MSE {m['mse']:.3f}"
+              for name, m in metrics.get("levels", {}).items() if m["images"]]
+    lines.append(f"  ('MSE' is the root mean squared error, the papers' name); {metrics['skipped']} file(s) skipped")
+    return "\n".join(lines)
