@@ -133,6 +133,32 @@ def backends() -> dict:
     return out
 
 
+def _yes_no(flag) -> str:
+    return "yes" if flag else "no"
+
+
+def backends_text(info: dict) -> str:
+    """A :func:`backends` report, with ``"crowdkernels"`` (the package's version) added, as aligned
+    "name  value" lines (``crowdkernels info``)."""
+    fallback = "" if info["cpu"] else " (the plain-PyTorch reference runs instead: slower, same results)"
+    triton = f"{info['triton']} (runs here: {_yes_no(info['triton_runs'])})" if info["triton"] else "not installed"
+    rows = [
+        ("crowdkernels", info["crowdkernels"]),
+        ("torch", info["torch"]),
+        ("C++ kernels (cpu)", _yes_no(info["cpu"]) + fallback),
+        ("OpenMP", info["openmp"] or "no"),
+        ("CUDA kernels", _yes_no(info["cuda"])),
+        ("CUDA archs", ", ".join(info["cuda_archs"]) or "-"),
+        ("GPU visible", _yes_no(info["cuda_device"])),
+        ("Triton", triton),
+        ("threads", info["threads"]),
+    ]
+    if "load_error" in info:
+        rows.append(("load error", info["load_error"]))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 _POISON = False
 
 
