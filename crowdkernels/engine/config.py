@@ -32,7 +32,6 @@ __all__ = [
     "EVAL_OPTIONS",
     "MODEL_DEFAULTS",
     "QUICK_SMALL_CROP",
-    "Option",
     "RESUME_MAY_CHANGE",
     "TrainConfig",
     "TrainError",
