@@ -174,7 +174,7 @@ def test_inference(benchmark, built, name, path):
     if path.startswith("ort") and not _have_deploy():
         pytest.skip("onnx, onnxscript and onnxruntime are not installed: pip install 'crowdkernels[deploy]'")
     if path not in paths[name].count:
-        pytest.skip(f"no ShanghaiTech-B training images in ../shared/data to calibrate int8 on")
+        pytest.skip("no ShanghaiTech-B training images in ../shared/data to calibrate int8 on")
     count = paths[name].count[path]
     got = benchmark.pedantic(count, args=(image,), rounds=3, warmup_rounds=1)
     want = paths[name].eager(image)
@@ -214,19 +214,59 @@ def measure(rounds: int = 5) -> list:
                     ref = p.count["ort-fp32"](im)
                     errs.append(abs(p.count["ort-int8"](im) - ref) / abs(ref))
                 int8_err = (statistics.mean(errs), [p.count["ort-fp32"](im) for im in held_out[:2]])
-            eager = statistics.median(times["eager"])
             for k in names:
-                med = statistics.median(times[k])
+                # the speed-up is paired: the median over rounds of eager's time / this path's in the same round
+                speedup = statistics.median(e / t for e, t in zip(times["eager"], times[k]))
                 rel = abs(counts[k] - counts["eager"]) / abs(counts["eager"])
-                rows.append(dict(model=name, path=k, median=med, speedup=eager / med, count=counts[k], rel=rel,
-                                 int8_err=int8_err if k == "ort-int8" else None, times=times[k]))
+                rows.append(dict(model=name, path=k, median=statistics.median(times[k]), speedup=speedup,
+                                 count=counts[k], rel=rel, int8_err=int8_err if k == "ort-int8" else None,
+                                 times=times[k]))
+            if os.environ.get("BENCH_PROFILE"):
+                profile(p, image)
     return rows
+
+
+def profile(p: Paths, image: torch.Tensor, top: int = 6) -> None:
+    """Where one image's time goes: torch.profiler's top ops of the eager loop, ONNX Runtime's per-op-type
+    totals of the fp32 and int8 graphs (printed to stderr)."""
+    import json
+    from collections import Counter as Tally
+
+    import onnxruntime as ort
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        p.eager(image)
+    print(f"{p.name} eager, torch.profiler:\n" + prof.key_averages().table(sort_by="self_cpu_time_total",
+                                                                          row_limit=top), file=sys.stderr)
+    for label, path in (("ort-fp32", p.onnx), ("ort-int8", getattr(p, "int8_path", None))):
+        if path is None:
+            continue
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = THREADS
+        options.enable_profiling = True
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        Paths._run(session, image)
+        Paths._run(session, image)
+        trace = pathlib.Path(session.end_profiling())
+        events = [e for e in json.loads(trace.read_text()) if e.get("cat") == "Node"
+                  and e["name"].endswith("_kernel_time")]
+        runs = max(1, sum(1 for e in json.loads(trace.read_text()) if e.get("name") == "model_run"))
+        tally = Tally()
+        for e in events:
+            tally[e["args"].get("op_name", "?")] += e["dur"] / 1e6 / runs
+        total = sum(tally.values())
+        print(f"{p.name} {label}, ORT per-op-type s/image (kernel time, total {total:.2f} s): "
+              + ", ".join(f"{op} {t:.2f}" for op, t in tally.most_common(top)), file=sys.stderr)
+        trace.unlink()
 
 
 def main() -> None:
     rows = measure(int(os.environ.get("BENCH_ROUNDS", "5")))
     print(f"\ntorch {torch.__version__}, threads {torch.get_num_threads()}, cores {THREADS}")
-    print("| model | path | median s/image | speed-up vs eager | count | rel. diff vs eager | int8 mean rel. error (held-out) |")
+    print("| model | path | median s/image | speed-up vs eager (paired median) | count | rel. diff vs eager | int8 mean rel. error (held-out) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         err = "" if r["int8_err"] is None else f"{100 * r['int8_err'][0]:.2f}% (fp32 counts e.g. {r['int8_err'][1][0]:.4g})"
