@@ -54,11 +54,8 @@ def triton_available() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _has_kernel(op: str, key: str) -> bool:
-    # Cached: `_C` registers its kernels when it loads, above, and never later.
-    return _registered(op, key)
-
-
-def _registered(op: str, key: str) -> bool:
+    # Cached: `_C` registers its kernels when it loads, above, and the Triton ops when their modules load
+    # with crowdkernels.ops, before any op runs; neither registers later.
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"crowdkernels::{op}", key)
     except RuntimeError:  # the schema is not registered at all (an older _C, or no Triton)
@@ -90,7 +87,7 @@ def backend(device: torch.device, op: str) -> str:
         return "reference"
     if device.type == "cuda":
         if op in TRITON_OPS:
-            runs = triton_available() and _registered(f"{op}_triton", "CompositeExplicitAutograd")
+            runs = triton_available() and _has_kernel(f"{op}_triton", "CompositeExplicitAutograd")
             return "triton" if runs else "reference"
         if cuda_compiled() and _has_kernel(op, "CUDA"):
             return "cuda"

@@ -118,9 +118,9 @@ def test_gpu_decision(monkeypatch, triton_runs, registered):
     """On a GPU: the CUDA kernel where the build has one, Triton for the Triton ops where Triton runs and their
     op registered, else the reference (never the CUDA C++ path for a Triton op, never Triton for another)."""
     monkeypatch.setattr(_ext, "cuda_compiled", lambda: True)
-    monkeypatch.setattr(_ext, "_has_kernel", lambda op, key: key == "CUDA" and op in CUDA_KERNELS)
+    monkeypatch.setattr(_ext, "_has_kernel", lambda op, key: (key == "CUDA" and op in CUDA_KERNELS)
+                        or (registered and op.endswith("_triton") and key == "CompositeExplicitAutograd"))
     monkeypatch.setattr(_ext, "triton_available", lambda: triton_runs)
-    monkeypatch.setattr(_ext, "_registered", lambda op, key: registered and op.endswith("_triton"))
     for op in CPP_OPS:
         if op in _ext.TRITON_OPS:
             want = "triton" if triton_runs and registered else "reference"
@@ -136,6 +136,6 @@ def test_triton_ops_are_registered_when_triton_imports():
     from crowdkernels.ops import gating, local_count
 
     for op, module in (("local_counts", local_count.triton_local_count), ("gating_forward", gating.triton_gating)):
-        assert (module is not None) == _ext._registered(f"{op}_triton", "CompositeExplicitAutograd")
+        assert (module is not None) == _ext._has_kernel(f"{op}_triton", "CompositeExplicitAutograd")
         # CPU tensors never take the Triton path of a public op, even under TRITON_INTERPRET=1.
         assert _ext.backend(CPU, op) in ("cpu", "reference")
