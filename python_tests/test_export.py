@@ -28,7 +28,7 @@ COUNT_RTOL = 1e-4
 MAP_TOL = 1e-5  # of the map's largest absolute value
 #: one size a multiple of every stride and of the padding multiple, one that is not
 SIZES = [(64, 96), (61, 77)]
-EXPORTED = ["csrnet", "spn", "hmode", "hmode-official", "released"]
+EXPORTED = ["csrnet", "spn", "l2sm", "hmode", "hmode-official", "released"]
 
 
 def _released_file(path):
@@ -77,7 +77,7 @@ def test_onnx_counts_equal_pytorch(name, exported, tmp_path):
     for k, (h, w) in enumerate(SIZES):
         _assert_same(torch_counter, onnx_counter, _crowd_png(tmp_path / f"{k}.png", h, w, seed=k))
     images = [_crowd_png(tmp_path / f"b{k}.png", 61, 77, seed=k) for k in range(2)]
-    assert onnx_counter.count_many(images, batch_size=2) == pytest.approx(torch_counter.count_many(images),
+    assert onnx_counter.count_many(images, batch_size=2) == pytest.approx(torch_counter.count_many(images, batch_size=2),
                                                                           rel=COUNT_RTOL)
 
 
@@ -112,10 +112,31 @@ def test_pt2_runs_the_same_graph(exported, tmp_path):
     torch.testing.assert_close(program.module()(rgb), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_l2sm_says_it_does_not_export(tmp_path):
+def test_l2sm_exports_with_its_fitted_levels(tmp_path):
+    """An L2SM whose density levels were fitted (sec. 4.2, as the l2sm-paper recipe trains) selects by them
+    in the exported graph too. The levels are fitted on the tested images' own regions, so each image has
+    regions above and below them, and the graph's per-region choice between re-prediction and initial
+    density is exercised both ways."""
+    from crowdkernels.data.transforms import normalize_image
+    from crowdkernels.engine.checkpoint import load_checkpoint, save_checkpoint
+
     ckpt = _checkpoint(tmp_path / "best.pt", "l2sm")
-    with pytest.raises(NotImplementedError, match="L2SM"):
-        export(ckpt, tmp_path / "model.onnx")
+    model = ck.load(ckpt, "cpu").model
+    images = [_crowd_png(tmp_path / f"{k}.png", 61 + 16 * k, 77, seed=k) for k in range(3)]
+    inputs = [normalize_image(torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255)
+                              .permute(2, 0, 1)[None], model.input_norm) for p in images]
+    with torch.no_grad():
+        model.fit_levels(torch.cat([model(x).region_means for x in inputs]))
+        for x in inputs:
+            selected = model(x).center_index >= 0
+            assert bool(selected.any()) and not bool(selected.all())
+    state = load_checkpoint(ckpt)
+    state["model"] = model.state_dict()
+    save_checkpoint(ckpt, state)
+    torch_counter, onnx_counter = ck.load(ckpt, "cpu"), ck.load(export(ckpt, tmp_path / "model.onnx"))
+    assert bool(torch_counter.model.levels_fitted)
+    for image in images:
+        _assert_same(torch_counter, onnx_counter, image)
 
 
 def test_without_the_deploy_extra_export_and_load_say_what_to_install(exported, monkeypatch, tmp_path, capsys):

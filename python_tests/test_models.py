@@ -512,3 +512,58 @@ def test_official_forward_matches_the_released_forward(training):
         torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(out.attention, amp, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(ck.losses.expert_importance_loss(out.importance), imp.double(), rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------ L2SM in fixed shapes (the export path)
+from crowdkernels.models.l2sm import _region_zoom  # noqa: E402
+from crowdkernels.models._common import out_size, pad_to_multiple  # noqa: E402
+from crowdkernels.ops.reference import scale_regions_reference, unscale_regions_reference  # noqa: E402
+
+# factors in (1, 2), and ones where r * side is an integer (the valid extent's floor sits exactly on it)
+ZOOM_CASES = [(5, 7, 10, 14, [1.0001, 1.37, 1.5, 1.999, 2.0, 1.2]), (4, 6, 8, 12, [1.25, 1.75, 1.5, 1.1]),
+              (1, 1, 2, 2, [1.3, 2.0])]
+
+
+@pytest.mark.parametrize("h, w, sh, sw, factors", ZOOM_CASES)
+def test_region_zoom_equals_the_region_references(h, w, sh, sw, factors):
+    """`_region_zoom` (interpolation matrices, every region of one size) against scale_regions_reference and
+    unscale_regions_reference (per box, from sec. 3.3's sampling), in float64."""
+    g = torch.Generator().manual_seed(len(factors) + h)
+    n = len(factors)
+    r = torch.tensor(factors, dtype=torch.float64)
+    features = torch.randn(n, 3, h, w, generator=g, dtype=torch.float64)
+    boxes = torch.tensor([[b, 0, 0, h, w] for b in range(n)], dtype=torch.int64)
+    want = scale_regions_reference(features, boxes, r, (sh, sw))
+    torch.testing.assert_close(_region_zoom(features, r, (sh, sw), down=False), want, rtol=1e-12, atol=1e-12)
+    pred = torch.randn(n, 1, sh, sw, generator=g, dtype=torch.float64)
+    want = unscale_regions_reference(pred, boxes, r, torch.full((n, 1, h, w), float("nan"), dtype=torch.float64))
+    got = r[:, None, None, None] ** 2 * _region_zoom(pred, r, (h, w), down=True)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def _every_region(model, images):
+    h, w = out_size(images.shape[-2:], model.stride)
+    initial, conv5, pooled = model.spn.run(pad_to_multiple(images, model.forward_multiple))
+    return model._forward_every_region(initial, conv5, model._scale_map(pooled), h, w)
+
+
+@pytest.mark.parametrize("fitted", [False, True])
+@pytest.mark.parametrize("size", [(64, 96), (61, 77)])
+def test_l2sm_every_region_path_equals_forward(size, fitted):
+    """The fixed-shape forward torch.export traces (every region re-predicted, the selection by torch.where)
+    gives forward's maps and selection, with the batch's quantiles or with fitted levels, in float64; the
+    selection is mixed, so both branches of the where are compared."""
+    torch.manual_seed(0)
+    model = L2SM(width=W).double().eval()
+    images = torch.randn(2, 3, *size, dtype=torch.float64)
+    if fitted:
+        model.fit_levels(torch.rand(200, dtype=torch.float64) * model(images).region_means.max())
+    with torch.no_grad():
+        want, got = model(images), _every_region(model, images)
+    selected = want.center_index >= 0
+    assert bool(selected.any()) and not bool(selected.all())
+    torch.testing.assert_close(got.center_index, want.center_index)
+    torch.testing.assert_close(got.region_means, want.region_means, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.final, want.final, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got.initial, want.initial)
+    assert got.final.shape == (2, 1, *out_size(size, 4))

@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser):
 def run(args) -> int:
     try:
         path = export(args.checkpoint, args.out, args.format, opset=args.opset)
-    except (ImportError, NotImplementedError) as exc:
+    except ImportError as exc:
         raise CliError(str(exc)) from None
     warn(f"wrote {path}")
     return EXIT_OK

@@ -11,12 +11,15 @@ image's cells.
 The custom ops the models call at inference lower to standard operators through their reference maths
 (:mod:`crowdkernels.ops.reference`): while ``torch.export`` traces, :func:`crowdkernels._ext.backend` (the one
 decision of which kernel runs an op) picks the reference, so HMoDE's gating (eq. 1) is traced as
-interpolations, softmaxes and sums. Adaptive average pooling (SPN's pyramid), which ONNX lacks for
+interpolations, softmaxes and sums. L2SM's forward selects its dense regions (sec. 3.3, 4.2), a data-dependent number of boxes that
+does not trace; while exporting, it re-predicts every region and selects per region with ``torch.where``
+(the same maps; :meth:`crowdkernels.models.L2SM._forward_every_region`). Adaptive average pooling (SPN's pyramid), which ONNX lacks for
 arbitrary sizes, is decomposed into two matrix products (:func:`_adaptive_avg_pool2d_decomposition`).
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -27,7 +30,6 @@ from .._constants import VERSION
 from .._options import Option
 from ..models.conventions import Conventions, conventions_of
 from ..data.transforms import normalize_image
-from ..models.l2sm import L2SM
 from .checkpoint import model_from_checkpoint
 from .predict import final_of
 
@@ -68,7 +70,10 @@ class _Deployed(nn.Module):
         conv = conventions_of(model)
         self.model = model
         self.norm = conv.input_norm
-        self.multiple = int(conv.input_multiple)
+        # the multiple the model's own forward pads to as well, so that its padding (zeros after normalizing,
+        # as here) has nothing left to do, whatever the image size: traced with one example size, a model's
+        # "pad if needed" would otherwise be recorded for that size only
+        self.multiple = math.lcm(int(conv.input_multiple), int(conv.forward_multiple))
         self.scale = float(conv.density_scale)
         self.stride = conv.stride
 
@@ -138,8 +143,9 @@ def export(checkpoint_or_model, out, format: str = "onnx", *, opset: int = ONNX_
     ``tile`` (the checkpoint's training settings, ``null`` when absent), ``crowdkernels_version``, and the
     ``input`` and ``output`` described; ``onnx.checker`` accepts it. A .pt2 file holds the same in its extra
     file ``crowdkernels.json``. Returns the path written. ImportError in one line when onnx/onnxscript are
-    not installed; NotImplementedError for L2SM, whose forward picks its regions and their zoom from the
-    image (a data-dependent number of boxes of data-dependent sizes), which ``torch.export`` cannot trace.
+    not installed. L2SM's forward, which gathers the regions it selects (a data-dependent number of boxes),
+    is traced in fixed shapes instead: every region is re-predicted and the selection picks per region
+    (:meth:`crowdkernels.models.L2SM._forward_every_region`; the same maps, tested).
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -150,9 +156,6 @@ def export(checkpoint_or_model, out, format: str = "onnx", *, opset: int = ONNX_
     else:
         model, ckpt = model_from_checkpoint(checkpoint_or_model, "cpu")
         name, cfg = ckpt.get("model_name"), ckpt.get("config") or {}
-    if isinstance(model, L2SM):
-        raise NotImplementedError("L2SM cannot be exported yet: its forward selects its dense regions and their "
-                                  "zoom from the image (data-dependent shapes), which torch.export does not trace")
     if conventions_of(model).stride is None:
         raise ValueError(f"{type(model).__name__} declares no output stride (Conventions.stride): the exported "
                          "graph needs it to crop its map")

@@ -147,8 +147,15 @@ def fit_density_levels(region_means: torch.Tensor, num_groups: int = 5) -> torch
         raise ValueError("region_means must not be empty")
     if not bool(torch.isfinite(values).all()):
         raise ValueError("region_means must be finite")
-    v = torch.sort(values).values
-    pos = torch.arange(1, num_groups, dtype=torch.float64) / num_groups * (v.numel() - 1)
+    return quantile_levels(values, num_groups)
+
+
+def quantile_levels(values: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """The k/G quantiles (k = 1..G-1) of `values` (non-empty, finite: not checked) as float64 ``[G-1]``, linear
+    between order statistics: :func:`fit_density_levels` without its checks, in tensor operations only, so
+    that ``torch.export`` traces it (an exported L2SM that was never fitted takes its batch's quantiles)."""
+    v = torch.sort(values.reshape(-1).to(torch.float64)).values
+    pos = torch.arange(1, num_groups, dtype=torch.float64, device=v.device) / num_groups * (v.numel() - 1)
     lo = pos.floor().long()
     hi = pos.ceil().long()
     return v[lo] + (v[hi] - v[lo]) * (pos - lo)
@@ -169,8 +176,10 @@ def assign_centers(region_means: torch.Tensor, thresholds: torch.Tensor,
     if num_centers > G:
         raise ValueError(f"num_centers must be <= the number of levels {G}, got {num_centers}")
     means = region_means.detach()
-    level = torch.bucketize(means.to(torch.float64), thresholds.to(device=means.device, dtype=torch.float64),
-                            right=True)
+    # the number of thresholds at or below each mean (torch.bucketize(right=True) for sorted thresholds),
+    # counted with a comparison so that the exported graph of an L2SM needs no bucketize operator
+    level = (thresholds.to(device=means.device, dtype=torch.float64)
+             <= means.to(torch.float64)[..., None]).sum(dim=-1)
     center_index = level - (G - num_centers)
     selected = center_index >= 0
     return selected, torch.where(selected, center_index, torch.full_like(center_index, -1))

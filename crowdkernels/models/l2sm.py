@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..losses import MultipolarCenterLoss, assign_centers, fit_density_levels
-from ..losses.center import NORMS
+from ..losses.center import NORMS, quantile_levels
 from ..ops.density import knn_sigma
 from ..ops.regions import grid_boxes, region_means, scale_regions, transform_region_targets, unscale_regions
 from ._common import (channels, check_images, check_targets, check_width, conv_stack, density_at, he_init, init_normal_,
@@ -155,12 +155,14 @@ class L2SM(DensityModel):
         images = check_images(images)
         h, w = out_size(images.shape[-2:], self.stride)
         initial, conv5, pooled = self.spn.run(pad_to_multiple(images, self.forward_multiple))
+        scale = self._scale_map(pooled)                                    # [B, 1, K, K]
+        if torch.compiler.is_exporting():
+            return self._forward_every_region(initial, conv5, scale, h, w)
         B, _, H4, W4 = initial.shape
         k = self.k
         means = region_means(initial, k)                                   # [B, K*K]
         levels = self.density_levels if bool(self.levels_fitted) else fit_density_levels(means, self.num_groups)
         selected, center_index = assign_centers(means, levels, self.num_centers)
-        scale = self._scale_map(pooled)                                    # [B, 1, K, K]
         b, region = selected.nonzero(as_tuple=True)
         r = scale.flatten(1)[b, region]
         grid4 = grid_boxes(H4, W4, k).to(initial.device)
@@ -177,8 +179,42 @@ class L2SM(DensityModel):
             final = initial
         return L2SMOutput(final[..., :h, :w], initial[..., :h, :w], scale, means, center_index, boxes4, r, repred)
 
+    def _forward_every_region(self, initial, conv5, scale, h: int, w: int) -> L2SMOutput:
+        """`forward` in fixed shapes, as ``torch.export`` traces it (`crowdkernels.engine.export`): the
+        same selection and the same sampling (docs/definitions.md, "Region rescaling"), but every one of the
+        K x K regions is zoomed and re-predicted, and the selection picks per region between the re-prediction
+        and the initial density with ``torch.where``, instead of gathering the selected regions (a
+        data-dependent number of boxes, which does not trace). The regions are equal (the input is padded to
+        8K, so the stride-4 and stride-8 grids divide by K), and the zoom and its inverse are products with
+        interpolation matrices (`_region_zoom`). `final` equals `forward`'s (the tests compare); `boxes`,
+        `region_scale` and `repredictions` cover every region, row-major (the selected ones have
+        ``center_index >= 0``)."""
+        B, _, H4, W4 = initial.shape
+        C, H8, W8 = conv5.shape[1:]
+        k = self.k
+        h4, w4, h8, w8 = H4 // k, W4 // k, H8 // k, W8 // k
+        cells = initial.reshape(B, 1, k, h4, k, w4)
+        means = cells.mean(dim=(3, 5)).reshape(B, k * k)
+        levels = torch.where(self.levels_fitted, self.density_levels, quantile_levels(means, self.num_groups))
+        selected, center_index = assign_centers(means, levels, self.num_centers)
+        r = scale.reshape(B * k * k)                                       # region n = b K^2 + i K + j
+        canvas = self.canvas_size(H4, W4)
+        regions = conv5.reshape(B, C, k, h8, k, w8).permute(0, 2, 4, 1, 3, 5).reshape(B * k * k, C, h8, w8)
+        zoomed = _region_zoom(regions, 2.0 * r, canvas, down=False)        # scale_regions
+        repred = self.repredict(zoomed)
+        back = r[:, None, None, None] ** 2 * _region_zoom(repred, r, (h4, w4), down=True)  # unscale_regions
+        back = back.reshape(B, k, k, 1, h4, w4).permute(0, 3, 1, 4, 2, 5)
+        final = torch.where(selected.reshape(B, 1, k, 1, k, 1), back, cells).reshape(B, 1, H4, W4)
+        n = torch.arange(B * k * k, device=initial.device)
+        i, j = (n // k) % k, n % k
+        boxes4 = torch.stack([n // (k * k), i * h4, j * w4, torch.full_like(n, h4), torch.full_like(n, w4)], dim=1)
+        return L2SMOutput(final[..., :h, :w], initial[..., :h, :w], scale, means, center_index, boxes4, r, repred)
+
     def canvas_size(self, H4: int, W4: int):
         """The re-prediction canvas for a padded stride-4 grid H4 x W4: the largest region zoomed by max_scale."""
+        if self.max_scale.is_integer():  # integer arithmetic, which torch.export's symbolic sizes keep exact
+            m = int(self.max_scale)
+            return m * (H4 // self.k), m * (W4 // self.k)
         return math.ceil(self.max_scale * (H4 // self.k)), math.ceil(self.max_scale * (W4 // self.k))
 
     # -------------------------------------------------------------------------------------- criterion
@@ -205,6 +241,39 @@ class L2SM(DensityModel):
         Targets (and the zoomed region targets) are multiplied by `density_scale` (default: the model's)."""
         return L2SMCriterion(self, lambda1, lambda2, sigma, alpha, generator,
                              self.density_scale if density_scale is None else density_scale, center_init_max, norm)
+
+
+def _axis_weights(factor: torch.Tensor, n_out, n_src, down: bool) -> torch.Tensor:
+    """[N, n_out, n_src] bilinear interpolation matrices along one axis, one per region, as the region kernels
+    sample (csrc/regions/regions.h, docs/definitions.md "Region rescaling"): output d samples the source at
+    src = a (d + 0.5) - 0.5, clamped to the valid source samples, its two neighbours floor(src) and the next
+    weighted 1 - l and l. Zoom (``down=False``, scale_regions, factor r): a = 1/r rounded to float32, the
+    output rows d >= floor(r n_src) are 0. Zoom back (``down=True``, unscale_regions): a = r, the source is the
+    valid floor(r n_out) part of the n_src canvas rows. Extents are computed in float64, as the kernels do."""
+    t = factor.dtype  # the kernels' T: float32 arithmetic for a float32 model
+    r = factor[:, None]
+    d = torch.arange(n_out, dtype=t, device=factor.device)[None, :] + 0.5
+    if down:
+        valid = torch.clamp(torch.floor(factor.to(torch.float64) * n_out), max=n_src)[:, None].to(t)
+        src = torch.minimum((r * d - 0.5).clamp(min=0), valid - 1)
+        rows = torch.ones_like(src)
+    else:
+        inv = (1.0 / factor.to(torch.float64)).to(t)[:, None]
+        src = (inv * d - 0.5).clamp(0, n_src - 1)
+        rows = ((d - 0.5) < torch.floor(factor.to(torch.float64) * n_src)[:, None]).to(t)
+    i0 = torch.floor(src)
+    l = src - i0  # 0 where src is clamped to the last sample, so the next one needs no clamp
+    cols = torch.arange(n_src, dtype=t, device=factor.device)[None, None, :]
+    w = (cols == i0[..., None]) * (1 - l)[..., None] + (cols == i0[..., None] + 1) * l[..., None]
+    return w * rows[..., None]
+
+
+def _region_zoom(regions: torch.Tensor, factor: torch.Tensor, size, down: bool) -> torch.Tensor:
+    """regions [N, C, h, w] resampled to [N, C, *size] by the per-region factor [N] (see `_axis_weights`):
+    Y @ region @ X^T, the separable bilinear sampling as two matrix products."""
+    ys = _axis_weights(factor, size[0], regions.shape[-2], down).to(regions.dtype)
+    xs = _axis_weights(factor, size[1], regions.shape[-1], down).to(regions.dtype)
+    return ys[:, None] @ regions @ xs[:, None].transpose(-1, -2)
 
 
 class L2SMCriterion(nn.Module):
