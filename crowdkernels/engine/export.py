@@ -81,10 +81,17 @@ class _Deployed(nn.Module):
         H, W = images.shape[-2:]
         x = normalize_image(images, self.norm)
         m = self.multiple
-        x = F.pad(x, (0, (m - W % m) % m, 0, (m - H % m) % m))
+        # the padded size written as m * ceil(H / m), so that the tracer knows it to be a multiple of m (and
+        # of every stride below it) for every H, instead of recording what held for the example's size; with
+        # non-negative operands only (the ONNX exporter turns a floor division into Div, which truncates)
+        x = F.pad(x, (0, (W + m - 1) // m * m - W, 0, (H + m - 1) // m * m - H))
         out = final_of(self.model(x)) / self.scale
         s = self.stride
-        return out[..., : (H + s - 1) // s, : (W + s - 1) // s]
+        # the crop as a gather: a slice would be traced as "no crop" or "a crop" by the example's size, a
+        # guard that a .pt2 program then enforces (and an ONNX graph ignores)
+        rows = torch.arange((H + s - 1) // s, device=out.device)
+        cols = torch.arange((W + s - 1) // s, device=out.device)
+        return out.index_select(-2, rows).index_select(-1, cols)
 
 
 def _adaptive_avg_pool2d_decomposition(x, output_size):
