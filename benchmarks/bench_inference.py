@@ -6,18 +6,27 @@
 - "eager-tuned": the same loop under torch.inference_mode with the model and the image channels-last;
 - "counter": the Counter's default path, ``crowdkernels.load(ckpt).count``;
 - "ort-fp32": the file ``crowdkernels export`` writes, run by ONNX Runtime's CPU provider (graph optimization
-  ORT_ENABLE_ALL, intra-op threads = the machine's cores);
-- "ort-int8": that file statically quantized by ``onnxruntime.quantization.quantize_static`` (QDQ, int8
-  weights per channel, uint8 activations, MinMax ranges calibrated on crops of a few ShanghaiTech-B training
-  images of ../shared/data; the path is skipped when they are absent).
+  ORT_ENABLE_ALL, intra-op threads = the machine's cores, or BENCH_THREADS);
+- "ort-int8": that file quantized by :func:`crowdkernels.engine.quantize.quantize` with its default recipe
+  (ONNX Runtime static quantization, QDQ, int8 weights per tensor, uint8 activations, MinMax ranges
+  calibrated on 32 whole ShanghaiTech-B training images of ../shared/data; the path is skipped when they are
+  absent).
 
 Every path counts the same images; each fp32 path's counts equal the eager loop's to 1e-4 relative (checked).
 The int8 path's error is its mean relative count difference from the fp32 graph on held-out real images
 (other sample images than the calibration ones): with random weights that measures how faithfully int8
 reproduces the float network, not an accuracy against ground truth.
 
+``--trained CHECKPOINT ...`` measures int8 on trained counters instead: for each checkpoint, the images its
+training held out (``--val-from-train``; ``evaluation_dataset(config, None)``, at its max_size) counted by the
+eager loop and by its int8 file (calibrated on 32 of the run's other training images), the MAE of each
+against the ground truth, int8's mean relative count difference from fp32, and int8's paired speed-up.
+
     # the table of benchmarks/RESULTS.md: every path side by side in one process (a few minutes)
     PYTHONPATH=. nice -n 10 python benchmarks/bench_inference.py
+    # int8 on trained weights (benchmarks/RESULTS.md, "int8 on trained weights")
+    PYTHONPATH=. BENCH_THREADS=1 nice -n 10 python benchmarks/bench_inference.py \
+        --trained runs/hmode/best.pt runs/csrnet/best.pt
     # pytest-benchmark (check mode, as CI runs it: width 0.125, 64x96 images, each path once)
     PYTHONPATH=. python -m pytest benchmarks/bench_inference.py --benchmark-disable
 """
@@ -269,7 +278,7 @@ def _run_data(ckpt: pathlib.Path):
     train, _ = dataset_samples(cfg.dataset, cfg.root, "train", fold=cfg.fold, whole=True)
     if cfg.val_from_train is not None:
         train, _ = split_off(train, cfg.val_from_train, cfg.seed)
-    held = {s.image for s in held_out.samples}
+    held = {s.image for s in held_out.samples}  # a dataset without a val split validates on training images
     train = [s for s in train if s.image not in held]
     pick = np.linspace(0, len(train) - 1, min(CALIBRATION, len(train))).round().astype(int)
     return held_out, [train[i].image for i in pick]
@@ -322,7 +331,8 @@ def main() -> None:
     args = parser.parse_args()
     rounds = int(os.environ.get("BENCH_ROUNDS", "3" if args.trained else "5"))
     torch.set_num_threads(THREADS)
-    print(f"\ntorch {torch.__version__}, threads {torch.get_num_threads()}, cores {THREADS}")
+    print(f"\ntorch {torch.__version__}, threads {torch.get_num_threads()} (torch and ONNX Runtime), "
+          f"cores {os.cpu_count()}")
     if args.trained:
         rows = trained(args.trained, rounds)
         print("| model | width | held-out images (H x W) | fp32 MAE | int8 MAE | int8 mean rel. count error vs fp32 "

@@ -10,7 +10,7 @@ as with the float file.
 
 The defaults are the recipe with the smallest count error measured on trained counters (benchmarks/RESULTS.md,
 "int8 on trained weights": HMoDE and CSRNet at width 0.25 on ShanghaiTech B at 512 px, mean relative count
-difference from float 1.6-1.7% and 0.9-1.0% over three draws of 32 calibration images, 3.9-4.2x the eager
+difference from float 1.6-1.7% and 0.9-1.0% over three draws of 32 calibration images, 3.8-5.0x the eager
 loop's speed). Per-channel weights, float last convolutions, Entropy or Percentile ranges and crops were
 each no better there, and per-channel weights were 2.5x worse on CSRNet.
 """
