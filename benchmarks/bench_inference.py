@@ -313,7 +313,8 @@ def trained(checkpoints: list, rounds: int = 3) -> list:
             cfg = load_checkpoint(ckpt)["config"]
             rows.append(dict(model=p.name, width=(cfg.get("model_kwargs") or {}).get("width", 1.0),
                              size=tuple(images[0].shape[-2:]), images=len(images),
-                             mae_fp32=float(np.mean(np.abs(fp32 - truth))), mae_int8=float(np.mean(np.abs(int8 - truth))),
+                             mae_fp32=float(np.mean(np.abs(fp32 - truth))),
+                             mae_int8=float(np.mean(np.abs(int8 - truth))),
                              rel=float(np.mean(np.abs(int8 - fp32) / np.abs(fp32))),
                              speedup=statistics.median(e / t for e, t in zip(times["eager"], times["ort-int8"])),
                              eager_s=statistics.median(times["eager"]) / min(TIMED, len(images)),

@@ -22,14 +22,16 @@ from pathlib import Path
 
 import torch
 
+from .._io import atomic_write
 from ..data.readers import load_image
 from ..data.transforms import resize_sample, resized_shape
 from .export import INPUT_NAME, OUTPUT_NAME, _require
 
 __all__ = ["quantize", "float_nodes", "CALIBRATION_METHODS", "KEEP_FLOAT"]
 
-#: the calibration methods :func:`quantize` takes (ONNX Runtime's ``CalibrationMethod``)
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+#: the calibration methods :func:`quantize` takes -> ONNX Runtime's ``CalibrationMethod`` names
+_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+CALIBRATION_METHODS = tuple(_METHODS)
 #: the node groups :func:`quantize`'s ``keep_float`` names (see :func:`float_nodes`)
 KEEP_FLOAT = ("first", "last")
 #: images per calibration pass: the histogram methods hold every activation of a pass in memory
@@ -42,9 +44,11 @@ def _rgb(item, index: int) -> torch.Tensor:
     if isinstance(item, (str, Path)):
         return load_image(item)
     if not isinstance(item, torch.Tensor):
-        raise TypeError(f"{what} must be an image path or a float tensor [3, H, W] in [0, 1], got {type(item).__name__}")
+        raise TypeError(f"{what} must be an image path or a float tensor [3, H, W] in [0, 1], "
+                        f"got {type(item).__name__}")
     if item.dim() != 3 or item.shape[0] != 3 or not item.dtype.is_floating_point:
-        raise ValueError(f"{what} must be a float tensor [3, H, W] (RGB), got {item.dtype} of shape {tuple(item.shape)}")
+        raise ValueError(f"{what} must be a float tensor [3, H, W] (RGB), "
+                         f"got {item.dtype} of shape {tuple(item.shape)}")
     t = item.detach().cpu().float()
     if not torch.isfinite(t).all() or float(t.min()) < 0.0 or float(t.max()) > 1.0:
         raise ValueError(f"{what} must hold RGB in [0, 1] (not normalized: the graph normalizes)")
@@ -193,26 +197,28 @@ def quantize(onnx_path, out, calibration_images, *, max_size="metadata", method:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="crowdkernels-int8-") as tmp:
-        pre = Path(tmp) / "pre.onnx"
+        pre, written = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
         model = onnx.load(str(pre))
         exclude = float_nodes(model, keep_float)
         unknown = sorted(set(exclude) - {n.name for n in model.graph.node})
         if unknown:
             raise ValueError(f"keep_float names no node {unknown} (node groups: {KEEP_FLOAT})")
+        # calibrated in passes of at most _CHUNK images (ONNX Runtime wants passes of equal length)
         options = {"CalibStridedMinMax": max(k for k in range(1, _CHUNK + 1) if len(images) % k == 0),
                    **(extra_options or {})}
-        quantize_static(str(pre), str(out), _Reader(images, max_size), quant_format=QuantFormat.QDQ,
-                        per_channel=per_channel, op_types_to_quantize=op_types,
-                        activation_type={"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[activations], weight_type=QuantType.QInt8,
-                        calibrate_method=getattr(CalibrationMethod, {"minmax": "MinMax"}.get(method, method.title())),
+        quantize_static(str(pre), str(written), _Reader(images, max_size), quant_format=QuantFormat.QDQ,
+                        per_channel=per_channel, op_types_to_quantize=op_types, weight_type=QuantType.QInt8,
+                        activation_type={"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[activations],
+                        calibrate_method=getattr(CalibrationMethod, _METHODS[method]),
                         nodes_to_exclude=exclude, extra_options=options)
-    quantized = onnx.load(str(out))
+        quantized = onnx.load(str(written))
     recipe = {"method": method, "keep_float": list(keep_float), "per_channel": per_channel,
-              "calibration_images": len(images), "max_size": max_size, "weights": "int8", "activations": activations, "op_types": op_types,
-              "extra_options": {k: v for k, v in (extra_options or {}).items()}}
+              "calibration_images": len(images), "max_size": max_size, "weights": "int8",
+              "activations": activations, "op_types": None if op_types is None else list(op_types),
+              "extra_options": dict(extra_options or {})}
     del quantized.metadata_props[:]
     for key, value in {**meta, "quantization": json.dumps(recipe)}.items():
         quantized.metadata_props.add(key=key, value=value)
-    onnx.save_model(quantized, str(out))
+    atomic_write(out, lambda f: f.write(quantized.SerializeToString()))
     return out
