@@ -83,7 +83,7 @@ def _rgb(path) -> torch.Tensor:
 class Paths:
     """Every path of one checkpoint's model, built once: ``count[path](rgb [3, H, W] in [0, 1]) -> float``."""
 
-    def __init__(self, ckpt: pathlib.Path, root: pathlib.Path, calibration: list):
+    def __init__(self, ckpt: pathlib.Path, root: pathlib.Path, calibration: list, int8_options: dict | None = None):
         self.model, saved = model_from_checkpoint(ckpt, "cpu")
         self.name = saved.get("model_name")
         conv = conventions_of(self.model)
@@ -100,7 +100,8 @@ class Paths:
             self.count["ort-fp32"] = lambda rgb: self._run(self.fp32, rgb)
             if calibration:
                 from crowdkernels.engine.quantize import quantize
-                self.int8_path = quantize(self.onnx, root / f"{self.name}.int8.onnx", calibration)
+                self.int8_path = quantize(self.onnx, root / f"{self.name}.int8.onnx", calibration,
+                                          **(int8_options or {}))
                 self.int8 = self._session(self.int8_path)
                 self.count["ort-int8"] = lambda rgb: self._run(self.int8, rgb)
 
@@ -284,7 +285,7 @@ def _run_data(ckpt: pathlib.Path):
     return held_out, [train[i].image for i in pick]
 
 
-def trained(checkpoints: list, rounds: int = 3) -> list:
+def trained(checkpoints: list, rounds: int = 3, int8_options: dict | None = None) -> list:
     """One row per trained checkpoint: its held-out images counted by the eager loop (fp32) and by the int8
     file :func:`crowdkernels.engine.quantize.quantize` makes of it (calibrated on its training images);
     MAE of each against the ground truth, int8's mean relative count difference from fp32, and int8's
@@ -295,7 +296,7 @@ def trained(checkpoints: list, rounds: int = 3) -> list:
         for ckpt in map(pathlib.Path, checkpoints):
             held_out, calibration = _run_data(ckpt)
             t0 = time.perf_counter()
-            p = Paths(ckpt, pathlib.Path(tmp), calibration)
+            p = Paths(ckpt, pathlib.Path(tmp), calibration, int8_options)
             print(f"{ckpt}: built (export, quantization) in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             images = [held_out[i]["image"] for i in range(len(held_out))]
             truth = np.asarray(held_out.counts, dtype=np.float64)
@@ -324,18 +325,22 @@ def trained(checkpoints: list, rounds: int = 3) -> list:
 
 def main() -> None:
     import argparse
+    import json
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trained", nargs="+", type=pathlib.Path, metavar="CHECKPOINT",
                         help="instead of the random-weights table: int8's count error and speed-up on each "
                              "checkpoint's own held-out images")
+    parser.add_argument("--int8-options", type=json.loads, default={}, metavar="JSON",
+                        help='keyword arguments of crowdkernels.engine.quantize.quantize other than its defaults, '
+                             'e.g. \'{"per_channel": true, "keep_float": ["last"]}\' (--trained)')
     args = parser.parse_args()
     rounds = int(os.environ.get("BENCH_ROUNDS", "3" if args.trained else "5"))
     torch.set_num_threads(THREADS)
     print(f"\ntorch {torch.__version__}, threads {torch.get_num_threads()} (torch and ONNX Runtime), "
           f"cores {os.cpu_count()}")
     if args.trained:
-        rows = trained(args.trained, rounds)
+        rows = trained(args.trained, rounds, args.int8_options)
         print("| model | width | held-out images (H x W) | fp32 MAE | int8 MAE | int8 mean rel. count error vs fp32 "
               "| int8 speed-up vs eager (paired median) | eager / int8 s/image |")
         print("|---|---|---|---|---|---|---|---|")
