@@ -167,6 +167,7 @@ LAYERS = {
     "crowdkernels.losses": 2,
     "crowdkernels.models": 3, "crowdkernels.data": 3, "crowdkernels.viz": 3,
     "crowdkernels.engine": 4,  # the engine's leaves: predict, metrics, checkpoint, config, recipes, pipeline, ...
+    "crowdkernels.engine.quantize": 4,  # a leaf that imports the export leaf
     "crowdkernels.engine.evaluate": 5,
     "crowdkernels.engine.trainer": 6, "crowdkernels.inference": 6,
     "crowdkernels.engine.demo": 7,
