@@ -44,6 +44,7 @@ import pytest
 import torch
 
 import crowdkernels as ck
+from crowdkernels.data.readers import load_image
 from crowdkernels.data.transforms import normalize_image
 from crowdkernels.engine.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from crowdkernels.engine.config import TrainConfig
@@ -71,12 +72,6 @@ def _samples() -> list:
     shared = pathlib.Path(os.environ.get("CROWDKERNELS_SHARED", here.parent / "shared"))
     folder = shared / "data" / "ShanghaiTech" / "part_B" / "train_data" / "images"
     return sorted(folder.glob("*.jpg")) if folder.is_dir() else []
-
-
-def _rgb(path) -> torch.Tensor:
-    from PIL import Image
-    arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
 # ------------------------------------------------------------------------------------------------ paths
@@ -144,7 +139,7 @@ def _random_checkpoint(name: str, width: float, root: pathlib.Path) -> pathlib.P
 def _crops(paths, crop: int) -> list:
     out = []
     for p in paths:
-        rgb = _rgb(p)
+        rgb = load_image(p)
         H, W = rgb.shape[-2:]
         c = min(crop, H, W)
         top, left = (H - c) // 2, (W - c) // 2
@@ -189,7 +184,7 @@ def measure(rounds: int = 5) -> list:
     # ../shared/data holds a few sample images (24): HELD_OUT of them are kept out of the calibration
     n = max(0, min(CALIBRATION, len(samples) - HELD_OUT))
     calibration = samples[:n]
-    held_out = [_rgb(p) for p in samples[n:n + HELD_OUT]]
+    held_out = [load_image(p) for p in samples[n:n + HELD_OUT]]
     image = held_out[0] if held_out else torch.rand(3, *FULL["size"], generator=torch.Generator().manual_seed(0))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -48,7 +48,7 @@ from .models.conventions import conventions_of
 from .data.layouts import IMAGE_EXTENSIONS, natural_key
 from .data.readers import ImageError, load_image, pil_to_rgb
 from .data.points import density_to_points
-from .data.transforms import IMAGENET_NORM, check_norm, normalize_image, resize_sample, resized_shape
+from .data.transforms import IMAGENET_NORM, check_norm, normalize_image, shrink_image
 from ._progress import Progress
 from .data.targets import CrowdCollate
 from ._io import parse_device
@@ -327,7 +327,7 @@ class Counter:
             max_size = tuple(max_size)
         self.model = model.to(self.device).eval()
         #: channels-last on the CPU: oneDNN's convolutions then read and write NHWC directly instead of reordering
-        #: every layer's input, 1.2x faster for the same counts (benchmarks/bench_inference.py, "counter")
+        #: every layer's input, 1.1-1.2x faster for the same counts (benchmarks/bench_inference.py, "counter")
         self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
         self.tile, self.overlap, self.amp, self.max_size = tile, overlap, amp, max_size
@@ -377,12 +377,7 @@ class Counter:
     # ----------------------------------------------------------------------------------- one image
     def _model_input(self, rgb: torch.Tensor) -> torch.Tensor:
         """The RGB image as the model sees it: shrunk to ``max_size`` if set (antialiased bilinear)."""
-        if self.max_size is None:
-            return rgb
-
-        box = tuple(self.max_size) if isinstance(self.max_size, (list, tuple)) else self.max_size
-        size = resized_shape(*rgb.shape[-2:], max_size=box)
-        return resize_sample({"image": rgb, "points": torch.zeros(0, 2)}, size)["image"]
+        return shrink_image(rgb, self.max_size)
 
     @torch.no_grad()
     def predict_cells(self, rgb: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 onnx = pytest.importorskip("onnx", reason="onnx is not installed: pip install 'crowdkernels[deploy]'")
 pytest.importorskip("onnxscript", reason="onnxscript is not installed: pip install 'crowdkernels[deploy]'")
@@ -125,14 +123,14 @@ def test_l2sm_exports_with_its_fitted_levels(tmp_path):
     in the exported graph too. The levels are fitted on the tested images' own regions, so each image has
     regions above and below them, and the graph's per-region choice between re-prediction and initial
     density is exercised both ways."""
+    from crowdkernels.data.readers import load_image
     from crowdkernels.data.transforms import normalize_image
     from crowdkernels.engine.checkpoint import load_checkpoint, save_checkpoint
 
     ckpt = _checkpoint(tmp_path / "best.pt", "l2sm")
     model = ck.load(ckpt, "cpu").model
     images = [_crowd_png(tmp_path / f"{k}.png", 61 + 16 * k, 77, seed=k) for k in range(3)]
-    inputs = [normalize_image(torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255)
-                              .permute(2, 0, 1)[None], model.input_norm) for p in images]
+    inputs = [normalize_image(load_image(p)[None], model.input_norm) for p in images]
     with torch.no_grad():
         model.fit_levels(torch.cat([model(x).region_means for x in inputs]))
         for x in inputs:

@@ -30,6 +30,7 @@ __all__ = [
     "Normalize",
     "check_norm",
     "normalize_image",
+    "shrink_image",
     "denormalize_image",
     "Compose",
     "Resize",
@@ -194,6 +195,17 @@ def resize_sample(sample: dict, size) -> dict:
     if "density" in sample:
         out["density"] = resize_density(sample["density"], (h, w))
     return out
+
+
+def shrink_image(image: torch.Tensor, max_size) -> torch.Tensor:
+    """RGB [3, H, W] in [0, 1] shrunk to fit ``max_size`` (:func:`resized_shape`: an int caps the longest side,
+    a pair is a box; None: unchanged), antialiased bilinear as :func:`resize_sample` resizes an image: the
+    image a counter's model sees of a photo."""
+    if max_size is None:
+        return image
+    box = tuple(max_size) if isinstance(max_size, (list, tuple)) else max_size
+    size = resized_shape(*image.shape[-2:], max_size=box)
+    return resize_sample({"image": image, "points": torch.zeros(0, 2)}, size)["image"]
 
 
 def crop_sample(sample: dict, top: int, left: int, height: int, width: int) -> dict:

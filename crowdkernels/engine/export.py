@@ -11,10 +11,11 @@ image's cells.
 The custom ops the models call at inference lower to standard operators through their reference maths
 (:mod:`crowdkernels.ops.reference`): while ``torch.export`` traces, :func:`crowdkernels._ext.backend` (the one
 decision of which kernel runs an op) picks the reference, so HMoDE's gating (eq. 1) is traced as
-interpolations, softmaxes and sums. L2SM's forward selects its dense regions (sec. 3.3, 4.2), a data-dependent number of boxes that
-does not trace; while exporting, it re-predicts every region and selects per region with ``torch.where``
-(the same maps; :meth:`crowdkernels.models.L2SM._forward_every_region`). Adaptive average pooling (SPN's pyramid), which ONNX lacks for
-arbitrary sizes, is decomposed into two matrix products (:func:`_adaptive_avg_pool2d_decomposition`).
+interpolations, softmaxes and sums. L2SM's forward selects its dense regions (sec. 3.3, 4.2), a
+data-dependent number of boxes that does not trace; while exporting, it re-predicts every region and selects
+per region with ``torch.where`` (the same maps; :meth:`crowdkernels.models.L2SM._forward_every_region`).
+Adaptive average pooling (SPN's pyramid), which ONNX lacks for arbitrary sizes, is decomposed into two matrix
+products (:func:`_adaptive_avg_pool2d_decomposition`).
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ import torch
 
 from .._io import atomic_write
 from ..data.readers import load_image
-from ..data.transforms import resize_sample, resized_shape
+from ..data.transforms import shrink_image
 from .export import INPUT_NAME, OUTPUT_NAME, _require
 
 __all__ = ["quantize", "float_nodes", "CALIBRATION_METHODS", "KEEP_FLOAT"]
@@ -74,10 +74,7 @@ class _Reader:
         i = next(self.todo, None)
         if i is None:
             return None
-        rgb = _rgb(self.images[i], i)
-        if self.max_size is not None:
-            size = resized_shape(*rgb.shape[-2:], max_size=self.max_size)
-            rgb = resize_sample({"image": rgb, "points": torch.zeros(0, 2)}, size)["image"]
+        rgb = shrink_image(_rgb(self.images[i], i), self.max_size)
         return {INPUT_NAME: rgb[None].contiguous().numpy()}
 
 
@@ -191,8 +188,6 @@ def quantize(onnx_path, out, calibration_images, *, max_size="metadata", method:
     meta = {p.key: p.value for p in source.metadata_props}
     if isinstance(max_size, str) and max_size == "metadata":
         max_size = json.loads(meta.get("max_size", "null"))
-    if isinstance(max_size, list):
-        max_size = tuple(max_size)
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
