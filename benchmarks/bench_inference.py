@@ -223,7 +223,9 @@ def measure(rounds: int = 5) -> list:
 
 def profile(p: Paths, image: torch.Tensor, top: int = 6) -> None:
     """Where one image's time goes: torch.profiler's top ops of the eager loop, ONNX Runtime's per-op-type
-    totals of the fp32 and int8 graphs (printed to stderr)."""
+    totals of the fp32 and int8 graphs, and the fp32 ceiling: the image's convolution GFLOP (2 x the
+    multiply-adds, counted by forward hooks), the rate ONNX Runtime's fp32 ``Conv`` runs them at, and this
+    machine's fp32 matrix product (``torch.mm`` 4096^3) for comparison (printed to stderr)."""
     import json
     from collections import Counter as Tally
 
@@ -231,8 +233,14 @@ def profile(p: Paths, image: torch.Tensor, top: int = 6) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    macs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: macs.append(o.numel() * m.weight[0].numel()))
+             for m in p.model.modules() if isinstance(m, torch.nn.Conv2d)]
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         p.eager(image)
+    for h in hooks:
+        h.remove()
+    conv_gflop = 2 * sum(macs) / 1e9
     print(f"{p.name} eager, torch.profiler:\n" + prof.key_averages().table(sort_by="self_cpu_time_total",
                                                                           row_limit=top), file=sys.stderr)
     for label, path in (("ort-fp32", p.onnx), ("ort-int8", getattr(p, "int8_path", None))):
@@ -256,6 +264,21 @@ def profile(p: Paths, image: torch.Tensor, top: int = 6) -> None:
         print(f"{p.name} {label}, ORT per-op-type s/image (kernel time, total {total:.2f} s): "
               + ", ".join(f"{op} {t:.2f}" for op, t in tally.most_common(top)), file=sys.stderr)
         trace.unlink()
+        if tally["Conv"]:
+            print(f"{p.name} {label}: convolutions {conv_gflop:.1f} GFLOP at {conv_gflop / tally['Conv']:.0f} "
+                  f"GFLOP/s; this machine's fp32 torch.mm runs at {_sgemm_rate():.0f} GFLOP/s", file=sys.stderr)
+
+
+def _sgemm_rate(n: int = 4096, rounds: int = 5) -> float:
+    """GFLOP/s of a float32 n x n matrix product here (the best of ``rounds``, after one warm-up)."""
+    a, b = torch.rand(n, n), torch.rand(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
 
 
 # ------------------------------------------------------------------------------------------------ trained weights
